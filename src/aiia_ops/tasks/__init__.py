@@ -3,3 +3,8 @@
 from invoke import Collection
 
 namespace = Collection()
+
+from . import provision as _provision  # noqa: E402
+
+namespace.add_task(_provision.provision)
+namespace.add_collection(Collection("engine", _provision.engine_stop))
