@@ -1,0 +1,444 @@
+"""The stack model: deploy/stack.yml as typed, validated data.
+
+`load_stack(path)` parses the YAML safely (never templated first), builds the dataclasses
+below and runs the cross-field checks. Every problem comes back at once, one line each,
+as a `StackError`; nothing runs on a stack that has one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from . import DEFAULT_STACK
+from .errors import OpsError
+from .schema import MISSING, Problems, build, deep_merge, field_key
+from .units import Duration, Size
+
+IPv4 = ipaddress.IPv4Address
+
+
+class StackError(OpsError):
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        noun = "problem" if len(problems) == 1 else "problems"
+        body = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} {noun}\n{body}")
+
+
+# --- building blocks -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    limit: Size
+    reservation: Size
+
+
+@dataclass(frozen=True)
+class Cpu:
+    limit: float
+    reservation: float
+
+
+@dataclass(frozen=True)
+class Healthcheck:
+    interval: Duration
+    timeout: Duration
+    retries: int
+    http: str | None = None  # a path probed over HTTP inside the container
+    command: list[str] | None = None  # or a command run inside the container
+
+
+@dataclass(frozen=True)
+class Machine:
+    memory: Size
+    cpus: float
+    disk: Size
+    os_reserve: Size
+
+    @property
+    def available_memory(self) -> Size:
+        return self.memory - self.os_reserve
+
+
+@dataclass(frozen=True)
+class Host:
+    ssh: str | None = None  # user@address[:port]; None = this machine's engine
+    state_dir: str = "/var/lib/aiia"
+    publish_address: ipaddress.IPv4Address = ipaddress.IPv4Address("0.0.0.0")  # noqa: S104
+
+    @property
+    def is_local(self) -> bool:
+        return self.ssh is None
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    subnet: ipaddress.IPv4Network
+
+
+@dataclass(frozen=True)
+class Acme:
+    directory: str
+    email: str
+    renew_before: Duration
+    webroot: str
+
+
+@dataclass(frozen=True)
+class Tls:
+    protocols: list[Literal["TLSv1.2", "TLSv1.3"]]
+    ciphers: str
+    hsts_max_age: int
+    session_timeout: Duration
+    session_cache_size: Size
+    session_tickets: bool
+    acme: Acme
+
+
+# --- shared services -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NginxSettings:
+    worker_processes: Literal["auto"] | int
+    worker_connections: int
+    gzip_level: int
+    static_max_age: Duration
+    access_log_buffer: Size
+    access_log_flush: Duration
+    client_max_body_size: Size
+    keepalive_timeout: Duration
+    upstream_keepalive: int
+
+
+@dataclass(frozen=True)
+class PgbouncerSettings:
+    pool_mode: Literal["session", "transaction", "statement"]
+    max_client_conn: int
+    default_pool_size: int
+    reserve_pool_size: int
+    server_idle_timeout: Duration
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    superuser: str
+    max_connections: int
+    shared_buffers: Size
+    effective_cache_size: Size
+    work_mem: Size
+    maintenance_work_mem: Size
+    autovacuum_naptime: Duration
+    default_statistics_target: int
+
+
+RedisPolicy = Literal[
+    "noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random",
+    "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
+]
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    maxmemory: Size
+    maxmemory_policy: RedisPolicy
+    databases: int
+    appendonly: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Service:
+    container: str
+    image: str
+    address: IPv4
+    memory: Memory
+    cpu: Cpu
+    healthcheck: Healthcheck
+    port: int | None = None
+    publish: list[int] = field(default_factory=list)
+    volumes: dict[str, str] = field(default_factory=dict)
+    domains: list[str] = field(default_factory=list)
+    name: str = field(default="", init=False)  # its key in `services`
+
+
+@dataclass(frozen=True, kw_only=True)
+class NginxService(Service):
+    settings: NginxSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class PgbouncerService(Service):
+    settings: PgbouncerSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostgresService(Service):
+    settings: PostgresSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisService(Service):
+    settings: RedisSettings
+
+
+@dataclass(frozen=True)
+class Services:
+    nginx: NginxService
+    pgbouncer: PgbouncerService
+    postgresql: PostgresService
+    redis: RedisService
+
+    def all(self) -> list[Service]:
+        return [self.nginx, self.pgbouncer, self.postgresql, self.redis]
+
+
+# --- the app, per environment ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gunicorn:
+    workers: int
+    threads: int
+    worker_class: Literal["sync", "gthread", "gevent", "eventlet", "tornado"]
+    timeout: Duration
+    max_requests: int
+    keepalive: Duration
+    max_requests_jitter: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Environment:
+    """The app in one environment: the `app` block merged with `environments.<name>`."""
+
+    container: str
+    address: IPv4
+    standby_address: IPv4
+    port: int
+    domains: list[str]
+    database: str
+    redis_db: int
+    image: str
+    memory: Memory
+    cpu: Cpu
+    healthcheck: Healthcheck
+    gunicorn: Gunicorn
+    hosts: list[str]
+    volumes: dict[str, str] = field(default_factory=dict)
+    name: str = field(default="", init=False)  # its key in `environments`
+
+    @property
+    def db_user(self) -> str:
+        return self.database
+
+    @property
+    def storage_volume(self) -> str:
+        return f"storage_{self.name}"
+
+
+# --- policies ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeployPolicy:
+    keep_releases: int = 5
+    health_timeout: Duration = Duration(60)
+    drain_timeout: Duration = Duration(30)
+
+
+@dataclass(frozen=True)
+class Retention:
+    pre_deploy: int = field_key("pre-deploy")
+    daily: int = 7
+    manual: int = 3
+    media: int = 1
+    config: int = 1
+
+
+@dataclass(frozen=True)
+class Backups:
+    daily_at: str
+    retention: Retention
+
+
+@dataclass(frozen=True)
+class PercentMetric:
+    warning: float
+    critical: float
+    every: Duration
+
+
+@dataclass(frozen=True)
+class SizeMetric:
+    warning: Size
+    critical: Size
+    every: Duration
+
+
+@dataclass(frozen=True)
+class LatencyMetric:
+    warning: Duration
+    critical: Duration
+    every: Duration
+
+
+@dataclass(frozen=True)
+class CountMetric:
+    warning: int
+    critical: int
+    every: Duration
+
+
+@dataclass(frozen=True)
+class AvailabilityMetric:
+    critical_below: float
+    every: Duration
+
+
+@dataclass(frozen=True)
+class Metrics:
+    cpu_percent: PercentMetric
+    memory_percent: PercentMetric
+    disk_percent: PercentMetric
+    db_connections: CountMetric
+    cache_memory: SizeMetric
+    http_error_percent: PercentMetric
+    http_latency_p95: LatencyMetric
+    availability: AvailabilityMetric
+
+
+@dataclass(frozen=True)
+class Probe:
+    interval: Duration
+    timeout: Duration
+    retries: int
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    interval: Duration
+    metrics: Metrics
+    docker_ps: Probe
+
+
+# --- the stack ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stack:
+    project: str
+    machine: Machine
+    runtime: Literal["compose"]
+    hosts: dict[str, Host]
+    network: Network
+    tls: Tls
+    services: Services
+    environments: dict[str, Environment]
+    deploy: DeployPolicy
+    backups: Backups
+    monitoring: Monitoring
+    source: str = ""
+
+    def environment(self, name: str) -> Environment:
+        if name not in self.environments:
+            known = ", ".join(self.environments)
+            raise OpsError(f"unknown environment {name!r}; expected one of: {known}")
+        return self.environments[name]
+
+    def containers(self) -> list[Service | Environment]:
+        return [*self.services.all(), *self.environments.values()]
+
+    @property
+    def status_domain(self) -> str:
+        return self.services.nginx.domains[0]
+
+
+# The environment keys that only make sense per environment, not in the shared `app` block.
+_ENV_ONLY = ("container", "address", "standby_address", "domains", "database", "redis_db")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """Safe YAML, and a key given twice in one mapping is an error, not a silent overwrite."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (first on line {seen[key]})",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def parse_yaml(text: str, source: str) -> dict:
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise StackError(f"{source}{where}", [f"not valid YAML: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise StackError(source, ["expected a mapping of top-level keys (project, machine, ...)"])
+    return data
+
+
+def load_stack(path: Path | str | None = None) -> Stack:
+    path = Path(path or DEFAULT_STACK)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise OpsError(f"cannot read the stack file {path}: {exc.strerror}; "
+                       f"pass an existing file with --stack PATH") from None
+    return stack_from_data(parse_yaml(text, str(path)), str(path))
+
+
+def stack_from_data(data: dict, source: str = "stack") -> Stack:
+    problems = Problems()
+    data = dict(data)
+    app = data.pop("app", None)
+    raw_envs = data.pop("environments", None)
+    if app is not None and not isinstance(app, dict):
+        problems.add("app", "expected a mapping of the settings every environment shares")
+        app = {}
+    for key in _ENV_ONLY:
+        if isinstance(app, dict) and key in app:
+            problems.add(f"app.{key}", "differs per environment; set it under environments.<name>")
+    environments = {}
+    if not isinstance(raw_envs, dict) or not raw_envs:
+        problems.add("environments", "missing; expected a mapping of environment names "
+                     "(prod, staging) to their settings")
+    else:
+        for name, overrides in raw_envs.items():
+            merged = deep_merge(app or {}, "app", overrides or {}, f"environments.{name}")
+            env = build(Environment, merged, f"environments.{name}", problems)
+            if env is not MISSING:
+                object.__setattr__(env, "name", name)
+                environments[name] = env
+    data["environments"] = {}
+    stack = build(Stack, data, "", problems)
+    if stack is not MISSING:
+        object.__setattr__(stack, "environments", environments)
+        object.__setattr__(stack, "source", source)
+        for name in ("nginx", "pgbouncer", "postgresql", "redis"):
+            object.__setattr__(getattr(stack.services, name), "name", name)
+        if len(environments) == len(raw_envs or {}):
+            from .validate import cross_checks
+
+            cross_checks(stack, problems)
+    if problems:
+        raise StackError(source, problems.lines())
+    return stack
