@@ -61,6 +61,11 @@ def parse_compose(r: Result) -> str | None:
     return _first_word_or_none(r)
 
 
+def parse_image_id(r: Result) -> str | None:
+    """`docker image inspect --format '{{.Id}}' IMAGE` -> "sha256:..." (None: absent)."""
+    return _first_word_or_none(r)
+
+
 def parse_ok(r: Result) -> bool:
     return r.ok
 
@@ -116,12 +121,21 @@ FACTS: tuple[Fact, ...] = (
 
 ENGINE_FACTS: tuple[Fact, ...] = (
     Fact("compose_version", ("docker", "compose", "version", "--short"), parse_compose),
-    Fact("debian_image", ("docker", "image", "inspect", "--format", "{{.Id}}", DEBIAN_IMAGE),
-         parse_ok),
+    Fact(
+        "debian_image_id",
+        ("docker", "image", "inspect", "--format", "{{.Id}}", DEBIAN_IMAGE),
+        parse_image_id,
+    ),
     Fact(
         "base_image_sha",
-        ("docker", "image", "inspect", "--format",
-         f'{{{{index .Config.Labels "{BASE_SHA_LABEL}"}}}}', BASE_IMAGE),
+        (
+            "docker",
+            "image",
+            "inspect",
+            "--format",
+            f'{{{{index .Config.Labels "{BASE_SHA_LABEL}"}}}}',
+            BASE_IMAGE,
+        ),
         parse_label,
     ),
 )

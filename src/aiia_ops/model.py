@@ -175,16 +175,19 @@ class NginxService(Service):
 
 @dataclass(frozen=True, kw_only=True)
 class PgbouncerService(Service):
+    port: int  # required: others connect to it
     settings: PgbouncerSettings
 
 
 @dataclass(frozen=True, kw_only=True)
 class PostgresService(Service):
+    port: int  # required: others connect to it
     settings: PostgresSettings
 
 
 @dataclass(frozen=True, kw_only=True)
 class RedisService(Service):
+    port: int  # required: others connect to it
     settings: RedisSettings
 
 
@@ -417,6 +420,8 @@ def stack_from_data(data: dict, source: str = "stack") -> Stack:
     for key in _ENV_ONLY:
         if isinstance(app, dict) and key in app:
             problems.add(f"app.{key}", "differs per environment; set it under environments.<name>")
+    data["environments"] = {}
+    stack = build(Stack, data, "", problems)
     environments = {}
     if not isinstance(raw_envs, dict) or not raw_envs:
         problems.add("environments", "missing; expected a mapping of environment names "
@@ -428,8 +433,6 @@ def stack_from_data(data: dict, source: str = "stack") -> Stack:
             if env is not MISSING:
                 object.__setattr__(env, "name", name)
                 environments[name] = env
-    data["environments"] = {}
-    stack = build(Stack, data, "", problems)
     if stack is not MISSING:
         object.__setattr__(stack, "environments", environments)
         object.__setattr__(stack, "source", source)

@@ -9,7 +9,10 @@ each phase changes what the next one sees:
 1. engine  - install docker.io (+ debootstrap, iptables) and start dockerd
 2. images  - `debian:trixie-slim` (pulled, or built with debootstrap when it cannot be),
              then compose v2 (fetched from Debian 13 inside that image), then `aiia/base`
-3. (every step whose fact says it is done is kept in the plan, skipped, with its reason)
+3. base    - `aiia/base:trixie` from services/base, labelled with the hash of its build
+             context and the id of its parent image, so it is rebuilt when either changes
+
+Every step whose fact says it is done stays in the plan, skipped, with its reason.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ MIN_FREE_BYTES = 3 * 1024**3
 ENGINE_WAIT_SECONDS = 60.0
 PULL_TIMEOUT_SECONDS = 120.0
 SUPPORTED_OS = ("debian", "ubuntu")
-PHASES = ("engine", "images")
+PHASES = ("engine", "images", "base")
 
 Argv = tuple[str, ...]
 
@@ -56,7 +59,7 @@ class HostFacts:
     engine_version: str | None = None  # the engine that answers, e.g. "20.10.24"
     engine_api: str | None = None  # e.g. "1.41"
     compose_version: str | None = None  # `docker compose version --short`, e.g. "2.26.1"
-    debian_image: bool = False  # debian:trixie-slim present
+    debian_image_id: str | None = None  # id of debian:trixie-slim; None: absent
     base_image_sha: str | None = None  # label of aiia/base:trixie; None: image absent
     free_bytes: int | None = None  # free space where the engine keeps its data
     debootstrap: bool = False
@@ -77,6 +80,7 @@ class Command:
     argv: Argv
     check: bool = True  # False: a failure is expected and harmless (cleanup of leftovers)
     timeout: float | None = None
+    input: str | None = None  # fed to stdin (file contents for `tee`)
 
 
 @dataclass(frozen=True)
@@ -106,8 +110,37 @@ class Step:
         return [list(c.argv) for c in self.fallback]
 
 
-def _cmd(*argv: str, check: bool = True, timeout: float | None = None) -> Command:
-    return Command(tuple(argv), check, timeout)
+def _cmd(
+    *argv: str, check: bool = True, timeout: float | None = None, input: str | None = None
+) -> Command:
+    return Command(tuple(argv), check, timeout, input)
+
+
+# What debian:trixie-slim itself sets up, for the image built locally with debootstrap.
+SLIM_DPKG_EXCLUDES = """\
+path-exclude /usr/share/doc/*
+path-include /usr/share/doc/*/copyright
+path-exclude /usr/share/man/*
+path-exclude /usr/share/groff/*
+path-exclude /usr/share/info/*
+path-exclude /usr/share/lintian/*
+path-exclude /usr/share/linda/*
+path-exclude /usr/share/locale/*
+path-include /usr/share/locale/locale.alias
+"""
+DEBIAN_SOURCES = """\
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie trixie-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: trixie-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
 
 
 # --- the steps ------------------------------------------------------------------------------
@@ -120,8 +153,15 @@ def _engine_steps(f: HostFacts) -> list[Step]:
             Step("engine", "engine.install", "install docker.io, debootstrap, iptables", skip=done),
             Step("engine", "engine.start", "start the Docker engine", skip=done),
         ]
-    packages = [p for p, have in (("docker.io", f.dockerd), ("debootstrap", f.debootstrap),
-                                  ("iptables", f.iptables)) if not have]
+    packages = [
+        p
+        for p, have in (
+            ("docker.io", f.dockerd),
+            ("debootstrap", f.debootstrap),
+            ("iptables", f.iptables),
+        )
+        if not have
+    ]
     if packages:
         install = Step(
             "engine",
@@ -135,8 +175,12 @@ def _engine_steps(f: HostFacts) -> list[Step]:
             needs_disk=True,
         )
     else:
-        install = Step("engine", "engine.install", "install docker.io, debootstrap, iptables",
-                       skip=f"installed: dockerd {f.dockerd}, debootstrap, iptables")
+        install = Step(
+            "engine",
+            "engine.install",
+            "install docker.io, debootstrap, iptables",
+            skip=f"installed: dockerd {f.dockerd}, debootstrap, iptables",
+        )
     wait = ("docker", "version", "--format", "{{.Server.Version}}")
     if f.systemd:
         start = Step(
@@ -155,9 +199,8 @@ def _engine_steps(f: HostFacts) -> list[Step]:
             f"start dockerd in the background (no systemd; pidfile {PIDFILE}, log {LOGFILE})",
             commands=(
                 _cmd(
-                    "start-stop-daemon", "--start", "--oknodo", "--background",
-                    "--make-pidfile", "--pidfile", PIDFILE, "--output", LOGFILE,
-                    "--exec", DOCKERD,
+                    *("start-stop-daemon", "--start", "--oknodo", "--background", "--make-pidfile"),
+                    *("--pidfile", PIDFILE, "--output", LOGFILE, "--exec", DOCKERD),
                 ),
             ),
             wait_for=wait,
@@ -169,8 +212,9 @@ def _engine_steps(f: HostFacts) -> list[Step]:
 
 def _debian_image_step(f: HostFacts) -> Step:
     desc = f"base image {DEBIAN_IMAGE}: pull it, or build it with debootstrap"
-    if f.debian_image:
+    if f.debian_image_id:
         return Step("images", "image.debian", desc, skip=f"{DEBIAN_IMAGE} present")
+    root, share = ROOTFS_DIR, f"{ROOTFS_DIR}/usr/share"
     fallback = []
     if not f.debootstrap:
         fallback += [
@@ -178,13 +222,25 @@ def _debian_image_step(f: HostFacts) -> Step:
             _cmd("apt-get", "install", "-y", "-qq", "--no-install-recommends", "debootstrap"),
         ]
     fallback += [
-        _cmd("rm", "-rf", ROOTFS_DIR, ROOTFS_TAR),
-        _cmd("debootstrap", "--variant=minbase", "trixie", ROOTFS_DIR),
-        # Drop what debootstrap leaves that an image does not need (and makes it bigger).
-        _cmd("rm", "-rf", f"{ROOTFS_DIR}/var/cache/apt/archives", f"{ROOTFS_DIR}/var/lib/apt/lists"),
-        _cmd("tar", "-C", ROOTFS_DIR, "--numeric-owner", "-cf", ROOTFS_TAR, "."),
-        _cmd("docker", "import", "--change", 'CMD ["bash"]', ROOTFS_TAR, DEBIAN_IMAGE),
-        _cmd("rm", "-rf", ROOTFS_DIR, ROOTFS_TAR),
+        _cmd("rm", "-rf", root, ROOTFS_TAR),
+        _cmd("debootstrap", "--variant=minbase", "trixie", root),
+        # Make it what the official slim image is: no docs, man pages or locales (now or
+        # later), the same apt sources (with updates and security), no apt caches.
+        _cmd("tee", f"{root}/etc/dpkg/dpkg.cfg.d/docker", input=SLIM_DPKG_EXCLUDES),
+        _cmd("tee", f"{root}/etc/apt/sources.list.d/debian.sources", input=DEBIAN_SOURCES),
+        _cmd("rm", "-f", f"{root}/etc/apt/sources.list"),
+        _cmd("find", f"{share}/doc", *("-type", "f", "!", "-name", "copyright", "-delete")),
+        _cmd(
+            *("find", f"{share}/man", f"{share}/info", f"{share}/locale"),
+            *("-type", "f", "!", "-name", "locale.alias", "-delete"),
+        ),
+        _cmd("find", f"{root}/var/cache/apt", f"{root}/var/lib/apt/lists", "-type", "f", "-delete"),
+        _cmd("tar", "-C", root, "--numeric-owner", "-cf", ROOTFS_TAR, "."),
+        _cmd(
+            *("docker", "import", "--change", 'CMD ["bash"]'),
+            *("--change", "LABEL org.aiia.built-by=debootstrap", ROOTFS_TAR, DEBIAN_IMAGE),
+        ),
+        _cmd("rm", "-rf", root, ROOTFS_TAR),
     ]
     return Step(
         "images",
@@ -217,7 +273,8 @@ def _compose_step(f: HostFacts) -> Step:
             _cmd("docker", "run", "--name", FETCH_CONTAINER, DEBIAN_IMAGE, "sh", "-c", fetch),
             _cmd("mkdir", "-p", target),
             _cmd(
-                "docker", "cp",
+                "docker",
+                "cp",
                 f"{FETCH_CONTAINER}:/usr/libexec/docker/cli-plugins/docker-compose",
                 f"{target}/docker-compose",
             ),
@@ -228,17 +285,30 @@ def _compose_step(f: HostFacts) -> Step:
     )
 
 
-def _base_image_step(f: HostFacts, context: str, sha: str) -> Step:
+def base_label(context_sha: str, debian_image_id: str | None) -> str:
+    """What aiia/base is labelled with: its build context and its parent image."""
+    parent = (debian_image_id or "").removeprefix("sha256:")[:12]
+    return f"{context_sha}.{parent}"
+
+
+def _base_image_step(f: HostFacts, context: str, context_sha: str) -> Step:
     desc = f"build {BASE_IMAGE} from {context}"
-    if f.base_image_sha == sha:
-        return Step("images", "image.base", desc, skip=f"{BASE_IMAGE} built from this {context}")
+    sha = base_label(context_sha, f.debian_image_id)
+    if f.debian_image_id and f.base_image_sha == sha:
+        return Step(
+            "base",
+            "image.base",
+            desc,
+            skip=f"{BASE_IMAGE} built from this {context} and {DEBIAN_IMAGE}",
+        )
     return Step(
-        "images",
+        "base",
         "image.base",
         desc,
         commands=(
-            _cmd("docker", "build", "--label", f"{BASE_SHA_LABEL}={sha}", "-t", BASE_IMAGE,
-                 context),
+            _cmd(
+                "docker", "build", "--label", f"{BASE_SHA_LABEL}={sha}", "-t", BASE_IMAGE, context
+            ),
         ),
         needs_disk=True,
     )
@@ -265,8 +335,10 @@ def _refusal(f: HostFacts, steps: list[Step]) -> str | None:
             f"plugin yourself, give your user access to the engine, and make {DEBIAN_IMAGE} "
             "pullable; then rerun."
         )
-    if f.free_bytes is not None and f.free_bytes < MIN_FREE_BYTES and any(
-        s.needs_disk for s in todo
+    if (
+        f.free_bytes is not None
+        and f.free_bytes < MIN_FREE_BYTES
+        and any(s.needs_disk for s in todo)
     ):
         return (
             f"too little free disk: {f.free_bytes / 1024**3:.1f} GB free where the engine "
@@ -294,11 +366,9 @@ def plan(
     if "engine" in phases:
         steps += _engine_steps(facts)
     if "images" in phases:
-        steps += [
-            _debian_image_step(facts),
-            _compose_step(facts),
-            _base_image_step(facts, base_context, base_sha),
-        ]
+        steps += [_debian_image_step(facts), _compose_step(facts)]
+    if "base" in phases:
+        steps.append(_base_image_step(facts, base_context, base_sha))
     reason = _refusal(facts, steps)
     if reason:
         raise Refused(reason)
@@ -318,19 +388,28 @@ def plan_engine_stop(facts: HostFacts) -> StopPlan:
     """Stop the dockerd that `invoke provision` started (found by its pidfile), and only it."""
     if facts.pidfile_pid:
         return StopPlan(
-            [[
-                "start-stop-daemon", "--stop", "--pidfile", PIDFILE, "--exec", DOCKERD,
-                "--retry", "TERM/30/KILL/5", "--remove-pidfile",
-            ]],
+            [
+                [
+                    *("start-stop-daemon", "--stop", "--pidfile", PIDFILE, "--exec", DOCKERD),
+                    *("--retry", "TERM/30/KILL/5", "--remove-pidfile"),
+                ]
+            ],
             f"stopping dockerd (pid {facts.pidfile_pid}) started by `invoke provision`",
         )
     if not facts.engine_version:
-        return StopPlan([], "no Docker engine answers and none was started by provision: "
-                            "nothing to stop")
+        return StopPlan(
+            [], "no Docker engine answers and none was started by provision: nothing to stop"
+        )
     if facts.systemd:
-        return StopPlan([], f"the engine ({facts.engine_version}) was not started by provision "
-                            f"(no live dockerd in {PIDFILE}); systemd manages it: "
-                            "`systemctl stop docker docker.socket` stops it")
-    return StopPlan([], f"the engine ({facts.engine_version}) was not started by provision "
-                        f"(no live dockerd in {PIDFILE}); someone else started it, so it is "
-                        "left running")
+        return StopPlan(
+            [],
+            f"the engine ({facts.engine_version}) was not started by provision "
+            f"(no live dockerd in {PIDFILE}); systemd manages it: "
+            "`systemctl stop docker docker.socket` stops it",
+        )
+    return StopPlan(
+        [],
+        f"the engine ({facts.engine_version}) was not started by provision "
+        f"(no live dockerd in {PIDFILE}); someone else started it, so it is "
+        "left running",
+    )

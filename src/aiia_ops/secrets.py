@@ -61,7 +61,7 @@ def _read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def _write_env_file(path: Path, values: dict[str, str]) -> None:
+def write_env_file(path: Path, values: dict[str, str]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(path.parent, 0o700)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -90,7 +90,7 @@ def _load_group(path: Path, keys: tuple[str, ...], prefix: str, create: bool) ->
     if missing:
         for key in missing:
             values[key] = stored[key] = _generate(key)
-        _write_env_file(path, {**stored, **{k: stored[k] for k in missing}})
+        write_env_file(path, {**stored, **{k: stored[k] for k in missing}})
     return values
 
 

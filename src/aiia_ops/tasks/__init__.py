@@ -8,3 +8,7 @@ from . import provision as _provision  # noqa: E402
 
 namespace.add_task(_provision.provision)
 namespace.add_collection(Collection("engine", _provision.engine_stop))
+
+from . import config as _config  # noqa: E402
+
+namespace.add_collection(_config.namespace)

@@ -18,8 +18,12 @@ BASE_CONTEXT = REPO / "services" / "base"
 
 def _plan(runner: Runner, phases: tuple[str, ...]) -> list[_prov.Step]:
     facts = _facts.gather(runner)
-    return _prov.plan(facts, phases=phases, base_context=str(BASE_CONTEXT),
-                      base_sha=_facts.context_sha(BASE_CONTEXT))
+    return _prov.plan(
+        facts,
+        phases=phases,
+        base_context=str(BASE_CONTEXT),
+        base_sha=_facts.context_sha(BASE_CONTEXT),
+    )
 
 
 def _print_dry(steps: list[_prov.Step]) -> None:
@@ -35,13 +39,22 @@ def _print_dry(steps: list[_prov.Step]) -> None:
         if step.fallback:
             print(f"    if that fails ({step.fallback_note}):")
             for c in step.fallback:
-                print(f"      $ {quote(c.argv)}")
+                print(f"      $ {quote(c.argv)}" + (" <<'EOF'" if c.input else ""))
+                if c.input:
+                    print(
+                        "".join(f"        {line}".rstrip() + "\n" for line in c.input.splitlines())
+                        + "        EOF"
+                    )
 
 
 def _run_commands(runner: Runner, commands: tuple[_prov.Command, ...], verbose: bool) -> None:
     for c in commands:
         print(f"    $ {quote(c.argv)}", flush=True)
-        runner.run(c.argv, check=c.check, timeout=c.timeout, stream=verbose)
+        t0 = time.monotonic()
+        runner.run(c.argv, check=c.check, timeout=c.timeout, input=c.input, stream=verbose)
+        took = time.monotonic() - t0
+        if took >= 1:
+            print(f"      ({took:.1f}s)", flush=True)
 
 
 def _wait(runner: Runner, step: _prov.Step) -> None:

@@ -1,0 +1,32 @@
+"""Shared fixtures. Tests that need the engine are marked `docker` (see pyproject.toml)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_invoke(*args: str, env: dict | None = None, check: bool = False,
+               timeout: float = 900) -> subprocess.CompletedProcess:
+    """Run a task the way people do: `invoke ...` from the repository root."""
+    proc = subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, **(env or {})},
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"invoke {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    """A throwaway state dir (secrets, rendered configs) for tasks run by this test."""
+    path = tmp_path / "state"
+    monkeypatch.setenv("AIIA_STATE_DIR", str(path))
+    return path

@@ -1,0 +1,74 @@
+"""The budget check: the committed stack fits; the document's own figures do not."""
+
+from aiia_ops.budget import check_budget, has_errors
+from aiia_ops.model import load_stack, stack_from_data
+from tests.conftest import run_invoke
+from tests.stackfiles import FIXTURES, patched_stack
+
+DOCUMENT = FIXTURES / "document.yml"
+
+
+def test_committed_stack_passes_the_check():
+    proc = run_invoke("config.check")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ": 0 error(s)" in proc.stdout
+
+
+def test_documents_figures_exceed_the_host():
+    proc = run_invoke("config.check", "--stack", str(DOCUMENT))
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert any(line.startswith("error") and "memory limits add up to 580MB on a 512MB host"
+               in line for line in lines)
+    assert any(line.startswith("error") and "maxmemory 50MB is not below the container limit "
+               "50MB: Redis is OOM-killed before eviction starts" in line for line in lines)
+    assert any(line.startswith("error") and "= 290MB, over the container limit 200MB" in line
+               for line in lines)
+
+
+def findings(patch):
+    return {f.check: f for f in check_budget(stack_from_data(patched_stack(patch)))}
+
+
+def test_cpu_reservations_may_not_exceed_the_machine():
+    f = findings({"services": {"postgresql": {"cpu": {"limit": 1.0, "reservation": 1.0}}}})
+    assert f["cpu reservations"].severity == "error"
+    assert f["cpu reservations"].message == ("CPU reservations add up to 2.3 on 2 vCPUs: lower "
+                                             "them or raise machine.cpus")
+
+
+def test_cpu_limits_may_oversubscribe():
+    f = findings({})
+    assert f["cpu limits"].severity == "ok"
+    assert "oversubscribed" in f["cpu limits"].message
+
+
+def test_pgbouncer_pools_must_fit_postgres_connections():
+    f = findings({"services": {"pgbouncer": {"settings": {"default_pool_size": 30}}}})
+    assert f["pgbouncer pools"].severity == "error"
+    assert f["pgbouncer pools"].message == (
+        "PgBouncer pools (default_pool_size 30 + reserve 2) x 2 (database, user) pairs = 64 "
+        "server connections, more than PostgreSQL's max_connections 50 less 3 superuser slots")
+
+
+def test_more_gunicorn_threads_than_the_pool_is_a_warning():
+    f = findings({"environments": {"prod": {"gunicorn": {"workers": 4, "threads": 4}}}})
+    assert f["prod gunicorn vs pool"].severity == "warning"
+
+
+def test_deploy_overlap_must_fit_reservations():
+    f = findings({"environments": {"prod": {"memory": {"limit": "150MB",
+                                                        "reservation": "140MB"}}}})
+    assert f["prod deploy overlap"].severity == "error"
+    assert f["prod deploy overlap"].message == (
+        "a second prod app container brings reservations to 520MB, over the 448MB available")
+
+
+def test_redis_needs_headroom_above_maxmemory():
+    f = findings({"services": {"redis": {"settings": {"maxmemory": "48MB"}}}})
+    assert f["redis maxmemory"].severity == "warning"
+    assert "only 8MB between maxmemory 48MB and the limit 56MB" in f["redis maxmemory"].message
+
+
+def test_committed_stack_has_no_errors_in_process():
+    assert not has_errors(check_budget(load_stack()))
