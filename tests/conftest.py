@@ -12,15 +12,22 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_invoke(*args: str, env: dict | None = None, check: bool = False,
-               timeout: float = 900) -> subprocess.CompletedProcess:
+def run_invoke(
+    *args: str, env: dict | None = None, check: bool = False, timeout: float = 900
+) -> subprocess.CompletedProcess:
     """Run a task the way people do: `invoke ...` from the repository root."""
-    proc = subprocess.run([sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
-                          capture_output=True, env={**os.environ, **(env or {})},
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        env={**os.environ, **(env or {})},
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"invoke {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"invoke {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 

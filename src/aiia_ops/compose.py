@@ -93,8 +93,13 @@ def env_files(stack: Stack, secrets: Secrets) -> dict[str, dict[str, str]]:
     return out
 
 
-def compose_data(stack: Stack, state_dir: str, tag: str, app_tags: dict[str, str] | None = None,
-                 version: str | None = None) -> dict:
+def compose_data(
+    stack: Stack,
+    state_dir: str,
+    tag: str,
+    app_tags: dict[str, str] | None = None,
+    version: str | None = None,
+) -> dict:
     """The whole compose project. `tag` is the image tag of shared services; apps may differ."""
     state = PurePosixPath(state_dir)
     app_tags = app_tags or {}
@@ -159,12 +164,18 @@ def compose_data(stack: Stack, state_dir: str, tag: str, app_tags: dict[str, str
         }
         services[key]["volumes"].append(_volume(env.storage_volume, env.volumes["storage"]))
 
-    volumes = [*pg.volumes, *redis.volumes, *(e.storage_volume for e in stack.environments.values())]
+    storage = [e.storage_volume for e in stack.environments.values()]
+    volumes = [*pg.volumes, *redis.volumes, *storage]
     return {
         "name": stack.project,
         "services": services,
-        "networks": {net: {"name": net, "driver": "bridge",
-                           "ipam": {"config": [{"subnet": str(stack.network.subnet)}]}}},
+        "networks": {
+            net: {
+                "name": net,
+                "driver": "bridge",
+                "ipam": {"config": [{"subnet": str(stack.network.subnet)}]},
+            }
+        },
         "volumes": {v: {"name": f"{stack.project}_{v}"} for v in volumes},
     }
 

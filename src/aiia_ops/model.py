@@ -70,7 +70,7 @@ class Machine:
 class Host:
     ssh: str | None = None  # user@address[:port]; None = this machine's engine
     state_dir: str = "/var/lib/aiia"
-    publish_address: ipaddress.IPv4Address = ipaddress.IPv4Address("0.0.0.0")  # noqa: S104
+    publish_address: ipaddress.IPv4Address = ipaddress.IPv4Address("0.0.0.0")
 
     @property
     def is_local(self) -> bool:
@@ -140,8 +140,14 @@ class PostgresSettings:
 
 
 RedisPolicy = Literal[
-    "noeviction", "allkeys-lru", "allkeys-lfu", "allkeys-random",
-    "volatile-lru", "volatile-lfu", "volatile-random", "volatile-ttl",
+    "noeviction",
+    "allkeys-lru",
+    "allkeys-lfu",
+    "allkeys-random",
+    "volatile-lru",
+    "volatile-lfu",
+    "volatile-random",
+    "volatile-ttl",
 ]
 
 
@@ -376,19 +382,21 @@ def _construct_mapping(loader, node, deep=False):
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} appears twice (first on line {seen[key]})",
-                key_node.start_mark)
+                None,
+                None,
+                f"key {key!r} appears twice (first on line {seen[key]})",
+                key_node.start_mark,
+            )
         seen[key] = key_node.start_mark.line + 1
     return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def parse_yaml(text: str, source: str) -> dict:
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
@@ -404,8 +412,10 @@ def load_stack(path: Path | str | None = None) -> Stack:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise OpsError(f"cannot read the stack file {path}: {exc.strerror}; "
-                       f"pass an existing file with --stack PATH") from None
+        raise OpsError(
+            f"cannot read the stack file {path}: {exc.strerror}; "
+            f"pass an existing file with --stack PATH"
+        ) from None
     return stack_from_data(parse_yaml(text, str(path)), str(path))
 
 
@@ -424,8 +434,10 @@ def stack_from_data(data: dict, source: str = "stack") -> Stack:
     stack = build(Stack, data, "", problems)
     environments = {}
     if not isinstance(raw_envs, dict) or not raw_envs:
-        problems.add("environments", "missing; expected a mapping of environment names "
-                     "(prod, staging) to their settings")
+        problems.add(
+            "environments",
+            "missing; expected a mapping of environment names (prod, staging) to their settings",
+        )
     else:
         for name, overrides in raw_envs.items():
             merged = deep_merge(app or {}, "app", overrides or {}, f"environments.{name}")

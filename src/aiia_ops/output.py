@@ -5,8 +5,18 @@ from __future__ import annotations
 import os
 import sys
 
-_COLOURS = {"ok": "32", "warning": "33", "error": "31", "OK": "32", "WARN": "33", "CRIT": "31",
-            "FAIL": "31", "healthy": "32", "unhealthy": "31", "starting": "33"}
+_COLOURS = {
+    "ok": "32",
+    "warning": "33",
+    "error": "31",
+    "OK": "32",
+    "WARN": "33",
+    "CRIT": "31",
+    "FAIL": "31",
+    "healthy": "32",
+    "unhealthy": "31",
+    "starting": "33",
+}
 
 
 def use_colour(stream=None) -> bool:
@@ -21,8 +31,9 @@ def paint(text: str, key: str | None = None, stream=None) -> str:
 
 def table(headers: list[str], rows: list[list[object]], stream=None) -> str:
     cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)
+    ]
 
     def line(values: list[str], colour: bool) -> str:
         parts = []

@@ -60,11 +60,16 @@ class Runner:
         timeout: float | None = None,
         stream: bool = False,
     ) -> Result:
-        result = self._execute(list(map(str, argv)), input=input, env=env, timeout=timeout,
-                               stream=stream)
+        result = self._execute(
+            list(map(str, argv)), input=input, env=env, timeout=timeout, stream=stream
+        )
         if check and not result.ok:
-            raise CommandFailed(self.scrub(quote(argv)), result.code, self.scrub(result.stdout),
-                                self.scrub(result.stderr))
+            raise CommandFailed(
+                self.scrub(quote(argv)),
+                result.code,
+                self.scrub(result.stdout),
+                self.scrub(result.stderr),
+            )
         return result
 
     def _execute(self, argv, *, input, env, timeout, stream) -> Result:  # pragma: no cover

@@ -219,5 +219,3 @@ def _build_dataclass(tp: Any, value: Any, path: str, problems: Problems) -> Any:
 def field_key(key: str, **kw) -> Any:
     """A dataclass field whose YAML key differs from its Python name (e.g. 'pre-deploy')."""
     return dataclasses.field(metadata={"key": key}, **kw)
-
-

@@ -85,8 +85,10 @@ def _load_group(path: Path, keys: tuple[str, ...], prefix: str, create: bool) ->
         else:
             missing.append(key)
     if missing and not create:
-        raise OpsError(f"secrets {', '.join(prefix + k for k in missing)} are not set: run "
-                       f"`invoke secrets.generate` or set AIIA_{prefix}{missing[0]}")
+        raise OpsError(
+            f"secrets {', '.join(prefix + k for k in missing)} are not set: run "
+            f"`invoke secrets.generate` or set AIIA_{prefix}{missing[0]}"
+        )
     if missing:
         for key in missing:
             values[key] = stored[key] = _generate(key)
@@ -102,5 +104,9 @@ def load_secrets(state_dir: Path, environments: list[str], create: bool = True) 
     for name in environments:
         values = _load_group(folder / f"{name}.env", ENV_KEYS, f"{name.upper()}_", create)
         envs[name] = EnvSecrets(values["DB_PASSWORD"], values["SECRET_KEY"])
-    return Secrets(shared["POSTGRES_PASSWORD"], shared["REDIS_PASSWORD"],
-                   shared["PGBOUNCER_ADMIN_PASSWORD"], envs)
+    return Secrets(
+        shared["POSTGRES_PASSWORD"],
+        shared["REDIS_PASSWORD"],
+        shared["PGBOUNCER_ADMIN_PASSWORD"],
+        envs,
+    )

@@ -41,8 +41,10 @@ def local_state_dir(stack: Stack, host: str = "local") -> StateDir:
     if override:
         return StateDir(Path(override))
     configured = Path(stack.hosts[host].state_dir) if host in stack.hosts else Path("/var/lib/aiia")
-    if os.geteuid() != 0 and not os.access(configured.parent, os.W_OK) and not (
-        configured.exists() and os.access(configured, os.W_OK)
+    if (
+        os.geteuid() != 0
+        and not os.access(configured.parent, os.W_OK)
+        and not (configured.exists() and os.access(configured, os.W_OK))
     ):
         return StateDir(Path.home() / ".local" / "state" / stack.project)
     return StateDir(configured)

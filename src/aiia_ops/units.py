@@ -9,10 +9,17 @@ import re
 from dataclasses import dataclass
 
 _SIZE_UNITS = {
-    "b": 1, "": 1,
-    "k": 1024, "kb": 1024, "kib": 1024,
-    "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
-    "g": 1024**3, "gb": 1024**3, "gib": 1024**3,
+    "b": 1,
+    "": 1,
+    "k": 1024,
+    "kb": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "gib": 1024**3,
 }
 _DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _NUMBER = r"(\d+(?:\.\d+)?)"
@@ -91,7 +98,7 @@ class Duration:
 
     @property
     def whole_seconds(self) -> int:
-        return int(round(self.seconds))
+        return round(self.seconds)
 
     def __str__(self) -> str:
         for unit in ("d", "h", "m", "s"):

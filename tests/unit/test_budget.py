@@ -18,12 +18,21 @@ def test_documents_figures_exceed_the_host():
     proc = run_invoke("config.check", "--stack", str(DOCUMENT))
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
-    assert any(line.startswith("error") and "memory limits add up to 580MB on a 512MB host"
-               in line for line in lines)
-    assert any(line.startswith("error") and "maxmemory 50MB is not below the container limit "
-               "50MB: Redis is OOM-killed before eviction starts" in line for line in lines)
-    assert any(line.startswith("error") and "= 290MB, over the container limit 200MB" in line
-               for line in lines)
+    assert any(
+        line.startswith("error") and "memory limits add up to 580MB on a 512MB host" in line
+        for line in lines
+    )
+    assert any(
+        line.startswith("error")
+        and "maxmemory 50MB is not below the container limit "
+        "50MB: Redis is OOM-killed before eviction starts"
+        in line
+        for line in lines
+    )
+    assert any(
+        line.startswith("error") and "= 290MB, over the container limit 200MB" in line
+        for line in lines
+    )
 
 
 def findings(patch):
@@ -33,8 +42,9 @@ def findings(patch):
 def test_cpu_reservations_may_not_exceed_the_machine():
     f = findings({"services": {"postgresql": {"cpu": {"limit": 1.0, "reservation": 1.0}}}})
     assert f["cpu reservations"].severity == "error"
-    assert f["cpu reservations"].message == ("CPU reservations add up to 2.3 on 2 vCPUs: lower "
-                                             "them or raise machine.cpus")
+    assert f["cpu reservations"].message == (
+        "CPU reservations add up to 2.3 on 2 vCPUs: lower them or raise machine.cpus"
+    )
 
 
 def test_cpu_limits_may_oversubscribe():
@@ -48,7 +58,8 @@ def test_pgbouncer_pools_must_fit_postgres_connections():
     assert f["pgbouncer pools"].severity == "error"
     assert f["pgbouncer pools"].message == (
         "PgBouncer pools (default_pool_size 30 + reserve 2) x 2 (database, user) pairs = 64 "
-        "server connections, more than PostgreSQL's max_connections 50 less 3 superuser slots")
+        "server connections, more than PostgreSQL's max_connections 50 less 3 superuser slots"
+    )
 
 
 def test_more_gunicorn_threads_than_the_pool_is_a_warning():
@@ -57,11 +68,11 @@ def test_more_gunicorn_threads_than_the_pool_is_a_warning():
 
 
 def test_deploy_overlap_must_fit_reservations():
-    f = findings({"environments": {"prod": {"memory": {"limit": "150MB",
-                                                        "reservation": "140MB"}}}})
+    f = findings({"environments": {"prod": {"memory": {"limit": "150MB", "reservation": "140MB"}}}})
     assert f["prod deploy overlap"].severity == "error"
     assert f["prod deploy overlap"].message == (
-        "a second prod app container brings reservations to 520MB, over the 448MB available")
+        "a second prod app container brings reservations to 520MB, over the 448MB available"
+    )
 
 
 def test_redis_needs_headroom_above_maxmemory():

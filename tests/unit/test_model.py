@@ -16,9 +16,12 @@ def test_committed_stack_holds_the_documents_topology():
     stack = load_stack()
     addresses = {c.container: str(c.address) for c in stack.containers()}
     assert addresses == {
-        "aiia_nginx": "172.20.0.2", "aiia_django_prod": "172.20.0.3",
-        "aiia_django_staging": "172.20.0.4", "aiia_pgbouncer": "172.20.0.5",
-        "aiia_postgresql": "172.20.0.6", "aiia_redis": "172.20.0.7",
+        "aiia_nginx": "172.20.0.2",
+        "aiia_django_prod": "172.20.0.3",
+        "aiia_django_staging": "172.20.0.4",
+        "aiia_pgbouncer": "172.20.0.5",
+        "aiia_postgresql": "172.20.0.6",
+        "aiia_redis": "172.20.0.7",
     }
     assert str(stack.network.subnet) == "172.20.0.0/16"
     prod, staging = stack.environments["prod"], stack.environments["staging"]
@@ -28,10 +31,17 @@ def test_committed_stack_holds_the_documents_topology():
     assert prod.gunicorn.timeout.seconds == 30 and prod.gunicorn.max_requests == 1000
     assert prod.gunicorn.keepalive.seconds == 60
     assert (prod.database, prod.redis_db, staging.database, staging.redis_db) == (
-        "aiia_prod", 0, "aiia_staging", 1)
+        "aiia_prod",
+        0,
+        "aiia_staging",
+        1,
+    )
     bouncer = stack.services.pgbouncer.settings
     assert (bouncer.pool_mode, bouncer.max_client_conn, bouncer.default_pool_size) == (
-        "transaction", 100, 10)
+        "transaction",
+        100,
+        10,
+    )
     assert stack.services.nginx.settings.worker_connections == 2048
     assert stack.services.nginx.settings.gzip_level == 6
     assert stack.backups.retention.pre_deploy == 3 and stack.backups.retention.daily == 7
@@ -40,14 +50,18 @@ def test_committed_stack_holds_the_documents_topology():
 
 def test_environments_share_the_app_block_and_override_only_what_differs():
     raw = yaml.safe_load(Path("deploy/stack.yml").read_text())
-    assert set(raw["environments"]["staging"]) < set(load_stack().environments["staging"]
-                                                     .__dataclass_fields__)
+    assert set(raw["environments"]["staging"]) < set(
+        load_stack().environments["staging"].__dataclass_fields__
+    )
     assert "gunicorn" not in raw["environments"]["prod"]  # prod is the app block as written
 
 
 def test_unknown_environment_names_the_known_ones():
-    with pytest.raises(Exception, match=r"unknown environment 'qa'; expected one of: prod, "
-                                        r"staging"):
+    with pytest.raises(
+        Exception,
+        match=r"unknown environment 'qa'; expected one of: prod, "
+        r"staging",
+    ):
         load_stack().environment("qa")
 
 
@@ -56,7 +70,8 @@ def test_override_errors_point_at_the_override_not_the_shared_block():
     with pytest.raises(StackError) as err:
         stack_from_data(data)
     assert err.value.problems == [
-        "environments.staging.gunicorn.threads: expected a whole number, got 'two'"]
+        "environments.staging.gunicorn.threads: expected a whole number, got 'two'"
+    ]
 
 
 def test_a_bad_shared_value_is_reported_once_at_its_own_path():
@@ -65,7 +80,8 @@ def test_a_bad_shared_value_is_reported_once_at_its_own_path():
         stack_from_data(data)
     assert err.value.problems == [
         "app.gunicorn.timeout: expected a duration such as 30s (units ms, s, m, h, d), "
-        "got 'forever'"]
+        "got 'forever'"
+    ]
 
 
 @pytest.mark.parametrize("fixture", BROKEN, ids=[f.stem for f in BROKEN])

@@ -3,10 +3,18 @@ import pytest
 from aiia_ops.units import Duration, Size, UnitError
 
 
-@pytest.mark.parametrize(("text", "size"), [
-    ("64MB", 64 * 1024**2), ("2.6MB", round(2.6 * 1024**2)), ("32KB", 32 * 1024),
-    ("20GB", 20 * 1024**3), ("512m", 512 * 1024**2), ("100", 100), ("10MiB", 10 * 1024**2),
-])
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("64MB", 64 * 1024**2),
+        ("2.6MB", round(2.6 * 1024**2)),
+        ("32KB", 32 * 1024),
+        ("20GB", 20 * 1024**3),
+        ("512m", 512 * 1024**2),
+        ("100", 100),
+        ("10MiB", 10 * 1024**2),
+    ],
+)
 def test_sizes_parse_as_binary_units(text, size):
     assert Size.parse(text).bytes == size
 
@@ -17,9 +25,16 @@ def test_unparsable_sizes_say_what_is_expected(text):
         Size.parse(text)
 
 
-@pytest.mark.parametrize(("text", "seconds"), [
-    ("30s", 30), ("10m", 600), ("500ms", 0.5), ("30d", 30 * 86400), ("1h", 3600),
-])
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30s", 30),
+        ("10m", 600),
+        ("500ms", 0.5),
+        ("30d", 30 * 86400),
+        ("1h", 3600),
+    ],
+)
 def test_durations(text, seconds):
     assert Duration.parse(text).seconds == seconds
 

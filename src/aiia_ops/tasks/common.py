@@ -26,9 +26,11 @@ def user_errors(fn):
 
 def current_version() -> str:
     """The git commit of this checkout (short), with -dirty when there are local changes."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(REPO_ROOT), *args], capture_output=True,
-                              text=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True
+        ).stdout.strip()
 
     commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
     dirty = git("status", "--porcelain", "--untracked-files=no")
