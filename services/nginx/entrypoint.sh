@@ -32,9 +32,9 @@ conf_files() {
 directive_values() {
     local name=$1
     conf_files | xargs -r sed -e 's/#.*//' |
-        grep -oE "(^|[[:space:]])$name[[:space:]]+[^;]+;" |
-        sed -E "s/^[[:space:]]*$name[[:space:]]+//; s/;\$//" |
-        tr -s ' \t' '\n\n' | sed '/^$/d'
+        grep -oE "(^|[[:space:]])${name}[[:space:]]+[^;]+;" |
+        sed -E "s/^[[:space:]]*${name}[[:space:]]+//; s/;\$//" |
+        tr -s '[:space:]' '\n' | sed '/^$/d'
 }
 
 placeholder_cert() {

@@ -1,4 +1,4 @@
-"""Render the nginx templates with the project's real model and renderer.
+"""Helpers for the nginx tests: render with the real model and renderer, parse the result.
 
 Only the nginx entries of `aiia_ops.render.TEMPLATES` are rendered, so these tests do not
 depend on the other services' templates. Secrets are fakes: nginx's templates use none.
@@ -6,6 +6,8 @@ depend on the other services' templates. Secrets are fakes: nginx's templates us
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -44,3 +46,98 @@ def write_tree(files: dict[str, str], root: Path) -> Path:
         target.write_text(text)
         target.chmod(0o644)
     return root
+
+
+# --- a small nginx config parser, enough to assert on directives --------------------------
+
+
+@dataclass
+class Directive:
+    name: str
+    args: list[str]
+    block: list[Directive] | None = None
+
+    def find(self, name: str) -> list[Directive]:
+        """Direct children called `name`."""
+        return [d for d in self.block or [] if d.name == name]
+
+    def one(self, name: str) -> Directive:
+        found = self.find(name)
+        assert len(found) == 1, f"expected one {name!r} in {self.name} {self.args}, got {found}"
+        return found[0]
+
+    def arg(self, name: str) -> str:
+        """The arguments of the only child `name`, joined by spaces."""
+        return " ".join(self.one(name).args)
+
+    def walk(self):
+        for d in self.block or []:
+            yield d
+            yield from d.walk()
+
+
+_TOKEN = re.compile(
+    r"""\s*(?:
+        (?P<comment>\#[^\n]*)
+      | (?P<punct>[{};])
+      | "(?P<dq>(?:\\.|[^"\\])*)"
+      | '(?P<sq>(?:\\.|[^'\\])*)'
+      | (?P<word>[^\s{};"'#]+(?:\#[^\s{};]*)?)
+    )""",
+    re.VERBOSE,
+)
+
+
+def parse_conf(text: str) -> Directive:
+    """The config as a tree under a root Directive named "main"; quotes are removed."""
+    tokens: list[tuple[str, str]] = []
+    pos, text = 0, text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise ValueError(f"cannot tokenize nginx config at {text[pos : pos + 40]!r}")
+        pos = m.end()
+        if m.group("comment") is not None:
+            continue
+        if m.group("punct"):
+            tokens.append(("punct", m.group("punct")))
+        else:
+            value = next(v for v in m.group("dq", "sq", "word") if v is not None)
+            tokens.append(("word", value))
+
+    root = Directive("main", [], [])
+    stack, words = [root], []
+    for kind, value in tokens:
+        if kind == "word":
+            words.append(value)
+        elif value == ";":
+            stack[-1].block.append(Directive(words[0], words[1:]))
+            words = []
+        elif value == "{":
+            block = Directive(words[0], words[1:], [])
+            stack[-1].block.append(block)
+            stack.append(block)
+            words = []
+        else:  # "}"
+            assert not words, f"unterminated directive {words}"
+            stack.pop()
+    assert len(stack) == 1 and not words, "unbalanced braces in the config"
+    return root
+
+
+def servers(conf: Directive, port: int) -> list[Directive]:
+    """server blocks (anywhere in the tree) listening on `port`."""
+    out = []
+    for d in conf.walk():
+        if d.name == "server" and d.block is not None:
+            ports = {int(listen.args[0].rsplit(":", 1)[-1]) for listen in d.find("listen")}
+            if port in ports:
+                out.append(d)
+    return out
+
+
+def location(server: Directive, *args: str) -> Directive:
+    for d in server.find("location"):
+        if tuple(d.args) == args:
+            return d
+    raise AssertionError(f"no location {' '.join(args)} in server {server.arg('server_name')}")
