@@ -8,7 +8,7 @@ each phase changes what the next one sees:
 
 1. engine  - install docker.io (+ debootstrap, iptables) and start dockerd
 2. images  - `debian:trixie-slim` (pulled, or built with debootstrap when it cannot be),
-             then compose v2 (fetched from Debian 13 inside that image), then `aiia/base`
+             then compose v2 (fetched from Debian 13 inside that image)
 3. base    - `aiia/base:trixie` from services/base, labelled with the hash of its build
              context and the id of its parent image, so it is rebuilt when either changes
 
