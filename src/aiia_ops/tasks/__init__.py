@@ -12,3 +12,8 @@ namespace.add_collection(Collection("engine", _provision.engine_stop))
 from . import config as _config  # noqa: E402
 
 namespace.add_collection(_config.namespace)
+
+from . import stack as _stack  # noqa: E402
+
+for _task in (_stack.build, _stack.up, _stack.down, _stack.status, _stack.logs, _stack.setup):
+    namespace.add_task(_task)

@@ -1,0 +1,45 @@
+"""Test sessions: `nox -s lint`, `nox -s unit` (fast, no engine), `nox -s tests` (what CI runs)."""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "unit"]
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+APP_REQUIREMENTS = "services/django/requirements.txt"
+
+
+def install(session: nox.Session, *groups: str) -> None:
+    session.install("-e", ".")
+    for group in groups:
+        session.install(*nox.project.dependency_groups(PYPROJECT, group))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and format check of the whole tree."""
+    install(session, "lint")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def unit(session: nox.Session) -> None:
+    """Fast tests: the pure core and the app's own suite on the host; no Docker engine."""
+    install(session, "test")
+    session.install("-r", APP_REQUIREMENTS)
+    session.run("pytest", "-m", "not docker and not e2e", *session.posargs)
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Everything CI runs: lint, then provision the engine, build the images, run every test."""
+    install(session, "test", "lint")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.install("-r", APP_REQUIREMENTS)
+    session.run("invoke", "provision")
+    session.run("invoke", "build")
+    session.run("pytest", *session.posargs)

@@ -1,0 +1,294 @@
+"""invoke build | up | down | status | logs | setup: the stack on this machine's engine."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import time
+
+from invoke import Exit, task
+
+from .. import commands as cmd
+from ..budget import check_budget, has_errors
+from ..compose import compose_data, dump, env_files, service_key
+from ..errors import OpsError
+from ..model import Stack, load_stack
+from ..output import paint, table
+from ..render import SERVICE_UID, render_stack, write_rendered
+from ..runners import LocalRunner, Runner
+from ..secrets import Secrets, load_secrets, write_env_file
+from ..state import StateDir, local_state_dir
+from ..status import STATUS_HEADERS, health_through_nginx, stack_status, status_table_rows
+from .common import current_version, user_errors
+
+# Host folders under the state dir that containers write to, owned by the service user.
+WRITABLE_DIRS = ("logs/nginx", "ssl", "acme", "status")
+
+
+@contextlib.contextmanager
+def step(title: str):
+    """Show a long step as it runs, with its duration."""
+    print(f"-> {title} ...", flush=True)
+    started = time.monotonic()
+    try:
+        yield
+    except BaseException:
+        print(paint(f"   failed after {time.monotonic() - started:.1f}s", "error"), flush=True)
+        raise
+    print(f"   done in {time.monotonic() - started:.1f}s", flush=True)
+
+
+def _runner(secrets: Secrets | None = None) -> Runner:
+    runner = LocalRunner()
+    if secrets:
+        runner.redact(*secrets.values())
+    return runner
+
+
+def prepare_state(state: StateDir) -> None:
+    state.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(state.root, 0o711)  # containers' bind mounts pass through; nobody lists it
+    for rel in WRITABLE_DIRS:
+        path = state.root / rel
+        path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(path, SERVICE_UID, SERVICE_UID)
+
+
+def write_configs(
+    stack: Stack,
+    state: StateDir,
+    secrets: Secrets,
+    tag: str,
+    app_tags: dict[str, str] | None = None,
+) -> bool:
+    """Render configs, compose file and env files into the state dir. True if anything changed."""
+    before = _snapshot(state)
+    write_rendered(render_stack(stack, secrets), state.config)
+    state.compose_file.write_text(dump(compose_data(stack, str(state.root), tag, app_tags)))
+    for name, values in env_files(stack, secrets).items():
+        write_env_file(state.env_files / f"{name}.env", values)
+    return _snapshot(state) != before
+
+
+def _snapshot(state: StateDir) -> dict[str, bytes]:
+    if not state.config.exists():
+        return {}
+    return {str(p): p.read_bytes() for p in sorted(state.config.rglob("*")) if p.is_file()}
+
+
+def _load(stack_path: str | None) -> tuple[Stack, StateDir]:
+    stack = load_stack(stack_path)
+    findings = check_budget(stack)
+    if has_errors(findings):
+        errors = [f"  {f.check}: {f.message}" for f in findings if f.severity == "error"]
+        raise OpsError(
+            "the stack does not fit the machine (invoke config.check):\n" + "\n".join(errors)
+        )
+    return stack, local_state_dir(stack)
+
+
+@task(
+    help={
+        "service": "one service folder to build (nginx, postgres, pgbouncer, redis, "
+        "django); default all",
+        "stack": "stack file (default: deploy/stack.yml)",
+    }
+)
+@user_errors
+def build(c, service=None, stack=None):
+    """Build the service images, tagged with the git commit (and :latest)."""
+    model = load_stack(stack)
+    folders = list(cmd.IMAGE_FOLDERS)
+    if service:
+        if service not in folders:
+            raise OpsError(f"unknown service {service!r}; expected one of: {', '.join(folders)}")
+        folders = [service]
+    version = current_version()
+    runner = _runner()
+    for folder in folders:
+        with step(f"building {cmd.image_of_folder(model, folder)}:{version}"):
+            if folder == "django":
+                runner.run(cmd.prepare_wheelhouse(), stream=True)
+            runner.run(cmd.build_image(model, folder, version, version), stream=True)
+
+
+@task(
+    help={
+        "env": "also start this environment's app (default: every environment)",
+        "stack": "stack file (default: deploy/stack.yml)",
+    }
+)
+@user_errors
+def up(c, env=None, stack=None):
+    """Start the stack (already built and set up) and wait until it is healthy."""
+    model, state = _load(stack)
+    envs = [model.environment(env)] if env else list(model.environments.values())
+    secrets = load_secrets(state.secrets, list(model.environments))
+    prepare_state(state)
+    tag = current_version()
+    write_configs(model, state, secrets, tag)
+    services = [*cmd.shared_service_keys(model), *(service_key(e) for e in envs)]
+    with step(f"starting {', '.join(services)}"):
+        _runner(secrets).run(cmd.up(model, str(state.root), services), stream=True)
+    _print_status(model)
+
+
+@task(
+    help={
+        "volumes": "also delete the data volumes (database, redis, storage): asks first",
+        "yes": "do not ask",
+        "stack": "stack file (default: deploy/stack.yml)",
+    }
+)
+@user_errors
+def down(c, volumes=False, yes=False, stack=None):
+    """Stop and remove the stack's containers (data volumes are kept unless --volumes)."""
+    model = load_stack(stack)
+    state = local_state_dir(model)
+    if not state.compose_file.exists():
+        raise OpsError(f"no stack has been set up here ({state.compose_file} is missing)")
+    if volumes and not yes:
+        _confirm(
+            "This deletes the databases, Redis data and media of every environment. "
+            f"Back up first (invoke backup). Type '{model.project}' to go on: ",
+            model.project,
+        )
+    _runner().run(cmd.down(model, str(state.root), volumes), stream=True)
+
+
+def _confirm(prompt: str, expected: str) -> None:
+    if not sys.stdin.isatty():
+        raise OpsError("refusing to delete data without confirmation; pass --yes")
+    if input(prompt).strip() != expected:
+        raise OpsError("not confirmed; nothing was changed")
+
+
+@task(help={"json": "print JSON for machines", "stack": "stack file (default: deploy/stack.yml)"})
+@user_errors
+def status(c, json_=False, stack=None):
+    """Each service: state, health, memory used/limit, CPU limit, address."""
+    model = load_stack(stack)
+    if json_:
+        rows = stack_status(model)
+        print(
+            json.dumps(
+                [
+                    {
+                        **vars(r),
+                        "memory_used": r.memory_used and r.memory_used.bytes,
+                        "memory_limit": r.memory_limit and r.memory_limit.bytes,
+                    }
+                    for r in rows
+                ],
+                indent=2,
+            )
+        )
+        return
+    _print_status(model)
+
+
+def _print_status(model: Stack) -> None:
+    print(table(STATUS_HEADERS, status_table_rows(stack_status(model))))
+
+
+@task(
+    help={
+        "service": "compose service (nginx, postgresql, pgbouncer, redis, django_prod, "
+        "django_staging); default all",
+        "tail": "lines per service",
+        "follow": "keep following",
+    }
+)
+@user_errors
+def logs(c, service=None, tail=100, follow=False, stack=None):
+    """Show the containers' logs."""
+    model = load_stack(stack)
+    keys = [service_key(x) for x in model.containers()]
+    if service and service not in keys:
+        raise OpsError(f"unknown service {service!r}; expected one of: {', '.join(keys)}")
+    state = local_state_dir(model)
+    LocalRunner().run(cmd.logs(model, str(state.root), service, int(tail), follow), stream=True)
+
+
+@task(
+    help={
+        "env": "environment to set up: prod or staging",
+        "skip_build": "use the images already built for this commit",
+        "stack": "stack file (default: deploy/stack.yml)",
+    }
+)
+@user_errors
+def setup(c, env="prod", skip_build=False, stack=None):
+    """From nothing to a healthy environment: provision, build, secrets, databases, app."""
+    started = time.monotonic()
+    model, state = _load(stack)
+    target = model.environment(env)
+    from . import provision as provision_task
+
+    with step("provisioning the Docker engine, compose v2 and the base image"):
+        provision_task.provision(c)
+    if not skip_build:
+        build(c, stack=stack)
+    tag = current_version()
+    with step("secrets and rendered configs"):
+        secrets = load_secrets(state.secrets, list(model.environments))
+        prepare_state(state)
+        changed = write_configs(model, state, secrets, tag)
+    runner = _runner(secrets)
+    root = str(state.root)
+    with step("starting PostgreSQL, PgBouncer and Redis"):
+        runner.run(cmd.up(model, root, ["postgresql", "pgbouncer", "redis"]), stream=True)
+    with step(f"database and role for {target.name} ({target.database})"):
+        runner.run(
+            cmd.ensure_database(model, target),
+            input=secrets.environments[target.name].db_password + "\n",
+        )
+    with step(f"migrations for {target.name} (straight to PostgreSQL)"):
+        runner.run(cmd.one_off_app(model, target, root, tag, ["migrate", "--noinput"]), stream=True)
+    with step(f"collectstatic for {target.name}"):
+        runner.run(
+            cmd.one_off_app(model, target, root, tag, ["collectstatic", "--noinput"]), stream=True
+        )
+    with step(f"starting the {target.name} app and nginx"):
+        was_running = _running(model.services.nginx.container)
+        runner.run(cmd.up(model, root, [service_key(target), "nginx"]), stream=True)
+        if was_running and changed:
+            for argv in cmd.nginx_reload(model):
+                runner.run(argv)
+    with step(f"health of {target.name} through nginx"):
+        _wait_healthy_through_nginx(model, target)
+    print(f"\n{target.name} is up in {time.monotonic() - started:.0f}s:")
+    for domain in target.domains:
+        print(f"  https://{domain}/")
+    print(f"  https://{model.status_domain}/  (status page)\n")
+    _print_status(model)
+
+
+def _running(container: str) -> bool:
+    result = LocalRunner().run(
+        ["docker", "inspect", "--format", "{{.State.Running}}", container], check=False
+    )
+    return result.ok and result.stdout.strip() == "true"
+
+
+def _wait_healthy_through_nginx(model: Stack, env, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            data = health_through_nginx(env.domains[0])
+            if data.get("http_status") == 200 and data.get("environment") == env.name:
+                return data
+            last = data
+        except OSError as exc:
+            last = exc
+        time.sleep(1)
+    raise Exit(
+        f"error: https://{env.domains[0]}/health/ did not answer 200 for {env.name} "
+        f"within {timeout:.0f}s; last answer: {last}\n"
+        f"see: invoke logs --service {service_key(env)}",
+        code=1,
+    )
