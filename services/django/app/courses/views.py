@@ -1,0 +1,198 @@
+"""A small JSON API without DRF.
+
+GET  /api/courses/?page=N&page_size=M   paginated list (cached, see listcache)
+POST /api/courses/                      create; JSON body, `Authorization: Bearer <token>`
+GET  /api/courses/<slug>/               one course with its lessons
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import IntegrityError, transaction
+from django.db.models import Count
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.text import slugify
+from django.views.decorators.csrf import csrf_exempt
+
+from . import listcache
+from .models import Course, Lesson
+
+PAGE_SIZE_DEFAULT = 20
+PAGE_SIZE_MAX = 100
+COURSE_FIELDS = {"title", "slug", "summary", "lessons"}
+LESSON_FIELDS = {"title", "body"}
+
+
+def json_error(status: int, message: str, fields: dict | None = None, **headers) -> JsonResponse:
+    body: dict = {"error": message}
+    if fields:
+        body["fields"] = fields
+    return JsonResponse(body, status=status, headers=headers or None)
+
+
+def _method_not_allowed(*allowed: str) -> JsonResponse:
+    return json_error(405, "method not allowed", Allow=", ".join(allowed))
+
+
+# CSRF-exempt: an API for programs, authenticated by a bearer token, not by a cookie.
+@csrf_exempt
+def courses(request: HttpRequest) -> HttpResponse:
+    if request.method in ("GET", "HEAD"):
+        return course_list(request)
+    if request.method == "POST":
+        return course_create(request)
+    return _method_not_allowed("GET", "HEAD", "POST")
+
+
+def _positive_int(request: HttpRequest, name: str, default: int) -> int | None:
+    try:
+        value = int(request.GET.get(name, default))
+    except ValueError:
+        return None
+    return value if value >= 1 else None
+
+
+def course_list(request: HttpRequest) -> HttpResponse:
+    page = _positive_int(request, "page", 1)
+    size = _positive_int(request, "page_size", PAGE_SIZE_DEFAULT)
+    if page is None:
+        return json_error(400, "page must be a positive integer")
+    if size is None or size > PAGE_SIZE_MAX:
+        return json_error(400, f"page_size must be an integer from 1 to {PAGE_SIZE_MAX}")
+
+    token = listcache.generation()
+    if token is not None:
+        cached = listcache.get_page(token, page, size)
+        if cached is not None:
+            return HttpResponse(cached, content_type="application/json", headers={"X-Cache": "hit"})
+
+    queryset = Course.objects.annotate(lesson_count=Count("lessons")).order_by("-created_at", "-id")
+    paginator = Paginator(queryset, size)
+    if page > paginator.num_pages:
+        return json_error(404, f"no page {page} (there are {paginator.num_pages})")
+    current = paginator.page(page)
+    data = {
+        "count": paginator.count,
+        "page": page,
+        "page_size": size,
+        "num_pages": paginator.num_pages,
+        "next": page + 1 if current.has_next() else None,
+        "previous": page - 1 if current.has_previous() else None,
+        "results": [course.as_dict() for course in current.object_list],
+    }
+    body = json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
+    if token is not None:
+        listcache.put_page(token, page, size, body)
+    return HttpResponse(body, content_type="application/json", headers={"X-Cache": "miss"})
+
+
+def course_detail(request: HttpRequest, slug: str) -> HttpResponse:
+    if request.method not in ("GET", "HEAD"):
+        return _method_not_allowed("GET", "HEAD")
+    course = Course.objects.prefetch_related("lessons").filter(slug=slug).first()
+    if course is None:
+        return json_error(404, f"no course {slug!r}")
+    return JsonResponse(course.as_dict(lessons=True))
+
+
+def _write_denied(request: HttpRequest) -> JsonResponse | None:
+    token = settings.API_WRITE_TOKEN
+    if not token:
+        if settings.DEBUG:
+            return None
+        return json_error(403, "writes are disabled: API_WRITE_TOKEN is not set")
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return json_error(401, "missing or wrong bearer token", **{"WWW-Authenticate": "Bearer"})
+    return None
+
+
+def _text(payload: dict, name: str, errors: dict, key: str, *, required: bool = False) -> str:
+    value = payload.get(name, "")
+    if not isinstance(value, str):
+        errors[key] = ["Must be a string."]
+        return ""
+    if required and not value.strip():
+        errors[key] = ["This field is required."]
+    return value.strip()
+
+
+def _parse(payload: dict) -> tuple[Course, list[Lesson], dict]:
+    """Build unsaved objects from the payload; errors maps field paths to messages."""
+    errors: dict[str, list[str]] = {}
+    for name in sorted(set(payload) - COURSE_FIELDS):
+        errors[name] = ["Unknown field."]
+    title = _text(payload, "title", errors, "title", required=True)
+    slug = _text(payload, "slug", errors, "slug") or slugify(title)
+    summary = _text(payload, "summary", errors, "summary")
+    course = Course(title=title, slug=slug, summary=summary)
+    try:
+        course.full_clean()
+    except ValidationError as exc:
+        for name, messages in exc.message_dict.items():
+            errors.setdefault(name, messages)
+
+    lessons: list[Lesson] = []
+    raw_lessons = payload.get("lessons", [])
+    if not isinstance(raw_lessons, list):
+        errors["lessons"] = ["Must be a list of {title, body} objects."]
+        raw_lessons = []
+    for i, raw in enumerate(raw_lessons):
+        where = f"lessons[{i}]"
+        if not isinstance(raw, dict):
+            errors[where] = ["Must be an object with title and body."]
+            continue
+        for name in sorted(set(raw) - LESSON_FIELDS):
+            errors[f"{where}.{name}"] = ["Unknown field."]
+        lesson = Lesson(
+            position=i + 1,
+            title=_text(raw, "title", errors, f"{where}.title", required=True),
+            body=_text(raw, "body", errors, f"{where}.body"),
+        )
+        try:
+            lesson.full_clean(exclude=["course"], validate_unique=False)
+        except ValidationError as exc:
+            for name, messages in exc.message_dict.items():
+                errors.setdefault(f"{where}.{name}", messages)
+        lessons.append(lesson)
+    return course, lessons, errors
+
+
+def course_create(request: HttpRequest) -> HttpResponse:
+    denied = _write_denied(request)
+    if denied is not None:
+        return denied
+    if request.content_type != "application/json":
+        return json_error(415, "send the course as application/json")
+    try:
+        payload = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        return json_error(400, "the body is not valid JSON")
+    if not isinstance(payload, dict):
+        return json_error(400, "expected a JSON object")
+
+    course, lessons, errors = _parse(payload)
+    if errors:
+        return json_error(400, "invalid course", errors)
+    try:
+        with transaction.atomic():
+            course.save()
+            for lesson in lessons:
+                lesson.course = course
+            Lesson.objects.bulk_create(lessons)
+    except IntegrityError:
+        # Lost a race with another request creating the same slug.
+        return json_error(
+            400, "invalid course", {"slug": ["Course with this Slug already exists."]}
+        )
+    return JsonResponse(
+        course.as_dict(lessons=True),
+        status=201,
+        headers={"Location": f"/api/courses/{course.slug}/"},
+    )
