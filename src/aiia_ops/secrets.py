@@ -87,7 +87,7 @@ def _load_group(path: Path, keys: tuple[str, ...], prefix: str, create: bool) ->
     if missing and not create:
         raise OpsError(
             f"secrets {', '.join(prefix + k for k in missing)} are not set: run "
-            f"`invoke secrets.generate` or set AIIA_{prefix}{missing[0]}"
+            f"`invoke setup` (it generates them once) or set AIIA_{prefix}{missing[0]}"
         )
     if missing:
         for key in missing:
