@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import http.client
 import json
+import socket
 import ssl
 from dataclasses import dataclass
 
@@ -131,22 +132,23 @@ STATUS_HEADERS = [
 
 
 def https_get(
-    host_header: str, path: str, address: str = "127.0.0.1", port: int = 443, timeout: float = 10
+    host_header: str,
+    path: str,
+    address: str = "127.0.0.1",
+    port: int = 443,
+    timeout: float = 10,
+    extra_headers: dict | None = None,
 ) -> tuple[int, dict, bytes]:
-    """GET over HTTPS to `address`, with SNI and Host set to `host_header` (like curl
+    """GET over HTTPS to `address` with SNI and Host set to `host_header` (like curl
     --resolve). The certificate is not verified: it may still be the self-signed one."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    conn = http.client.HTTPSConnection(address, port, timeout=timeout, context=context)
-    conn.sock = None
-    # http.client sends SNI from the host it connects to: connect by hand with the name.
-    import socket
-
     raw = socket.create_connection((address, port), timeout=timeout)
-    conn.sock = context.wrap_socket(raw, server_hostname=host_header)
+    conn = http.client.HTTPSConnection(address, port, timeout=timeout, context=context)
+    conn.sock = context.wrap_socket(raw, server_hostname=host_header)  # SNI = the domain
     try:
-        conn.request("GET", path, headers={"Host": host_header})
+        conn.request("GET", path, headers={"Host": host_header, **(extra_headers or {})})
         resp = conn.getresponse()
         return resp.status, dict(resp.getheaders()), resp.read()
     finally:

@@ -1,0 +1,79 @@
+"""The whole stack, brought up by the tasks people run: `invoke setup --env=prod|staging`.
+
+The stack's names are fixed (aiia_nginx, aiia_network 172.20.0.0/16, ports 80/443), so
+only one can run on a machine. These tests refuse to replace a stack they did not start
+(a developer's or a server's) unless AIIA_E2E_REPLACE=1 says so.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aiia_ops.model import load_stack
+from tests.conftest import run_invoke
+
+STATE_MARK = ".e2e-state"
+pytestmark = [pytest.mark.docker, pytest.mark.e2e]
+
+
+def _docker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True)
+
+
+def _existing_stack() -> list[str]:
+    out = _docker("ps", "-aq", "--filter", "label=org.eduaiia.stack=aiia").stdout.split()
+    return out
+
+
+def reset_stack() -> None:
+    ids = _existing_stack()
+    if ids:
+        _docker("rm", "-f", *ids)
+    vols = [v for v in _docker("volume", "ls", "-q").stdout.split() if v.startswith("aiia_")]
+    if vols:
+        _docker("volume", "rm", "-f", *vols)
+    _docker("network", "rm", "aiia_network")
+
+
+@pytest.fixture(scope="session")
+def e2e_state(tmp_path_factory) -> Path:
+    """A fresh state dir, and a machine with no other aiia stack on it."""
+    state = tmp_path_factory.mktemp("e2e") / "state"
+    if _existing_stack() and os.environ.get("AIIA_E2E_REPLACE") != "1" and not os.environ.get("CI"):
+        pytest.fail(
+            "an aiia stack already runs on this machine; the end-to-end tests would replace "
+            "it (its data volumes included). Stop it first (invoke down), or set "
+            "AIIA_E2E_REPLACE=1 if it is a throwaway stack."
+        )
+    reset_stack()
+    os.environ["AIIA_STATE_DIR"] = str(state)
+    return state
+
+
+@pytest.fixture(scope="session")
+def stack_up(e2e_state):
+    """prod then staging, from nothing, with the real tasks."""
+    results = {}
+    for env in ("prod", "staging"):
+        proc = run_invoke(
+            "setup", f"--env={env}", env={"AIIA_STATE_DIR": str(e2e_state)}, timeout=1800
+        )
+        results[env] = proc
+        if proc.returncode != 0:
+            logs = run_invoke("logs", "--tail", "40", env={"AIIA_STATE_DIR": str(e2e_state)})
+            pytest.fail(
+                f"invoke setup --env={env} failed ({proc.returncode}):\n{proc.stdout}\n"
+                f"{proc.stderr}\n--- logs ---\n{logs.stdout[-6000:]}"
+            )
+    yield results
+    if os.environ.get("AIIA_E2E_KEEP") != "1":  # keep it up to look around after a run
+        reset_stack()
+
+
+@pytest.fixture(scope="session")
+def stack():
+    return load_stack()

@@ -1,0 +1,145 @@
+"""Issue #3: the whole stack runs, from nothing, with the limits the stack file gives."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import socket
+import subprocess
+
+import docker
+import pytest
+
+from aiia_ops.compose import service_key
+from aiia_ops.secrets import load_secrets
+from aiia_ops.status import https_get
+
+pytestmark = [pytest.mark.docker, pytest.mark.e2e]
+
+
+def http_get(host: str, path: str) -> tuple[int, dict]:
+    with socket.create_connection(("127.0.0.1", 80), timeout=10) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head = raw.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
+    headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
+    return int(head[0].split()[1]), headers
+
+
+def test_setup_printed_the_urls_and_a_healthy_status_table(stack_up):
+    out = stack_up["staging"].stdout
+    assert "https://staging.eduaiia.com/" in out
+    assert "https://eduaiia.com/" in stack_up["prod"].stdout
+    table = out[out.rindex("service") :]
+    for key in ("nginx", "postgresql", "pgbouncer", "redis", "django_prod", "django_staging"):
+        line = next(line for line in table.splitlines() if line.startswith(key + " "))
+        assert " running " in line and " healthy " in line, line
+
+
+@pytest.mark.parametrize(
+    ("domain", "env", "database"),
+    [
+        ("eduaiia.com", "prod", "aiia_prod"),
+        ("www.eduaiia.com", "prod", "aiia_prod"),
+        ("staging.eduaiia.com", "staging", "aiia_staging"),
+    ],
+)
+def test_each_domain_reaches_its_own_environment_and_database(stack_up, domain, env, database):
+    status, headers, body = https_get(domain, "/health/")
+    assert status == 200, body
+    data = json.loads(body)
+    assert data["status"] == "ok" and data["environment"] == env
+    assert data["checks"]["database"]["ok"] is True
+    assert data["checks"]["database"]["name"] == database
+    assert data["checks"]["cache"]["ok"] is True
+    assert headers["Strict-Transport-Security"].startswith("max-age=31536000")
+
+
+def test_http_redirects_to_https(stack_up):
+    status, headers = http_get("eduaiia.com", "/courses/?x=1")
+    assert status == 301
+    assert headers["Location"] == "https://eduaiia.com/courses/?x=1"
+
+
+def test_unknown_host_gets_no_content(stack_up):
+    with pytest.raises((ConnectionError, OSError)):
+        http_get("evil.example", "/")
+
+
+def test_static_file_from_nginx_with_30_day_cache_and_gzip(stack_up):
+    status, headers, body = https_get(
+        "eduaiia.com", "/static/admin/css/base.css", extra_headers={"Accept-Encoding": "gzip"}
+    )
+    assert status == 200
+    assert headers["Content-Encoding"] == "gzip"
+    assert "max-age=2592000" in headers["Cache-Control"]
+    assert b"body" in gzip.decompress(body)
+    assert "gunicorn" not in headers.get("Server", "")
+
+
+def test_engine_limits_and_addresses_equal_the_stack(stack_up, stack):
+    client = docker.from_env(version="auto")
+    for item in stack.containers():
+        attrs = client.containers.get(item.container).attrs
+        host = attrs["HostConfig"]
+        assert host["Memory"] == item.memory.limit.bytes, item.container
+        assert host["MemoryReservation"] == item.memory.reservation.bytes, item.container
+        assert host["NanoCpus"] == round(item.cpu.limit * 1e9), item.container
+        net = attrs["NetworkSettings"]["Networks"][stack.network.name]
+        assert net["IPAMConfig"]["IPv4Address"] == str(item.address), item.container
+        assert attrs["State"]["Health"]["Status"] == "healthy", item.container
+    subnet = client.networks.get(stack.network.name).attrs["IPAM"]["Config"][0]["Subnet"]
+    assert subnet == "172.20.0.0/16"
+
+
+@pytest.mark.parametrize("port", [5432, 6432, 6379, 8000, 8001])
+def test_internal_ports_are_closed_on_the_host(stack_up, port):
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=3).close()
+
+
+def test_only_nginx_publishes_ports(stack_up, stack):
+    client = docker.from_env(version="auto")
+    for item in stack.containers():
+        ports = client.containers.get(item.container).attrs["HostConfig"]["PortBindings"] or {}
+        expected = {"80/tcp", "443/tcp"} if service_key(item) == "nginx" else set()
+        assert set(ports) == expected, item.container
+
+
+def test_staging_role_cannot_connect_to_the_prod_database(stack_up, stack, e2e_state):
+    secrets = load_secrets(e2e_state / "secrets", list(stack.environments))
+    pg = stack.services.postgresql
+
+    def connect(db: str, user: str, password: str) -> subprocess.CompletedProcess:
+        dsn = f"host={pg.address} port={pg.port} dbname={db} user={user} password={password}"
+        return subprocess.run(
+            ["docker", "exec", pg.container, "psql", dsn, "-tAc", "select current_user"],
+            capture_output=True,
+            text=True,
+        )
+
+    own = connect("aiia_staging", "aiia_staging", secrets.environments["staging"].db_password)
+    assert own.returncode == 0 and own.stdout.strip() == "aiia_staging", own.stderr
+    other = connect("aiia_prod", "aiia_staging", secrets.environments["staging"].db_password)
+    assert other.returncode != 0
+    assert "aiia_prod" in other.stderr
+
+
+def test_status_task_reports_memory_and_limits(stack_up):
+    from tests.conftest import run_invoke
+
+    proc = run_invoke("status", "--json", check=True)
+    rows = {r["service"]: r for r in json.loads(proc.stdout)}
+    assert set(rows) == {
+        "nginx",
+        "postgresql",
+        "pgbouncer",
+        "redis",
+        "django_prod",
+        "django_staging",
+    }
+    for row in rows.values():
+        assert row["state"] == "running" and row["health"] == "healthy"
+        assert 0 < row["memory_used"] < row["memory_limit"]
