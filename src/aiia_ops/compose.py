@@ -104,7 +104,7 @@ def compose_data(
     state = PurePosixPath(state_dir)
     app_tags = app_tags or {}
     net = stack.network.name
-    host = next(iter(stack.hosts.values()))
+    host = stack.local_host
     services: dict[str, dict] = {}
     secret_services = set(env_files_keys(stack))
 
@@ -127,7 +127,7 @@ def compose_data(
 
     nginx = stack.services.nginx
     services["nginx"] = base(nginx, tag) | {
-        "ports": [f"{host.publish_address}:{p}:{p}" for p in nginx.publish],
+        "ports": [f"{host.publish_address}:{host.published(p)}:{p}" for p in nginx.publish],
         # Non-root nginx binds 80/443 inside its own network namespace.
         "sysctls": {"net.ipv4.ip_unprivileged_port_start": 0},
     }

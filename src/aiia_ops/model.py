@@ -8,6 +8,7 @@ as a `StackError`; nothing runs on a stack that has one.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,6 +72,12 @@ class Host:
     ssh: str | None = None  # user@address[:port]; None = this machine's engine
     state_dir: str = "/var/lib/aiia"
     publish_address: ipaddress.IPv4Address = ipaddress.IPv4Address("0.0.0.0")
+    # Published port = container port + offset. 0 in production; a second stack on one
+    # machine (tests beside a running stack) publishes 80/443 elsewhere.
+    port_offset: int = 0
+
+    def published(self, port: int) -> int:
+        return port + self.port_offset
 
     @property
     def is_local(self) -> bool:
@@ -354,6 +361,11 @@ class Stack:
     monitoring: Monitoring
     source: str = ""
 
+    @property
+    def local_host(self) -> Host:
+        """The host this machine's engine serves (level 1: the only one)."""
+        return next(iter(self.hosts.values()))
+
     def environment(self, name: str) -> Environment:
         if name not in self.environments:
             known = ", ".join(self.environments)
@@ -408,7 +420,8 @@ def parse_yaml(text: str, source: str) -> dict:
 
 
 def load_stack(path: Path | str | None = None) -> Stack:
-    path = Path(path or DEFAULT_STACK)
+    """The stack file: `path`, else $AIIA_STACK, else deploy/stack.yml."""
+    path = Path(path or os.environ.get("AIIA_STACK") or DEFAULT_STACK)
     try:
         text = path.read_text()
     except OSError as exc:

@@ -155,8 +155,8 @@ def https_get(
         conn.close()
 
 
-def health_through_nginx(domain: str, address: str = "127.0.0.1") -> dict:
-    status, _, body = https_get(domain, "/health/", address)
+def health_through_nginx(domain: str, address: str = "127.0.0.1", port: int = 443) -> dict:
+    status, _, body = https_get(domain, "/health/", address, port)
     try:
         data = json.loads(body)
     except ValueError:

@@ -139,6 +139,12 @@ def _resources(stack: Stack, problems: Problems) -> None:
 
 def _references(stack: Stack, problems: Problems) -> None:
     for name, host in stack.hosts.items():
+        top = max(stack.services.nginx.publish, default=0) + host.port_offset
+        if host.port_offset < 0 or top > 65535:
+            problems.add(
+                f"hosts.{name}.port_offset",
+                f"{host.port_offset} puts published ports outside 1-65535",
+            )
         if host.ssh is not None and not _SSH.match(host.ssh):
             problems.add(f"hosts.{name}.ssh", f"{host.ssh!r} is not user@address[:port]")
         if not host.state_dir.startswith("/"):

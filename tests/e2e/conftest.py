@@ -25,18 +25,21 @@ def _docker(*args: str) -> subprocess.CompletedProcess:
 
 
 def _existing_stack() -> list[str]:
-    out = _docker("ps", "-aq", "--filter", "label=org.eduaiia.stack=aiia").stdout.split()
-    return out
+    label = f"label=org.eduaiia.stack={load_stack().project}"
+    return _docker("ps", "-aq", "--filter", label).stdout.split()
 
 
 def reset_stack() -> None:
+    """Remove the stack named by the stack file (AIIA_STACK): containers, volumes, network."""
+    stack = load_stack()
     ids = _existing_stack()
     if ids:
         _docker("rm", "-f", *ids)
-    vols = [v for v in _docker("volume", "ls", "-q").stdout.split() if v.startswith("aiia_")]
+    prefix = f"{stack.project}_"
+    vols = [v for v in _docker("volume", "ls", "-q").stdout.split() if v.startswith(prefix)]
     if vols:
         _docker("volume", "rm", "-f", *vols)
-    _docker("network", "rm", "aiia_network")
+    _docker("network", "rm", stack.network.name)
 
 
 @pytest.fixture(scope="session")

@@ -11,14 +11,16 @@ import docker
 import pytest
 
 from aiia_ops.compose import service_key
+from aiia_ops.model import load_stack
 from aiia_ops.secrets import load_secrets
-from aiia_ops.status import https_get
+from aiia_ops.status import https_get as _https_get
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
 
 def http_get(host: str, path: str) -> tuple[int, dict]:
-    with socket.create_connection(("127.0.0.1", 80), timeout=10) as sock:
+    port = load_stack().local_host.published(80)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
         raw = b""
         while chunk := sock.recv(65536):
@@ -26,6 +28,10 @@ def http_get(host: str, path: str) -> tuple[int, dict]:
     head = raw.split(b"\r\n\r\n", 1)[0].decode().split("\r\n")
     headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
     return int(head[0].split()[1]), headers
+
+
+def https_get(domain: str, path: str, **kw):
+    return _https_get(domain, path, port=load_stack().local_host.published(443), **kw)
 
 
 def test_setup_printed_the_urls_and_a_healthy_status_table(stack_up):

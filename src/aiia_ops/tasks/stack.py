@@ -279,7 +279,7 @@ def _wait_healthy_through_nginx(model: Stack, env, timeout: float = 60) -> dict:
     last: object = None
     while time.monotonic() < deadline:
         try:
-            data = health_through_nginx(env.domains[0])
+            data = health_through_nginx(env.domains[0], port=model.local_host.published(443))
             if data.get("http_status") == 200 and data.get("environment") == env.name:
                 return data
             last = data
