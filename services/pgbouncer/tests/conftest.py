@@ -1,0 +1,16 @@
+"""Fixtures: the data-services test kit lives in services/postgres/tests/."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[2] / "postgres" / "tests"))
+
+from datasvc_testkit import (  # noqa: F401
+    containers,
+    docker_engine,
+    net_secrets,
+    net_stack,
+    postgres_server,
+    rendered,
+    svc_network,
+)
