@@ -68,6 +68,8 @@ prepare_certificates() {
         [[ $cert == "$SSL_DIR"/* ]] || continue
         live=$(dirname "$cert")
         if [[ -s $live/fullchain.pem && -s $live/privkey.pem ]]; then
+            [[ -r $live/privkey.pem ]] ||
+                die "$live/privkey.pem is not readable by UID $(id -u): chown $(id -u) it (certbot makes it 0600 root)"
             continue
         fi
         if ((${#names[@]} == 0)); then

@@ -424,15 +424,20 @@ def test_status_page_shows_the_placeholder_until_published(nginx):
 def test_access_log_is_one_json_object_per_request(nginx):
     marker = f"/api/log-{uuid.uuid4().hex}"
     https(nginx, "eduaiia.com", marker, **{"User-Agent": 'quote " and \\ backslash'})
+    plain(nginx, "staging.eduaiia.com", marker)
     log = nginx.site / "logs/access.log"
     deadline = time.monotonic() + 3 * STACK.services.nginx.settings.access_log_flush.seconds
-    record = None
-    while record is None and time.monotonic() < deadline:
+    # Each worker has its own buffer: wait for both lines.
+    found: dict[str, dict] = {}
+    records: list[dict] = []
+    while len(found) < 2 and time.monotonic() < deadline:
         if log.exists():
             records = [json.loads(line) for line in log.read_text().splitlines()]
-            record = next((r for r in records if r["uri"] == marker), None)
+            found = {r["status"]: r for r in records if r["uri"] == marker}
         time.sleep(0.5)
-    assert record is not None, "the buffered access log was not flushed in time"
+    assert set(found) == {"200", "301"}, "the buffered access log was not flushed in time"
+    redirect, record = found["301"], found["200"]
+    assert (redirect["vhost"], redirect["ssl_protocol"]) == ("staging.eduaiia.com", "")
     assert record["vhost"] == "eduaiia.com"
     assert record["host"] == "eduaiia.com"
     assert record["status"] == "200"
@@ -482,3 +487,38 @@ def test_restart_keeps_the_placeholder_certificate(nginx):
     nginx.http_port = _published(nginx.name, 80)
     nginx.https_port = _published(nginx.name, 443)
     assert https(nginx, "eduaiia.com", "/").status == 200
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        ("config", "/etc/aiia/nginx.conf is missing: mount the rendered nginx directory"),
+        ("ssl", "must be writable by UID 10001"),
+        ("logs", "cannot write /var/log/nginx"),
+        ("privkey", "privkey.pem is not readable by UID 10001"),
+    ],
+)
+def test_entrypoint_says_what_to_fix_when_a_mount_is_wrong(image, site, tmp_path, broken, message):
+    name = f"aiia-nginx-test-{uuid.uuid4().hex[:10]}"
+    args = run_args(name, image, site)
+    run = args[args.index("-d") + 1 :]  # foreground, same mounts and limits
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    bad.chmod(0o755)  # root's, not writable by 10001
+    if broken == "config":
+        run = [a.replace(f"{site / 'config'}:", f"{bad}:") for a in run]
+    elif broken in ("ssl", "logs"):
+        run = [a.replace(f"{site / broken}:", f"{bad}:") for a in run]
+    else:
+        key = bad / "live/eduaiia.com/privkey.pem"
+        key.parent.mkdir(parents=True)
+        (key.parent / "fullchain.pem").write_text("certificate")
+        key.write_text("key")
+        key.chmod(0o600)
+        run = [a.replace(f"{site / 'ssl'}:", f"{bad}:") for a in run]
+    try:
+        result = docker("run", *run, check=False, timeout=60)
+    finally:
+        docker("rm", "-f", name, check=False)
+    assert result.returncode == 1
+    assert message in result.stderr
