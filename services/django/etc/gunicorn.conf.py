@@ -1,0 +1,29 @@
+"""Baked default gunicorn config, used only when no rendered config is mounted at
+/etc/aiia/gunicorn.conf.py (e.g. a bare `docker run`). Deployments use the file rendered
+from templates/gunicorn.conf.py.j2; these values mirror deploy/stack.yml's app.gunicorn,
+with PORT and GUNICORN_WORKERS from the environment.
+"""
+
+import gc
+import os
+
+bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
+workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
+threads = 2
+worker_class = "gthread"
+timeout = 30
+graceful_timeout = 30
+keepalive = 60
+max_requests = 1000
+max_requests_jitter = 100
+worker_tmp_dir = "/dev/shm"
+preload_app = workers > 1  # saves memory only with several workers (see README.md)
+accesslog = "-"
+errorlog = "-"
+loglevel = "info"
+access_log_format = '%({x-forwarded-for}i)s "%(r)s" %(s)s %(b)s %(M)sms'
+control_socket_disable = True
+
+
+def pre_fork(server, worker):
+    gc.freeze()  # keep the master's objects shared copy-on-write (see the template)
