@@ -43,3 +43,31 @@ def write_fixture_stack(fixture: Path, tmp_dir: Path) -> Path:
         data = patched_stack(spec.get("patch"), spec.get("remove", []))
         target.write_text(yaml.safe_dump(data, sort_keys=False))
     return target
+
+
+def isolated_stack(project: str, second_octet: int, port_offset: int) -> dict:
+    """The committed stack under other names: project, containers, network, subnet and
+    published ports, so it can run beside the real one. Limits and tunings are unchanged."""
+    data = yaml.safe_load(STACK.read_text())
+    text = yaml.safe_dump(data, sort_keys=False)
+    text = text.replace("172.20.", f"172.{second_octet}.").replace("aiia_", f"{project}_")
+    data = yaml.safe_load(text)
+    data["project"] = project
+    for host in data["hosts"].values():
+        host["port_offset"] = port_offset
+        host["publish_address"] = "127.0.0.1"
+    return data
+
+
+def write_isolated_stack(path: Path, project: str, second_octet: int, port_offset: int) -> Path:
+    """Write it (e.g. for `AIIA_STACK=path invoke setup`); prints nothing, returns the path."""
+    path.write_text(yaml.safe_dump(isolated_stack(project, second_octet, port_offset),
+                                   sort_keys=False))
+    return path
+
+
+if __name__ == "__main__":  # python -m tests.stackfiles OUT PROJECT OCTET OFFSET
+    import sys
+
+    out, project, octet, offset = sys.argv[1:5]
+    print(write_isolated_stack(Path(out), project, int(octet), int(offset)))
