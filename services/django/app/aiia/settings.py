@@ -225,8 +225,9 @@ SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_SSL_REDIRECT = env_bool("DJANGO_SSL_REDIRECT", not DEBUG)
 # The container healthcheck and deploy probes speak plain HTTP to the container.
 SECURE_REDIRECT_EXEMPT = [r"^health/$"]
-# nginx sends the HSTS header to browsers; Django's values match it (stack.yml
-# tls.hsts_max_age) so both layers agree and `check --deploy` is satisfied.
+# HSTS belongs to nginx (stack.yml tls.hsts_max_age; it hides the app's header with
+# proxy_hide_header). Django's own values only matter if something reaches the app
+# without nginx, and they keep `check --deploy` clean.
 SECURE_HSTS_SECONDS = env_int("DJANGO_HSTS_SECONDS", 0 if DEBUG else 31536000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = True
 SECURE_HSTS_PRELOAD = True

@@ -7,13 +7,22 @@ tests exercise the production behaviour; the test client talks to the app as ngi
 
 import os
 
-os.environ.setdefault("DJANGO_SECRET_KEY", "test-only-not-a-secret-" + "x" * 40)
-os.environ.setdefault("AIIA_ENV", "test")
-os.environ.setdefault("APP_VERSION", "test")
-os.environ.setdefault("DB_ENGINE", "sqlite")
-os.environ.setdefault("CACHE_BACKEND", "locmem")
-os.environ.setdefault("API_WRITE_TOKEN", "test-token")
-os.environ.setdefault("LOG_LEVEL", "CRITICAL")
+# Set, not defaulted: the suite must behave the same wherever it runs (host, CI, or inside
+# a container that carries production variables).
+os.environ.update(
+    DJANGO_SECRET_KEY="test-only-not-a-secret-" + "x" * 40,
+    DJANGO_DEBUG="0",
+    AIIA_ENV="test",
+    APP_VERSION="test",
+    DB_ENGINE="sqlite",
+    DB_NAME=":memory:",
+    CACHE_BACKEND="locmem",
+    API_WRITE_TOKEN="test-token",
+    ALLOWED_HOSTS="",
+    DJANGO_SSL_REDIRECT="1",
+    DJANGO_HSTS_SECONDS="31536000",
+    LOG_LEVEL="CRITICAL",
+)
 
 from .settings import *  # noqa: F403
 

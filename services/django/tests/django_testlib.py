@@ -1,0 +1,66 @@
+"""Helpers shared by the Django service tests: paths, rendering with the real renderer."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from unittest import mock
+
+from aiia_ops import DEFAULT_STACK, render
+from aiia_ops.model import Stack, load_stack
+from aiia_ops.secrets import EnvSecrets, Secrets
+
+SERVICE_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = SERVICE_DIR / "app"
+TEMPLATE = SERVICE_DIR / "templates" / "gunicorn.conf.py.j2"
+BAKED_CONFIG = SERVICE_DIR / "etc" / "gunicorn.conf.py"
+
+
+def stack() -> Stack:
+    return load_stack(DEFAULT_STACK)
+
+
+def fake_secrets(model: Stack) -> Secrets:
+    envs = {name: EnvSecrets(f"db-{name}", f"key-{name}") for name in model.environments}
+    return Secrets("pg-secret", "redis-secret", "bouncer-secret", envs)
+
+
+def render_gunicorn(model: Stack | None = None) -> dict[str, str]:
+    """{environment name: rendered gunicorn.conf.py}, by the project's own renderer."""
+    model = model or stack()
+    ours = tuple(t for t in render.TEMPLATES if t.service == "django")
+    with mock.patch.object(render, "TEMPLATES", ours):
+        files = render.render_stack(model, fake_secrets(model))
+    out = {}
+    for path, rendered in files.items():
+        match = re.fullmatch(r"app-(\w+)/gunicorn\.conf\.py", path)
+        assert match, f"unexpected rendered file {path}"
+        out[match.group(1)] = rendered.text
+    return out
+
+
+def load_config(text: str, env: dict[str, str] | None = None) -> dict:
+    """Execute a gunicorn config file as gunicorn does; its settings (no dunders/modules)."""
+    namespace: dict = {}
+    with mock.patch.dict("os.environ", env or {}):
+        exec(compile(text, "gunicorn.conf.py", "exec"), namespace)
+    return {
+        k: v
+        for k, v in namespace.items()
+        if not k.startswith("__") and not hasattr(v, "__spec__")  # drop imported modules
+    }
+
+
+def dockerfile_healthcheck() -> dict:
+    """The Dockerfile's HEALTHCHECK: {interval, timeout, retries, command}."""
+    text = (SERVICE_DIR / "Dockerfile").read_text().replace("\\\n", " ")
+    m = re.search(r"^HEALTHCHECK\s+(.*?)\s+CMD\s+(\[.*\])\s*$", text, re.M)
+    assert m, "the Dockerfile has no exec-form HEALTHCHECK ... CMD [...]"
+    opts = dict(re.findall(r"--([a-z-]+)=(\S+)", m.group(1)))
+    return {
+        "interval": opts.get("interval"),
+        "timeout": opts.get("timeout"),
+        "retries": int(opts.get("retries", 0)),
+        "command": json.loads(m.group(2)),
+    }
