@@ -13,6 +13,7 @@ import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import CommandFailed
 
@@ -75,9 +76,38 @@ class Runner:
     def _execute(self, argv, *, input, env, timeout, stream) -> Result:  # pragma: no cover
         raise NotImplementedError
 
+    # Files on the target host (state dir: rendered configs, locks, logs). Local runners use
+    # the filesystem; SSH runners use SFTP; the printing runner only says what it would write.
+    def write_file(
+        self, path: str, data: str | bytes, mode: int = 0o644, group: int | None = None
+    ) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def read_file(self, path: str) -> bytes | None:  # pragma: no cover
+        raise NotImplementedError
+
 
 class LocalRunner(Runner):
     """Runs on this machine."""
+
+    def write_file(self, path, data, mode=0o644, group=None) -> None:
+        """Atomic: written beside the target, then renamed over it."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        if group is not None and os.geteuid() == 0:
+            os.chown(tmp, 0, group)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+
+    def read_file(self, path) -> bytes | None:
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def _execute(self, argv, *, input, env, timeout, stream) -> Result:
         full_env = {**os.environ, **(env or {})}
@@ -100,12 +130,24 @@ class LocalRunner(Runner):
 
 
 class PrintingRunner(Runner):
-    """Dry run: prints each command (secrets redacted) and changes nothing."""
+    """Dry run: prints each command (secrets redacted) and changes nothing.
 
-    def __init__(self, out=None, **kw):
+    Reads go to `reader` (a real runner) when given, so a plan can still see the host."""
+
+    def __init__(self, out=None, reader: Runner | None = None, **kw):
         super().__init__(**kw)
         self.out = out or sys.stdout
         self.printed: list[str] = []
+        self.reader = reader
+
+    def write_file(self, path, data, mode=0o644, group=None) -> None:
+        size = len(data.encode() if isinstance(data, str) else data)
+        line = f"[{self.host}] write {path} ({size} bytes, mode {mode:o})"
+        self.printed.append(line)
+        print(line, file=self.out)
+
+    def read_file(self, path) -> bytes | None:
+        return self.reader.read_file(path) if self.reader else None
 
     def _execute(self, argv, *, input, env, timeout, stream) -> Result:
         line = self.scrub(f"[{self.host}] {quote(argv)}")
@@ -121,6 +163,13 @@ class RecordingRunner(Runner):
         super().__init__(**kw)
         self.answers = answers or {}
         self.commands: list[list[str]] = []
+        self.files: dict[str, bytes] = {}
+
+    def write_file(self, path, data, mode=0o644, group=None) -> None:
+        self.files[str(path)] = data.encode() if isinstance(data, str) else data
+
+    def read_file(self, path) -> bytes | None:
+        return self.files.get(str(path))
 
     def _execute(self, argv, *, input, env, timeout, stream) -> Result:
         self.commands.append(argv)
