@@ -150,7 +150,10 @@ def https_get(
     try:
         conn.request("GET", path, headers={"Host": host_header, **(extra_headers or {})})
         resp = conn.getresponse()
-        return resp.status, dict(resp.getheaders()), resp.read()
+        headers: dict[str, str] = {}
+        for name, value in resp.getheaders():  # repeated headers combine, as RFC 9110 says
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        return resp.status, headers, resp.read()
     finally:
         conn.close()
 
