@@ -106,6 +106,11 @@ def nginx_reload(stack: Stack) -> list[list[str]]:
     ]
 
 
+def pgbouncer_reload(stack: Stack) -> list[str]:
+    """SIGHUP: PgBouncer rereads its ini and auth file without dropping clients."""
+    return ["docker", "kill", "--signal", "HUP", stack.services.pgbouncer.container]
+
+
 def logs(stack: Stack, state_dir: str, service: str | None, tail: int, follow: bool) -> list[str]:
     args = ["logs", "--tail", str(tail), "--timestamps"]
     if follow:

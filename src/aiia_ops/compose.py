@@ -1,5 +1,8 @@
 """The compose file, built as data from the model (never templated text) and dumped as YAML.
 
+It holds the long-lived shared services (nginx, PostgreSQL, PgBouncer, Redis), the network
+and the volumes. The app containers are releases, started and replaced by `invoke deploy`.
+
 Memory limits and reservations are exact byte counts; CPU limits are `cpus`; a CPU
 reservation becomes `cpu_shares` (1024 x reservation), the weight the kernel uses when the
 CPUs are contended, because a plain engine has no hard CPU reservation.
@@ -93,16 +96,9 @@ def env_files(stack: Stack, secrets: Secrets) -> dict[str, dict[str, str]]:
     return out
 
 
-def compose_data(
-    stack: Stack,
-    state_dir: str,
-    tag: str,
-    app_tags: dict[str, str] | None = None,
-    version: str | None = None,
-) -> dict:
-    """The whole compose project. `tag` is the image tag of shared services; apps may differ."""
+def compose_data(stack: Stack, state_dir: str, tag: str) -> dict:
+    """The compose project of the shared services; `tag` is their image tag."""
     state = PurePosixPath(state_dir)
-    app_tags = app_tags or {}
     net = stack.network.name
     host = stack.local_host
     services: dict[str, dict] = {}
@@ -152,17 +148,8 @@ def compose_data(
     services["redis"] = base(redis, tag)
     services["redis"]["volumes"] += [_volume(n, p) for n, p in redis.volumes.items()]
 
-    for env in stack.environments.values():
-        key = service_key(env)
-        services[key] = base(env, app_tags.get(env.name, tag)) | {
-            "environment": app_environment(stack, env, version or app_tags.get(env.name, tag)),
-            "depends_on": {
-                "pgbouncer": {"condition": "service_healthy"},
-                "redis": {"condition": "service_healthy"},
-            },
-            "stop_grace_period": str(stack.deploy.drain_timeout),
-        }
-        services[key]["volumes"].append(_volume(env.storage_volume, env.volumes["storage"]))
+    # The app containers are not here: `invoke deploy` owns them (app.py), so a release can
+    # start beside the running one and take over without downtime.
 
     storage = [e.storage_volume for e in stack.environments.values()]
     volumes = [*pg.volumes, *redis.volumes, *storage]
@@ -181,6 +168,7 @@ def compose_data(
 
 
 def env_files_keys(stack: Stack) -> list[str]:
+    """Services whose secrets come from an env file (apps included: deploy uses theirs)."""
     return ["postgresql", "redis", *(service_key(e) for e in stack.environments.values())]
 
 

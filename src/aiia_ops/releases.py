@@ -37,21 +37,19 @@ def releases_file(state_dir: Path, env: str) -> Path:
     return Path(state_dir) / "releases" / f"{env}.jsonl"
 
 
-def record_release(state_dir: Path, env: str, **fields) -> dict:
-    entry = {"time": now_iso(), "env": env, "who": who(), **fields}
-    path = releases_file(state_dir, env)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
-    return entry
+def release_line(env: str, fields: dict) -> str:
+    return (
+        json.dumps({"time": now_iso(), "env": env, "who": who(), **fields}, sort_keys=True) + "\n"
+    )
 
 
-def read_releases(state_dir: Path, env: str) -> list[dict]:
-    path = releases_file(state_dir, env)
-    if not path.exists():
-        return []
+def audit_line(message: str) -> str:
+    return f"{now_iso()} {who()} {message}\n"
+
+
+def parse_releases(data: bytes) -> list[dict]:
     out = []
-    for line in path.read_text().splitlines():
+    for line in data.decode(errors="replace").splitlines():
         try:
             out.append(json.loads(line))
         except ValueError:
@@ -59,8 +57,22 @@ def read_releases(state_dir: Path, env: str) -> list[dict]:
     return out
 
 
+def record_release(state_dir: Path, env: str, **fields) -> dict:
+    path = releases_file(state_dir, env)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = release_line(env, fields)
+    with path.open("a") as f:
+        f.write(line)
+    return json.loads(line)
+
+
+def read_releases(state_dir: Path, env: str) -> list[dict]:
+    path = releases_file(state_dir, env)
+    return parse_releases(path.read_bytes()) if path.exists() else []
+
+
 def audit(state_dir: Path, message: str) -> None:
     path = Path(state_dir) / "audit.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(f"{now_iso()} {who()} {message}\n")
+        f.write(audit_line(message))

@@ -107,3 +107,47 @@ def write_rendered(files: dict[str, RenderedFile], out_dir: Path) -> list[Path]:
         os.replace(tmp, target)
         written.append(target)
     return written
+
+
+@dataclass(frozen=True)
+class HostFile:
+    """A file the stack needs on a host, with its mode (and group, for secret configs)."""
+
+    path: str
+    data: bytes
+    mode: int = 0o644
+    group: int | None = None
+
+
+def host_files(
+    stack: Stack,
+    secrets: Secrets,
+    state_root: str,
+    tag: str,
+    upstreams: dict[str, str] | None = None,
+) -> list[HostFile]:
+    """Everything rendered onto a host's state dir: configs, the compose file, env files."""
+    from .compose import compose_data, dump, env_files
+
+    root = state_root.rstrip("/")
+    out = []
+    for rel, f in sorted(render_stack(stack, secrets, upstreams=upstreams).items()):
+        if f.secret:
+            out.append(HostFile(f"{root}/config/{rel}", f.text.encode(), 0o640, SERVICE_UID))
+        else:
+            out.append(HostFile(f"{root}/config/{rel}", f.text.encode(), 0o644))
+    out.append(HostFile(f"{root}/compose.yml", dump(compose_data(stack, root, tag)).encode()))
+    for name, values in env_files(stack, secrets).items():
+        text = "".join(f"{k}={v}\n" for k, v in values.items())
+        out.append(HostFile(f"{root}/env/{name}.env", text.encode(), 0o600))
+    return out
+
+
+def sync_files(runner, files: list[HostFile]) -> list[str]:
+    """Write the files whose content differs on the host; return the paths that changed."""
+    changed = []
+    for f in files:
+        if runner.read_file(f.path) != f.data:
+            runner.write_file(f.path, f.data, mode=f.mode, group=f.group)
+            changed.append(f.path)
+    return changed

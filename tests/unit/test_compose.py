@@ -2,6 +2,7 @@
 
 import yaml
 
+from aiia_ops import app
 from aiia_ops import commands as cmd
 from aiia_ops.compose import compose_data, dump, env_files
 from aiia_ops.model import load_stack
@@ -16,10 +17,11 @@ SECRETS = Secrets(
 )
 
 
-def test_every_container_gets_the_stacks_limits_address_and_healthcheck():
+def test_every_shared_service_gets_the_stacks_limits_address_and_healthcheck():
     data = compose_data(STACK, "/var/lib/aiia", "abc123")
     by_name = {s["container_name"]: s for s in data["services"].values()}
-    for item in STACK.containers():
+    assert set(data["services"]) == {"nginx", "postgresql", "pgbouncer", "redis"}
+    for item in STACK.services.all():
         svc = by_name[item.container]
         assert svc["mem_limit"] == item.memory.limit.bytes
         assert svc["mem_reservation"] == item.memory.reservation.bytes
@@ -47,23 +49,47 @@ def test_command_healthchecks_match_the_document():
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
 
 
-def test_apps_reach_the_database_through_pgbouncer_and_their_own_redis_db():
-    services = compose_data(STACK, "/var/lib/aiia", "t")["services"]
-    prod, staging = (
-        services["django_prod"]["environment"],
-        services["django_staging"]["environment"],
+def test_app_releases_get_the_environments_limits_settings_and_address():
+    prod = app.run_release(
+        STACK,
+        STACK.environment("prod"),
+        "/var/lib/aiia",
+        "abc",
+        "172.20.0.13",
+        "aiia_django_prod-next",
     )
-    assert (prod["DB_HOST"], prod["DB_PORT"], prod["DB_NAME"], prod["REDIS_DB"]) == (
-        "172.20.0.5",
-        "6432",
-        "aiia_prod",
-        "0",
+    assert prod[:6] == ["docker", "run", "--detach", "--name", "aiia_django_prod-next", "--restart"]
+    assert prod[prod.index("--ip") + 1] == "172.20.0.13"
+    assert prod[prod.index("--memory") + 1] == str(120 * 1024**2)
+    assert prod[prod.index("--cpus") + 1] == "1"
+    assert prod[prod.index("--health-interval") + 1] == "30s"
+    assert prod[-1] == "aiia/django:abc"
+    settings = {
+        a.split("=", 1)[0]: a.split("=", 1)[1]
+        for a, flag in zip(prod[1:], prod, strict=False)
+        if flag == "--env"
+    }
+    assert (
+        settings["DB_HOST"],
+        settings["DB_PORT"],
+        settings["DB_NAME"],
+        settings["REDIS_DB"],
+    ) == ("172.20.0.5", "6432", "aiia_prod", "0")
+    staging = app.run_release(STACK, STACK.environment("staging"), "/s", "abc", "172.20.0.4", "x")
+    assert "REDIS_DB=1" in staging and "DB_USER=aiia_staging" in staging
+    assert staging[staging.index("--memory") + 1] == str(72 * 1024**2)
+    for value in SECRETS.values():
+        assert value not in " ".join(prod)
+
+
+def test_a_new_release_takes_the_slot_the_live_one_does_not_hold():
+    env = STACK.environment("prod")
+    live = app.Running("aiia_django_prod", True, "abc", "172.20.0.3", "healthy")
+    assert app.free_slot(env, live) == "172.20.0.13"
+    assert app.free_slot(env, live.__class__("x", True, "abc", "172.20.0.13", "healthy")) == (
+        "172.20.0.3"
     )
-    assert (staging["DB_NAME"], staging["DB_USER"], staging["REDIS_DB"]) == (
-        "aiia_staging",
-        "aiia_staging",
-        "1",
-    )
+    assert app.free_slot(env, None) == "172.20.0.3"
 
 
 def test_no_secret_in_the_compose_file_only_in_env_files():

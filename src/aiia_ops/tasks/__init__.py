@@ -17,3 +17,9 @@ from . import stack as _stack  # noqa: E402
 
 for _task in (_stack.build, _stack.up, _stack.down, _stack.status, _stack.logs, _stack.setup):
     namespace.add_task(_task)
+
+from . import deploy as _deploy  # noqa: E402
+
+for _task in (_deploy.deploy, _deploy.rollback, _deploy.migrate):
+    namespace.add_task(_task)
+namespace.add_collection(_deploy.lock)

@@ -8,19 +8,19 @@ import os
 import sys
 import time
 
-from invoke import Exit, task
+from invoke import task
 
 from .. import commands as cmd
 from ..budget import check_budget, has_errors
-from ..compose import compose_data, dump, env_files, service_key
+from ..compose import service_key
 from ..errors import OpsError
 from ..model import Stack, load_stack
 from ..output import paint, table
-from ..render import SERVICE_UID, render_stack, write_rendered
+from ..render import SERVICE_UID
 from ..runners import LocalRunner, Runner
-from ..secrets import Secrets, load_secrets, write_env_file
+from ..secrets import Secrets, load_secrets
 from ..state import StateDir, local_state_dir
-from ..status import STATUS_HEADERS, health_through_nginx, stack_status, status_table_rows
+from ..status import STATUS_HEADERS, stack_status, status_table_rows
 from .common import current_version, user_errors
 
 # Host folders under the state dir that containers write to, owned by the service user.
@@ -57,26 +57,16 @@ def prepare_state(state: StateDir) -> None:
             os.chown(path, SERVICE_UID, SERVICE_UID)
 
 
-def write_configs(
-    stack: Stack,
-    state: StateDir,
-    secrets: Secrets,
-    tag: str,
-    app_tags: dict[str, str] | None = None,
-) -> bool:
-    """Render configs, compose file and env files into the state dir. True if anything changed."""
-    before = _snapshot(state)
-    write_rendered(render_stack(stack, secrets), state.config)
-    state.compose_file.write_text(dump(compose_data(stack, str(state.root), tag, app_tags)))
-    for name, values in env_files(stack, secrets).items():
-        write_env_file(state.env_files / f"{name}.env", values)
-    return _snapshot(state) != before
+def write_configs(stack: Stack, state: StateDir, secrets: Secrets) -> bool:
+    """Render configs, the compose file and env files into the state dir, with nginx
+    pointing at the live releases. True if anything changed."""
+    from ..app import live_upstreams
+    from ..deploy import write_host_files
 
-
-def _snapshot(state: StateDir) -> dict[str, bytes]:
-    if not state.config.exists():
-        return {}
-    return {str(p): p.read_bytes() for p in sorted(state.config.rglob("*")) if p.is_file()}
+    runner = LocalRunner()
+    return bool(
+        write_host_files(runner, stack, secrets, str(state.root), live_upstreams(runner, stack))
+    )
 
 
 def _load(stack_path: str | None) -> tuple[Stack, StateDir]:
@@ -123,16 +113,18 @@ def build(c, service=None, stack=None):
 )
 @user_errors
 def up(c, env=None, stack=None):
-    """Start the stack (already built and set up) and wait until it is healthy."""
+    """Start the stack (already set up) and wait until it is healthy."""
     model, state = _load(stack)
     envs = [model.environment(env)] if env else list(model.environments.values())
     secrets = load_secrets(state.secrets, list(model.environments))
     prepare_state(state)
-    tag = current_version()
-    write_configs(model, state, secrets, tag)
-    services = [*cmd.shared_service_keys(model), *(service_key(e) for e in envs)]
-    with step(f"starting {', '.join(services)}"):
-        _runner(secrets).run(cmd.up(model, str(state.root), services), stream=True)
+    write_configs(model, state, secrets)
+    runner = _runner(secrets)
+    with step("starting nginx, PostgreSQL, PgBouncer and Redis"):
+        runner.run(cmd.up(model, str(state.root), cmd.shared_service_keys(model)), stream=True)
+    for e in envs:  # the app releases belong to deploy: start the ones that exist
+        if not runner.run(["docker", "start", e.container], check=False).ok:
+            print(f"   {e.name}: no release yet; run invoke setup --env={e.name}")
     _print_status(model)
 
 
@@ -156,7 +148,10 @@ def down(c, volumes=False, yes=False, stack=None):
             f"Back up first (invoke backup). Type '{model.project}' to go on: ",
             model.project,
         )
-    _runner().run(cmd.down(model, str(state.root), volumes), stream=True)
+    runner = _runner()
+    for e in model.environments.values():  # the releases, then the shared services
+        runner.run(["docker", "rm", "--force", e.container, f"{e.container}-next"], check=False)
+    runner.run(cmd.down(model, str(state.root), volumes), stream=True)
 
 
 def _confirm(prompt: str, expected: str) -> None:
@@ -232,34 +227,34 @@ def setup(c, env="prod", skip_build=False, stack=None):
         provision_task.provision(c)
     if not skip_build:
         build(c, stack=stack)
-    tag = current_version()
     with step("secrets and rendered configs"):
         secrets = load_secrets(state.secrets, list(model.environments))
         prepare_state(state)
-        changed = write_configs(model, state, secrets, tag)
+        changed = write_configs(model, state, secrets)
     runner = _runner(secrets)
     root = str(state.root)
-    with step("starting PostgreSQL, PgBouncer and Redis"):
-        runner.run(cmd.up(model, root, ["postgresql", "pgbouncer", "redis"]), stream=True)
+    with step("starting nginx, PostgreSQL, PgBouncer and Redis"):
+        was_running = _running(model.services.nginx.container)
+        runner.run(cmd.up(model, root, cmd.shared_service_keys(model)), stream=True)
+        if was_running and changed:
+            for argv in cmd.nginx_reload(model):
+                runner.run(argv)
     with step(f"database and role for {target.name} ({target.database})"):
         runner.run(
             cmd.ensure_database(model, target),
             input=secrets.environments[target.name].db_password + "\n",
         )
-    with step(f"migrations for {target.name} (straight to PostgreSQL)"):
-        runner.run(cmd.one_off_app(model, target, root, tag, ["migrate", "--noinput"]), stream=True)
-    with step(f"collectstatic for {target.name}"):
-        runner.run(
-            cmd.one_off_app(model, target, root, tag, ["collectstatic", "--noinput"]), stream=True
+    from ..deploy import Deploy, Steps
+
+    release = Deploy(model, target, root, runner, secrets, steps=Steps())
+    live = release.live()
+    if live and live.running:
+        print(
+            f"-> {target.name} already runs {live.release}; to change it: "
+            f"invoke deploy --env={target.name}"
         )
-    with step(f"starting the {target.name} app and nginx"):
-        was_running = _running(model.services.nginx.container)
-        runner.run(cmd.up(model, root, [service_key(target), "nginx"]), stream=True)
-        if was_running and changed:
-            for argv in cmd.nginx_reload(model):
-                runner.run(argv)
-    with step(f"health of {target.name} through nginx"):
-        _wait_healthy_through_nginx(model, target)
+    else:  # the first release goes out like every other: invoke deploy's procedure
+        release.deploy(None)
     print(f"\n{target.name} is up in {time.monotonic() - started:.0f}s:")
     for domain in target.domains:
         print(f"  https://{domain}/")
@@ -272,23 +267,3 @@ def _running(container: str) -> bool:
         ["docker", "inspect", "--format", "{{.State.Running}}", container], check=False
     )
     return result.ok and result.stdout.strip() == "true"
-
-
-def _wait_healthy_through_nginx(model: Stack, env, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while time.monotonic() < deadline:
-        try:
-            data = health_through_nginx(env.domains[0], port=model.local_host.published(443))
-            if data.get("http_status") == 200 and data.get("environment") == env.name:
-                return data
-            last = data
-        except OSError as exc:
-            last = exc
-        time.sleep(1)
-    raise Exit(
-        f"error: https://{env.domains[0]}/health/ did not answer 200 for {env.name} "
-        f"within {timeout:.0f}s; last answer: {last}\n"
-        f"see: invoke logs --service {service_key(env)}",
-        code=1,
-    )
