@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
+import subprocess
+import uuid
 from pathlib import Path
 from unittest import mock
+
+import pytest
 
 from aiia_ops import DEFAULT_STACK, render
 from aiia_ops.model import Stack, load_stack
@@ -15,6 +21,8 @@ SERVICE_DIR = Path(__file__).resolve().parents[1]
 APP_DIR = SERVICE_DIR / "app"
 TEMPLATE = SERVICE_DIR / "templates" / "gunicorn.conf.py.j2"
 BAKED_CONFIG = SERVICE_DIR / "etc" / "gunicorn.conf.py"
+BUILT_TAG = "aiia/django:test"
+BUILD_VERSION = f"pytest-{uuid.uuid4().hex[:8]}"
 
 
 def stack() -> Stack:
@@ -64,3 +72,53 @@ def dockerfile_healthcheck() -> dict:
         "retries": int(opts.get("retries", 0)),
         "command": json.loads(m.group(2)),
     }
+
+
+# --- docker -------------------------------------------------------------------------------
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        cmd = " ".join(args)
+        pytest.fail(f"docker {cmd} -> exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@functools.cache
+def _image() -> str:
+    ref = os.environ.get("AIIA_DJANGO_IMAGE")
+    if not ref and os.environ.get("AIIA_TEST_IMAGE_TAG"):
+        ref = f"aiia/django:{os.environ['AIIA_TEST_IMAGE_TAG']}"
+    if ref:
+        docker("image", "inspect", ref)
+        return ref
+    if docker("image", "inspect", "aiia/base:trixie", check=False).returncode != 0:
+        pytest.fail("the base image aiia/base:trixie is missing: run `invoke provision`")
+    wheels = subprocess.run(
+        [str(SERVICE_DIR / "build-wheelhouse")], capture_output=True, text=True, timeout=600
+    )
+    assert wheels.returncode == 0, wheels.stdout + wheels.stderr
+    docker(
+        "build", "-q", "-t", BUILT_TAG, "--build-arg", f"APP_VERSION={BUILD_VERSION}",
+        str(SERVICE_DIR), timeout=900,
+    )  # fmt: skip
+    return BUILT_TAG
+
+
+def django_image() -> str:
+    """The image under test, built once per session (after ./build-wheelhouse) as
+    aiia/django:test, or ready-made: AIIA_DJANGO_IMAGE names a full reference,
+    AIIA_TEST_IMAGE_TAG a tag of aiia/django (CI builds them with the stack's tags)."""
+    try:
+        engine = docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=30)
+    except FileNotFoundError:
+        pytest.skip("no docker client")
+    if engine.returncode != 0:
+        pytest.skip(f"no Docker engine: {engine.stderr.strip()}")
+    return _image()
+
+
+def image_env(image: str) -> dict[str, str]:
+    items = json.loads(docker("inspect", "-f", "{{json .Config.Env}}", image).stdout)
+    return dict(item.split("=", 1) for item in items)

@@ -1,8 +1,7 @@
 """The aiia/django image: production settings, user, gunicorn on the rendered config, health.
 
-The image is built once per module (./build-wheelhouse first; cached layers make a rebuild
-quick) as aiia/django:test, or taken ready-made: AIIA_DJANGO_IMAGE names a full reference,
-AIIA_TEST_IMAGE_TAG a tag of aiia/django (CI builds them with the stack's tags).
+The image: see django_testlib.django_image() (built once, or AIIA_DJANGO_IMAGE /
+AIIA_TEST_IMAGE_TAG for a ready-made one).
 
 Every container runs with `--network none`: no PostgreSQL or Redis is reachable, so the
 app must answer /health/ with a well-formed 503. HTTP is spoken from inside the container
@@ -12,7 +11,6 @@ app must answer /health/ with a well-formed 503. HTTP is spoken from inside the 
 from __future__ import annotations
 
 import json
-import os
 import re
 import secrets
 import subprocess
@@ -21,55 +19,26 @@ import uuid
 from pathlib import Path
 
 import pytest
-from django_testlib import SERVICE_DIR, render_gunicorn, stack
+from django_testlib import (
+    BUILD_VERSION,
+    BUILT_TAG,
+    django_image,
+    docker,
+    image_env,
+    render_gunicorn,
+    stack,
+)
 
 pytestmark = pytest.mark.docker
 
 MODEL = stack()
 UID = "10001"
-BUILD_VERSION = f"pytest-{uuid.uuid4().hex[:8]}"
 SECRET_KEY = secrets.token_urlsafe(50)  # throwaway, never leaves this test run
-
-
-def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        cmd = " ".join(args)
-        pytest.fail(f"docker {cmd} -> exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")
 def image() -> str:
-    try:
-        engine = docker("info", "--format", "{{.ServerVersion}}", check=False, timeout=30)
-    except FileNotFoundError:
-        pytest.skip("no docker client")
-    if engine.returncode != 0:
-        pytest.skip(f"no Docker engine: {engine.stderr.strip()}")
-    ref = os.environ.get("AIIA_DJANGO_IMAGE")
-    if not ref and os.environ.get("AIIA_TEST_IMAGE_TAG"):
-        ref = f"aiia/django:{os.environ['AIIA_TEST_IMAGE_TAG']}"
-    if ref:
-        docker("image", "inspect", ref)
-        return ref
-    if docker("image", "inspect", "aiia/base:trixie", check=False).returncode != 0:
-        pytest.fail("the base image aiia/base:trixie is missing: run `invoke provision`")
-    wheels = subprocess.run(
-        [str(SERVICE_DIR / "build-wheelhouse")], capture_output=True, text=True, timeout=600
-    )
-    assert wheels.returncode == 0, wheels.stdout + wheels.stderr
-    ref = "aiia/django:test"
-    docker(
-        "build", "-q", "-t", ref, "--build-arg", f"APP_VERSION={BUILD_VERSION}",
-        str(SERVICE_DIR), timeout=900,
-    )  # fmt: skip
-    return ref
-
-
-def image_env(image: str) -> dict[str, str]:
-    items = json.loads(docker("inspect", "-f", "{{json .Config.Env}}", image).stdout)
-    return dict(item.split("=", 1) for item in items)
+    return django_image()
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +137,7 @@ class Container:
 
 
 @pytest.fixture
-def containers():
+def app_containers():
     started: list[Container] = []
 
     def start(image: str, env_name: str = "prod", config_dir: Path | None = None) -> Container:
@@ -193,7 +162,7 @@ def test_image_metadata(image):
     assert (hc["Interval"], hc["Timeout"], hc["Retries"]) == (30 * 10**9, 10 * 10**9, 3)
     env = image_env(image)
     assert env["APP_VERSION"]
-    if image == "aiia/django:test":
+    if image == BUILT_TAG:
         assert env["APP_VERSION"] == BUILD_VERSION
 
 
@@ -233,8 +202,8 @@ def test_gunicorn_check_config_with_the_rendered_config(image, config_dirs, name
 
 
 @pytest.mark.parametrize("name", sorted(MODEL.environments))
-def test_serves_health_503_without_database_and_cache(image, config_dirs, containers, name):
-    c = containers(image, name, config_dirs[name])
+def test_serves_health_503_without_database_and_cache(image, config_dirs, app_containers, name):
+    c = app_containers(image, name, config_dirs[name])
     result = c.wait_answering()
     assert result.returncode == 1, "503 must make the HEALTHCHECK fail"
     status, _, body = result.stdout.partition(" ")
@@ -257,15 +226,15 @@ def test_serves_health_503_without_database_and_cache(image, config_dirs, contai
     assert re.search(r'"GET /health/ HTTP/1.1" 503 \d+ \d+ms', logs), logs
 
 
-def test_without_a_rendered_config_the_baked_default_serves(image, containers):
-    c = containers(image, "prod", None)
+def test_without_a_rendered_config_the_baked_default_serves(image, app_containers):
+    c = app_containers(image, "prod", None)
     assert c.wait_answering().stdout.startswith("503 ")
     assert "using the baked default /app/etc/gunicorn.conf.py" in c.logs()
 
 
 @pytest.mark.parametrize("name", sorted(MODEL.environments))
-def test_fits_its_memory_limit_after_traffic(image, config_dirs, containers, name):
-    c = containers(image, name, config_dirs[name])
+def test_fits_its_memory_limit_after_traffic(image, config_dirs, app_containers, name):
+    c = app_containers(image, name, config_dirs[name])
     c.wait_answering()
     traffic = (
         "import urllib.request, urllib.error\n"
