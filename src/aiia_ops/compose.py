@@ -96,8 +96,8 @@ def env_files(stack: Stack, secrets: Secrets) -> dict[str, dict[str, str]]:
     return out
 
 
-def compose_data(stack: Stack, state_dir: str, tag: str) -> dict:
-    """The compose project of the shared services; `tag` is their image tag."""
+def compose_data(stack: Stack, state_dir: str, tags: dict[str, str]) -> dict:
+    """The compose project of the shared services; `tags`: service name -> image tag."""
     state = PurePosixPath(state_dir)
     net = stack.network.name
     host = stack.local_host
@@ -122,7 +122,7 @@ def compose_data(stack: Stack, state_dir: str, tag: str) -> dict:
         return out
 
     nginx = stack.services.nginx
-    services["nginx"] = base(nginx, tag) | {
+    services["nginx"] = base(nginx, tags.get("nginx", "latest")) | {
         "ports": [f"{host.publish_address}:{host.published(p)}:{p}" for p in nginx.publish],
         # Non-root nginx binds 80/443 inside its own network namespace.
         "sysctls": {"net.ipv4.ip_unprivileged_port_start": 0},
@@ -136,16 +136,18 @@ def compose_data(stack: Stack, state_dir: str, tag: str) -> dict:
     nginx_volumes.append(_bind(state / "status", NGINX_STATUS_DIR, True))
 
     pg = stack.services.postgresql
-    services["postgresql"] = base(pg, tag) | {"stop_grace_period": "60s"}
+    services["postgresql"] = base(pg, tags.get("postgresql", "latest")) | {
+        "stop_grace_period": "60s"
+    }
     services["postgresql"]["volumes"] += [_volume(n, p) for n, p in pg.volumes.items()]
 
     bouncer = stack.services.pgbouncer
-    services["pgbouncer"] = base(bouncer, tag) | {
+    services["pgbouncer"] = base(bouncer, tags.get("pgbouncer", "latest")) | {
         "depends_on": {"postgresql": {"condition": "service_healthy"}},
     }
 
     redis = stack.services.redis
-    services["redis"] = base(redis, tag)
+    services["redis"] = base(redis, tags.get("redis", "latest"))
     services["redis"]["volumes"] += [_volume(n, p) for n, p in redis.volumes.items()]
 
     # The app containers are not here: `invoke deploy` owns them (app.py), so a release can

@@ -397,9 +397,9 @@ class Deploy:
 def write_host_files(
     runner: Runner, stack: Stack, secrets: Secrets, state_dir: str, upstreams: dict[str, str]
 ) -> list[str]:
-    from .tasks.common import current_version
+    from .versions import shared_image_tags
 
-    files = host_files(stack, secrets, state_dir, current_version(), upstreams)
+    files = host_files(stack, secrets, state_dir, shared_image_tags(stack), upstreams)
     return sync_files(runner, files)
 
 

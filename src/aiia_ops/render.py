@@ -123,7 +123,7 @@ def host_files(
     stack: Stack,
     secrets: Secrets,
     state_root: str,
-    tag: str,
+    tags: dict[str, str],
     upstreams: dict[str, str] | None = None,
 ) -> list[HostFile]:
     """Everything rendered onto a host's state dir: configs, the compose file, env files."""
@@ -136,7 +136,7 @@ def host_files(
             out.append(HostFile(f"{root}/config/{rel}", f.text.encode(), 0o640, SERVICE_UID))
         else:
             out.append(HostFile(f"{root}/config/{rel}", f.text.encode(), 0o644))
-    out.append(HostFile(f"{root}/compose.yml", dump(compose_data(stack, root, tag)).encode()))
+    out.append(HostFile(f"{root}/compose.yml", dump(compose_data(stack, root, tags)).encode()))
     for name, values in env_files(stack, secrets).items():
         text = "".join(f"{k}={v}\n" for k, v in values.items())
         out.append(HostFile(f"{root}/env/{name}.env", text.encode(), 0o600))

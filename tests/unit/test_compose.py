@@ -9,6 +9,7 @@ from aiia_ops.model import load_stack
 from aiia_ops.secrets import EnvSecrets, Secrets
 
 STACK = load_stack()
+TAGS = {"nginx": "n1", "postgresql": "p1", "pgbouncer": "b1", "redis": "r1"}
 SECRETS = Secrets(
     "pg-secret-1",
     "redis-secret-2",
@@ -18,7 +19,7 @@ SECRETS = Secrets(
 
 
 def test_every_shared_service_gets_the_stacks_limits_address_and_healthcheck():
-    data = compose_data(STACK, "/var/lib/aiia", "abc123")
+    data = compose_data(STACK, "/var/lib/aiia", TAGS)
     by_name = {s["container_name"]: s for s in data["services"].values()}
     assert set(data["services"]) == {"nginx", "postgresql", "pgbouncer", "redis"}
     for item in STACK.services.all():
@@ -33,13 +34,13 @@ def test_every_shared_service_gets_the_stacks_limits_address_and_healthcheck():
 
 
 def test_only_nginx_publishes_ports():
-    data = compose_data(STACK, "/var/lib/aiia", "abc123")
+    data = compose_data(STACK, "/var/lib/aiia", TAGS)
     published = {k: s["ports"] for k, s in data["services"].items() if "ports" in s}
     assert published == {"nginx": ["0.0.0.0:80:80", "0.0.0.0:443:443"]}
 
 
 def test_command_healthchecks_match_the_document():
-    services = compose_data(STACK, "/var/lib/aiia", "t")["services"]
+    services = compose_data(STACK, "/var/lib/aiia", TAGS)["services"]
     assert services["postgresql"]["healthcheck"] == {
         "interval": "10s",
         "timeout": "5s",
@@ -93,7 +94,7 @@ def test_a_new_release_takes_the_slot_the_live_one_does_not_hold():
 
 
 def test_no_secret_in_the_compose_file_only_in_env_files():
-    text = dump(compose_data(STACK, "/var/lib/aiia", "t"))
+    text = dump(compose_data(STACK, "/var/lib/aiia", TAGS))
     for value in SECRETS.values():
         assert value not in text
     files = env_files(STACK, SECRETS)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import functools
-import subprocess
 
 from invoke import Exit
 
-from .. import REPO_ROOT
 from ..errors import OpsError
+from ..versions import head_version
 
 
 def user_errors(fn):
@@ -26,12 +25,4 @@ def user_errors(fn):
 
 def current_version() -> str:
     """The git commit of this checkout (short), with -dirty when there are local changes."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(REPO_ROOT), *args], capture_output=True, text=True
-        ).stdout.strip()
-
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return f"{commit}-dirty" if dirty else commit
+    return head_version()

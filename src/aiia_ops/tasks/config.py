@@ -14,7 +14,8 @@ from ..render import render_stack, write_rendered
 from ..secrets import load_secrets, write_env_file
 from ..state import local_state_dir
 from ..units import Size
-from .common import current_version, user_errors
+from ..versions import shared_image_tags
+from .common import user_errors
 
 
 @task(help={"stack": "stack file to check (default: deploy/stack.yml)"})
@@ -52,7 +53,7 @@ def render(c, env=None, out=None, stack=None):
     written = write_rendered(files, target)
     compose_path = (target / "compose.yml") if out else state.compose_file
     compose_path.parent.mkdir(parents=True, exist_ok=True)
-    compose_path.write_text(dump(compose_data(model, str(state.root), current_version())))
+    compose_path.write_text(dump(compose_data(model, str(state.root), shared_image_tags(model))))
     for name, values in env_files(model, secrets).items():
         write_env_file(state.env_files / f"{name}.env", values)
     for path in [*written, compose_path]:

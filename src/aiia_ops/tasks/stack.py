@@ -21,7 +21,8 @@ from ..runners import LocalRunner, Runner
 from ..secrets import Secrets, load_secrets
 from ..state import StateDir, local_state_dir
 from ..status import STATUS_HEADERS, stack_status, status_table_rows
-from .common import current_version, user_errors
+from ..versions import image_tag
+from .common import user_errors
 
 # Host folders under the state dir that containers write to, owned by the service user.
 WRITABLE_DIRS = ("logs/nginx", "ssl", "acme", "status")
@@ -96,13 +97,13 @@ def build(c, service=None, stack=None):
         if service not in folders:
             raise OpsError(f"unknown service {service!r}; expected one of: {', '.join(folders)}")
         folders = [service]
-    version = current_version()
     runner = _runner()
     for folder in folders:
-        with step(f"building {cmd.image_of_folder(model, folder)}:{version}"):
+        tag = image_tag(folder)
+        with step(f"building {cmd.image_of_folder(model, folder)}:{tag}"):
             if folder == "django":
                 runner.run(cmd.prepare_wheelhouse(), stream=True)
-            runner.run(cmd.build_image(model, folder, version, version), stream=True)
+            runner.run(cmd.build_image(model, folder, tag, tag), stream=True)
 
 
 @task(
