@@ -14,8 +14,12 @@ import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import CommandFailed
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .model import Host
 
 Argv = Sequence[str]
 
@@ -76,6 +80,25 @@ class Runner:
     def _execute(self, argv, *, input, env, timeout, stream) -> Result:  # pragma: no cover
         raise NotImplementedError
 
+    def pipe_from_local(
+        self, local_argv: Argv, remote_argv: Argv, *, check: bool = True, timeout=None
+    ) -> Result:
+        """`local_argv` on this machine piped into `remote_argv` on the target host, streamed
+        (`docker save IMAGE` | `docker load` ships an image without a registry)."""
+        local, remote = list(map(str, local_argv)), list(map(str, remote_argv))
+        result = self._pipe(local, remote, timeout=timeout)
+        if check and not result.ok:
+            raise CommandFailed(
+                self.scrub(f"{quote(local)} | [{self.host}] {quote(remote)}"),
+                result.code,
+                self.scrub(result.stdout),
+                self.scrub(result.stderr),
+            )
+        return result
+
+    def _pipe(self, local, remote, *, timeout) -> Result:  # pragma: no cover
+        raise NotImplementedError
+
     # Files on the target host (state dir: rendered configs, locks, logs). Local runners use
     # the filesystem; SSH runners use SFTP; the printing runner only says what it would write.
     def write_file(
@@ -128,6 +151,33 @@ class LocalRunner(Runner):
         decode = lambda b: (b or b"").decode(errors="replace")  # noqa: E731
         return Result(argv, proc.returncode, decode(proc.stdout), decode(proc.stderr))
 
+    def _pipe(self, local, remote, *, timeout) -> Result:
+        """Both ends here: an OS pipe between two processes."""
+        argv = [*local, "|", *remote]
+        try:
+            first = subprocess.Popen(local, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except FileNotFoundError:
+            return Result(argv, 127, "", f"{local[0]}: command not found")
+        try:
+            second = subprocess.Popen(
+                remote, stdin=first.stdout, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except FileNotFoundError:
+            first.kill()
+            first.communicate()
+            return Result(argv, 127, "", f"{remote[0]}: command not found")
+        first.stdout.close()  # the second process owns the read end now
+        try:
+            out, err2 = second.communicate(timeout=timeout)
+            _, err1 = first.communicate(timeout=5 if timeout else None)
+        except subprocess.TimeoutExpired:
+            for proc in (first, second):
+                proc.kill()
+                proc.communicate()
+            return Result(argv, 124, "", f"timed out after {timeout}s")
+        stderr = "\n".join(e.decode(errors="replace") for e in (err1, err2) if e.strip())
+        return Result(argv, first.returncode or second.returncode, out.decode(), stderr)
+
 
 class PrintingRunner(Runner):
     """Dry run: prints each command (secrets redacted) and changes nothing.
@@ -155,6 +205,12 @@ class PrintingRunner(Runner):
         print(line, file=self.out)
         return Result(argv)
 
+    def _pipe(self, local, remote, *, timeout) -> Result:
+        line = self.scrub(f"[{self.host}] {quote(local)} | {quote(remote)}")
+        self.printed.append(line)
+        print(line, file=self.out)
+        return Result([*local, "|", *remote])
+
 
 class RecordingRunner(Runner):
     """For tests: records commands and answers from a table of canned results."""
@@ -178,6 +234,22 @@ class RecordingRunner(Runner):
                 return answer if isinstance(answer, Result) else Result(argv, 0, answer)
         return Result(argv)
 
+    def _pipe(self, local, remote, *, timeout) -> Result:
+        return self._execute(
+            [*local, "|", *remote], input=None, env=None, timeout=None, stream=False
+        )
+
 
 def run_all(runner: Runner, commands: Iterable[Argv]) -> list[Result]:
     return [runner.run(c) for c in commands]
+
+
+def runner_for(host: Host, host_name: str, **ssh_options) -> Runner:
+    """`LocalRunner` for `ssh: null`, else an `SSHRunner` (paramiko is imported only then).
+
+    `ssh_options`: key_filename, known_hosts, accept_new_host_key, connect_timeout."""
+    if host.ssh is None:
+        return LocalRunner(host=host_name)
+    from .ssh import SSHRunner
+
+    return SSHRunner(host.ssh, host=host_name, **ssh_options)
