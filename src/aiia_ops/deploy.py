@@ -322,7 +322,22 @@ class Deploy:
         ssh = getattr(self.runner, "address", None)
         return ssh or "127.0.0.1"
 
+    def wait_nginx_drained(self) -> None:
+        """After a reload, old nginx workers finish their requests (some still bound for
+        the previous release) before exiting: stop that release only once they are gone."""
+        deadline = time.monotonic() + self.stack.deploy.drain_timeout.seconds
+        name = self.stack.services.nginx.container
+        while time.monotonic() < deadline:
+            top = self.runner.run(["docker", "top", name, "-eo", "pid,args"], check=False)
+            if top.ok and "shutting down" not in top.stdout:
+                return
+            time.sleep(0.2)
+        self.steps.out(
+            paint("   nginx workers still draining; stopping the old release", "warning")
+        )
+
     def retire(self, live: apps.Running | None, new_name: str) -> None:
+        self.wait_nginx_drained()
         if live:
             # nginx's old workers finish their requests; gunicorn gets SIGTERM and drains.
             self.runner.run(
