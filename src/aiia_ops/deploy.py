@@ -296,6 +296,7 @@ class Deploy:
         upstreams = apps.live_upstreams(self._reader(), self.stack)
         upstreams[self.env.name] = upstream
         changed = write_host_files(self.runner, self.stack, self.secrets, self.state_dir, upstreams)
+        self._old_workers = self.nginx_workers()
         for argv in cmd.nginx_reload(self.stack):
             self.runner.run(argv)
         if any("/config/pgbouncer/" in path for path in changed):
@@ -322,19 +323,23 @@ class Deploy:
         ssh = getattr(self.runner, "address", None)
         return ssh or "127.0.0.1"
 
+    def nginx_workers(self) -> set[str]:
+        top = self.runner.run(
+            ["docker", "top", self.stack.services.nginx.container, "-eo", "pid,args"], check=False
+        )
+        return {line.split()[0] for line in top.stdout.splitlines()[1:] if "worker process" in line}
+
     def wait_nginx_drained(self) -> None:
-        """After a reload, old nginx workers finish their requests (some still bound for
+        """After a reload, nginx's old workers finish their requests (some still bound for
         the previous release) before exiting: stop that release only once they are gone."""
+        old = getattr(self, "_old_workers", set())
         deadline = time.monotonic() + self.stack.deploy.drain_timeout.seconds
-        name = self.stack.services.nginx.container
-        while time.monotonic() < deadline:
-            top = self.runner.run(["docker", "top", name, "-eo", "pid,args"], check=False)
-            if top.ok and "shutting down" not in top.stdout:
+        while old and time.monotonic() < deadline:
+            if not old & self.nginx_workers():
                 return
             time.sleep(0.2)
-        self.steps.out(
-            paint("   nginx workers still draining; stopping the old release", "warning")
-        )
+        if old and old & self.nginx_workers():
+            self.steps.out(paint("   nginx workers still draining; stopping anyway", "warning"))
 
     def retire(self, live: apps.Running | None, new_name: str) -> None:
         self.wait_nginx_drained()
