@@ -23,3 +23,7 @@ from . import deploy as _deploy  # noqa: E402
 for _task in (_deploy.deploy, _deploy.rollback, _deploy.migrate):
     namespace.add_task(_task)
 namespace.add_collection(_deploy.lock)
+
+from . import backup as _backup  # noqa: E402
+
+namespace.add_collection(_backup.namespace)
