@@ -189,6 +189,7 @@ class Deploy:
         new_name = apps.next_name(env)
         switched = False
         try:
+            self.clear_leftover()
             if action == "deploy":
                 if self.take_backup:
                     run(f"pre-deploy backup of {env.database}", self.take_backup)
@@ -246,10 +247,14 @@ class Deploy:
             )
             if state.stdout.strip() != "true":
                 raise OpsError(f"{name} is not running; start the stack first: invoke up")
-        leftover = apps.inspect_release(reader, self.stack, apps.next_name(self.env))
-        if leftover:  # an aborted deploy's container: never the live one
-            self.runner.run(["docker", "rm", "--force", leftover.name])
         return self.live()
+
+    def clear_leftover(self) -> None:
+        """A <name>-next container left by a deploy that died (we hold the lock now, so no
+        running deploy owns it). Never the live release."""
+        leftover = apps.inspect_release(self._reader(), self.stack, apps.next_name(self.env))
+        if leftover:
+            self.runner.run(["docker", "rm", "--force", leftover.name])
 
     def ensure_image(self, commit: str, tag: str) -> None:
         build_release_image(self.stack, self.env, commit, tag, self.local)

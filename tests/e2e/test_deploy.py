@@ -1,0 +1,241 @@
+"""Issue #4: zero-downtime, health-gated deploys with automatic switch-back and rollback.
+
+Each test deploys real commits (made with git plumbing from HEAD) to the stack that
+tests/e2e/conftest.py brought up, while a load generator on 127.0.0.1 watches prod.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import docker
+import pytest
+
+from aiia_ops import REPO_ROOT
+from aiia_ops.lock import lock_dir
+from aiia_ops.releases import read_releases
+from tests.conftest import run_invoke
+from tests.e2e.deploys import Load, drop_refs, head_file, make_commit
+
+pytestmark = [pytest.mark.docker, pytest.mark.e2e]
+
+URLS = "services/django/app/aiia/urls.py"
+HEALTH = "services/django/app/aiia/health.py"
+BOOM = "services/django/app/courses/migrations/0002_e2e_boom.py"
+
+
+@pytest.fixture(scope="module")
+def commits():
+    """Three releases: a code change, one whose /health/ fails, one whose migration raises."""
+    urls = head_file(URLS)
+    changed = urls.replace(
+        'path("health/", health.health, name="health"),',
+        'path("health/", health.health, name="health"),\n'
+        '    path("e2e-marker/", lambda request: JsonResponse({"marker": "e2e-change"})),',
+    )
+    assert changed != urls, "urls.py changed shape; update this test"
+    changed = "from django.http import JsonResponse\n" + changed
+    health = head_file(HEALTH)
+    broken = health.replace(
+        '    conn = connections["default"]\n',
+        '    raise RuntimeError("e2e: a release whose health check fails")\n'
+        '    conn = connections["default"]\n',
+        1,
+    )
+    assert broken != health, "health.py changed shape; update this test"
+    boom = (
+        "from django.db import migrations, models\n\n\n"
+        "def boom(apps, schema_editor):\n"
+        '    raise RuntimeError("e2e: this migration fails on purpose")\n\n\n'
+        "class Migration(migrations.Migration):\n"
+        '    dependencies = [("courses", "0001_initial")]\n'
+        "    operations = [\n"
+        '        migrations.AddField("course", "e2e_extra", models.IntegerField(default=0)),\n'
+        "        migrations.RunPython(boom),\n"
+        "    ]\n"
+    )
+    shas = {
+        "change": make_commit("change", {URLS: changed}, "e2e: a code change"),
+        "unhealthy": make_commit("unhealthy", {HEALTH: broken}, "e2e: broken health"),
+        "boom": make_commit("boom", {BOOM: boom}, "e2e: a migration that raises"),
+    }
+    yield {k: v[:12] for k, v in shas.items()}
+    drop_refs()
+
+
+def deploy(env: str, ref: str | None = None, *extra: str):
+    args = ["deploy", f"--env={env}", *extra] + ([f"--ref={ref}"] if ref else [])
+    return run_invoke(*args, timeout=900)
+
+
+def container_id(name: str) -> str:
+    return docker.from_env(version="auto").containers.get(name).id
+
+
+def served_version(stack, env: str) -> str:
+    from aiia_ops.status import health_through_nginx
+
+    data = health_through_nginx(
+        stack.environment(env).domains[0], port=stack.local_host.published(443)
+    )
+    return data.get("version", "")
+
+
+def load_on_prod(stack, clients: int = 50) -> Load:
+    return Load(
+        stack.environment("prod").domains[0],
+        stack.local_host.published(443),
+        clients=clients,
+        paths=("/health/", "/api/courses/"),
+    )
+
+
+def test_code_change_to_staging_leaves_prod_alone(stack_up, stack, commits):
+    prod_before = container_id(stack.environment("prod").container)
+    with load_on_prod(stack) as load:
+        proc = deploy("staging", commits["change"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert served_version(stack, "staging") == commits["change"]
+    from aiia_ops.status import https_get
+
+    status, _, body = https_get(
+        "staging.eduaiia.com", "/e2e-marker/", port=stack.local_host.published(443)
+    )
+    assert (status, json.loads(body)) == (200, {"marker": "e2e-change"})
+    assert container_id(stack.environment("prod").container) == prod_before
+    assert load.total > 100 and load.failures() == {}, (load.codes, load.errors)
+
+
+def test_prod_deploy_under_load_every_response_is_2xx(stack_up, stack, commits):
+    with load_on_prod(stack) as load:
+        proc = deploy("prod", commits["change"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert served_version(stack, "prod") == commits["change"]
+    assert load.failures() == {}, (load.codes, load.errors)
+    assert load.total > 100
+    assert commits["change"] in load.versions  # the switch happened during the load
+    for step in (
+        "preflight",
+        "lock prod",
+        "migrations",
+        "collectstatic",
+        "switch nginx",
+        "health through nginx",
+        "drain and stop",
+    ):
+        assert step in proc.stdout
+    assert "done in" in proc.stdout
+
+
+def test_a_release_whose_health_fails_is_marked_bad_and_never_served(
+    stack_up, stack, commits, e2e_state
+):
+    before = served_version(stack, "prod")
+    with load_on_prod(stack) as load:
+        proc = deploy("prod", commits["unhealthy"])
+    assert proc.returncode == 1
+    out = proc.stdout + proc.stderr
+    assert "did not become healthy" in out
+    assert "--- last log lines of" in out and "--- health check output ---" in out
+    assert "Traceback" not in proc.stderr.split("--- last log lines")[0]
+    assert served_version(stack, "prod") == before
+    assert load.failures() == {}, (load.codes, load.errors)
+    last = read_releases(e2e_state, "prod")[-1]
+    assert (last["commit"], last["result"]) == (commits["unhealthy"], "bad")
+    assert not lock_held(e2e_state, "prod")
+
+
+def test_a_failing_migration_aborts_before_the_switch_schema_unchanged(
+    stack_up, stack, commits, e2e_state
+):
+    def schema() -> str:
+        pg = stack.services.postgresql
+        return subprocess.run(
+            [
+                "docker",
+                "exec",
+                pg.container,
+                "psql",
+                "-U",
+                "aiia",
+                "-d",
+                stack.environment("prod").database,
+                "-tAc",
+                "select string_agg(column_name, ',' order by column_name) from "
+                "information_schema.columns where table_name = 'courses_course'; "
+                "select count(*) from django_migrations where name like '%e2e_boom%'",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+
+    before, served = schema(), served_version(stack, "prod")
+    proc = deploy("prod", commits["boom"])
+    assert proc.returncode == 1
+    assert "e2e: this migration fails on purpose" in proc.stdout + proc.stderr
+    assert "start " not in proc.stdout.split("migrations (straight to PostgreSQL)")[1]
+    assert schema() == before
+    assert served_version(stack, "prod") == served
+    assert read_releases(e2e_state, "prod")[-1]["result"] == "failed"
+
+
+def lock_held(state, env: str) -> bool:
+    from pathlib import Path
+
+    return Path(lock_dir(str(state), env)).exists()
+
+
+def test_two_deploys_at_once_the_second_is_refused_naming_the_holder(
+    stack_up, stack, commits, e2e_state
+):
+    first = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "deploy", "--env=staging", f"--ref={commits['change']}"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not lock_held(e2e_state, "staging") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = deploy("staging", commits["change"])
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out
+    assert second.returncode == 1
+    assert "staging is locked by" in second.stderr
+    assert "@" in second.stderr.split("locked by", 1)[1]  # user@host of the holder
+    assert "invoke lock.release --env=staging" in second.stderr
+
+
+def test_rollback_brings_the_previous_good_release_back(stack_up, stack, commits, e2e_state):
+    assert served_version(stack, "prod") == commits["change"]
+    good = [r["commit"] for r in read_releases(e2e_state, "prod") if r["result"] == "good"]
+    previous = next(c for c in reversed(good) if c != commits["change"])
+    with load_on_prod(stack, clients=20) as load:
+        proc = run_invoke("rollback", "--env=prod", timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert served_version(stack, "prod") == previous
+    assert "database was not rolled back" in proc.stdout
+    assert load.failures() == {}, (load.codes, load.errors)
+    assert commits["unhealthy"] not in proc.stdout  # a bad release is never a target
+
+
+def test_dry_run_prints_the_commands_and_changes_nothing(stack_up, stack, commits, e2e_state):
+    before = container_id(stack.environment("prod").container)
+    releases = read_releases(e2e_state, "prod")
+    proc = deploy("prod", commits["change"], "--dry-run")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    container = stack.environment("prod").container
+    assert f"[local] docker run --detach --name {container}-next" in proc.stdout
+    assert "nginx -s reload" in proc.stdout
+    assert "migrate --noinput" in proc.stdout
+    assert container_id(stack.environment("prod").container) == before
+    assert read_releases(e2e_state, "prod") == releases
+    for value in (e2e_state / "secrets").glob("*.env"):
+        for line in value.read_text().splitlines():
+            if "=" in line and not line.startswith("#"):
+                assert line.split("=", 1)[1] not in proc.stdout
