@@ -250,6 +250,6 @@ def runner_for(host: Host, host_name: str, **ssh_options) -> Runner:
     `ssh_options`: key_filename, known_hosts, accept_new_host_key, connect_timeout."""
     if host.ssh is None:
         return LocalRunner(host=host_name)
-    from .ssh import SSHRunner
+    from .ssh import runner_for_spec
 
-    return SSHRunner(host.ssh, host=host_name, **ssh_options)
+    return runner_for_spec(host.ssh, host=host_name, **ssh_options)

@@ -549,3 +549,10 @@ def _why(exc: OSError) -> str:
     if exc.errno and exc.strerror:
         return exc.strerror.lower()
     return str(exc) or type(exc).__name__
+
+
+def runner_for_spec(spec: str, *, host: str | None = None, **options) -> SSHRunner:
+    """An `SSHRunner` for `user@address[:port]` (a `--host` given as an address, or a stack
+    host's `ssh:`). `options`: key_filename, known_hosts, accept_new_host_key, connect_timeout;
+    unset, the key and known_hosts come from $AIIA_SSH_KEY and $AIIA_SSH_KNOWN_HOSTS."""
+    return SSHRunner(spec, host=host, **options)

@@ -331,3 +331,16 @@ def test_recording_runner_records_the_pipe():
     runner = RecordingRunner()
     runner.pipe_from_local(["docker", "save", "x"], ["docker", "load"])
     assert runner.commands == [["docker", "save", "x", "|", "docker", "load"]]
+
+
+def test_runner_for_spec_is_what_deploy_uses_for_an_address():
+    from aiia_ops.ssh import runner_for_spec
+
+    runner = runner_for_spec("deploy@203.0.113.7:2200", known_hosts="/kh", key_filename="/k")
+    assert (runner.host, runner.host_name, str(runner.spec)) == (
+        "deploy@203.0.113.7:2200",
+        None,
+        "deploy@203.0.113.7:2200",
+    )
+    assert (runner.known_hosts, runner.key_filename) == (Path("/kh"), Path("/k"))
+    assert runner.accept_new_host_key is False
