@@ -54,6 +54,8 @@ def e2e_state(tmp_path_factory) -> Path:
         )
     reset_stack()
     os.environ["AIIA_STATE_DIR"] = str(state)
+    # setup installs the host's cron file; tests read it without activating it.
+    os.environ["AIIA_CRON_FILE"] = str(state.parent / "cron.d-aiia")
     return state
 
 

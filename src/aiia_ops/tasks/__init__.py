@@ -27,3 +27,24 @@ namespace.add_collection(_deploy.lock)
 from . import backup as _backup  # noqa: E402
 
 namespace.add_collection(_backup.namespace)
+
+from . import tls as _tls  # noqa: E402
+
+for _task in (_tls.ssl_renew, _tls.ssl_status):
+    namespace.add_task(_task)
+
+from . import monitor as _monitor  # noqa: E402
+
+namespace.add_task(_monitor.monitor)
+
+from . import apptest as _apptest  # noqa: E402
+
+namespace.add_task(_apptest.test)
+
+from . import notify as _notify  # noqa: E402
+
+namespace.add_task(_notify.notify)
+
+from . import schedule as _schedule  # noqa: E402
+
+namespace.add_collection(_schedule.namespace)

@@ -256,6 +256,10 @@ def setup(c, env="prod", skip_build=False, stack=None):
         )
     else:  # the first release goes out like every other: invoke deploy's procedure
         release.deploy(None)
+    from .schedule import install_schedule
+
+    with step("schedule: daily backups, TLS renewal check, monitor (cron on the host)"):
+        print(f"   {install_schedule(model, state, runner)}")
     print(f"\n{target.name} is up in {time.monotonic() - started:.0f}s:")
     for domain in target.domains:
         print(f"  https://{domain}/")

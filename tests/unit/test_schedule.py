@@ -1,0 +1,38 @@
+import datetime as dt
+
+from aiia_ops.model import load_stack
+from aiia_ops.schedule import cron_daemon_commands, cron_file, jobs, utc_to_local
+
+STACK = load_stack()
+
+
+def test_jobs_follow_the_stack():
+    j = {" ".join(job.task): (job.minute, job.hour) for job in jobs(STACK)}
+    assert j["backup --kind daily --env prod"] == ("0", "2")  # backups.daily_at 02:00 UTC
+    assert j["backup --kind daily --env staging"] == ("10", "2")  # never two dumps at once
+    assert j["monitor --quiet"] == ("*", "*")  # monitoring.interval 60s
+    assert j["ssl-renew"] == ("30", "3")
+
+
+def test_utc_times_shift_to_the_hosts_local_time():
+    assert utc_to_local("02:00", dt.timedelta(hours=1)) == (3, 0)
+    assert utc_to_local("02:00", dt.timedelta(hours=-5)) == (21, 0)
+    assert utc_to_local("23:30", dt.timedelta(hours=1)) == (0, 30)
+
+
+def test_cron_file_runs_the_same_tasks_people_run():
+    text = cron_file(STACK, "/srv/ops", "/usr/bin/python3", {"AIIA_STATE_DIR": "/var/lib/aiia"})
+    assert (
+        "0 2 * * * root cd /srv/ops && /usr/bin/python3 -m invoke backup --kind daily "
+        "--env prod >> /var/lib/aiia/logs/cron.log 2>&1"
+    ) in text
+    assert "AIIA_STATE_DIR=/var/lib/aiia\n" in text
+
+
+def test_cron_daemon_started_only_when_needed():
+    assert cron_daemon_commands(running=True, installed=True, systemd=False) == []
+    assert cron_daemon_commands(running=False, installed=False, systemd=False) == [
+        ["apt-get", "install", "-y", "--no-install-recommends", "cron"],
+        ["/usr/sbin/cron"],
+    ]
+    assert cron_daemon_commands(False, True, True) == [["systemctl", "enable", "--now", "cron"]]
