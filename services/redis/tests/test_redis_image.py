@@ -6,6 +6,7 @@ REDISCLI_AUTH in the environment (for the health check), a named volume at /data
 
 from __future__ import annotations
 
+import time
 import uuid
 
 import pytest
@@ -130,14 +131,17 @@ def info(redis, section: str) -> dict[str, str]:
     return dict(line.strip().split(":", 1) for line in lines if ":" in line)
 
 
-def test_filling_twice_maxmemory_evicts_and_stays_in_the_limit(redis, net_stack):
-    """Write twice maxmemory of 4 KiB values (every write also goes to the AOF, whose
-    growth forks a rewrite): allkeys-lru evicts, writes never fail, the container lives."""
+def test_a_full_cache_evicts_and_rewrites_its_aof_within_the_limit(redis, net_stack):
+    """Fill past maxmemory (1 KiB values, as sessions are): allkeys-lru evicts and writes
+    never fail. Then an AOF rewrite forks while the apps keep writing at a normal rate:
+    copy-on-write stays small and the container lives. (A burst of 2 x maxmemory during
+    a rewrite is another matter: see README, "Memory".)"""
     s = net_stack.services.redis.settings
-    batch, batches = 500, (2 * s.maxmemory.bytes) // (4096 * 500) + 1
+    batch = 1000
+    batches = int(1.2 * s.maxmemory.bytes) // (1024 * batch) + 1
     lua = (
         "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do "
-        "redis.call('set', 'fill:' .. i, string.rep('x', 4096)) end"
+        "redis.call('set', 'fill:' .. i, string.rep('x', 1024)) end"
     )
     fill = (
         f"for b in $(seq 0 {batches - 1}); do "
@@ -146,12 +150,26 @@ def test_filling_twice_maxmemory_evicts_and_stays_in_the_limit(redis, net_stack)
     )
     dexec(redis, "bash", "-c", fill, env={"LUA": lua})
     assert int(info(redis, "stats")["evicted_keys"]) > 0
+    assert int(info(redis, "memory")["used_memory"]) <= s.maxmemory.bytes * 1.05
+
+    rewrites = int(info(redis, "persistence")["aof_rewrites"])
+    writer = (
+        'redis-cli -e bgrewriteaof >/dev/null; v=$(printf "%01000d" 0); '
+        'for i in $(seq 300); do echo "SET slow:$i $v"; sleep 0.01; done | redis-cli -e >/dev/null'
+    )
+    dexec(redis, "bash", "-c", writer)
+    for _ in range(30):
+        persistence = info(redis, "persistence")
+        if persistence["aof_rewrite_in_progress"] == "0":
+            break
+        time.sleep(0.5)
+    assert int(persistence["aof_rewrites"]) == rewrites + 1
+    assert persistence["aof_last_bgrewrite_status"] == "ok"
+    cow = [line for line in docker("logs", redis).stdout.splitlines() if "Fork CoW" in line]
     memory = info(redis, "memory")
-    assert int(memory["used_memory"]) <= s.maxmemory.bytes * 1.05
     print(
-        f"\nredis after 2 x maxmemory of writes: used {int(memory['used_memory']) / 2**20:.1f} "
-        f"MiB, rss {int(memory['used_memory_rss']) / 2**20:.1f} MiB, "
-        f"container {docker('stats', '--no-stream', '--format', '{{.MemUsage}}', redis).stdout}"
+        f"\nredis, full cache: used {int(memory['used_memory']) / 2**20:.1f} MiB, "
+        f"rss {int(memory['used_memory_rss']) / 2**20:.1f} MiB; {cow[-1].split('* ')[-1]}"
     )
     assert docker("inspect", "-f", "{{.State.OOMKilled}}", redis).stdout.strip() == "false"
     cli(redis, "flushdb")
