@@ -28,6 +28,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,7 +191,7 @@ def auth_failed_message(spec: SSHSpec, key: Path | None) -> str:
         f"authentication failed for {spec} {tried}: the server accepted none of them.\n"
         f"  Install the public key for {user} on the server "
         f"(ssh-copy-id -i {pub} {port}{spec.user + '@' if spec.user else ''}{spec.address}), "
-        f"or point {KEY_ENV} (or --key) at the right private key."
+        f"or point {KEY_ENV} at the right private key."
     )
 
 
@@ -292,6 +293,7 @@ class SSHRunner(Runner):
     def connection(self) -> fabric.Connection:
         """The open `fabric.Connection` (opened here, with the host key policy set)."""
         if self._connection is None or not self._connection.is_connected:
+            self._sftp = None  # belonged to the lost connection, if any
             self._connection = self._open()
         return self._connection
 
@@ -299,7 +301,9 @@ class SSHRunner(Runner):
         import fabric  # here, so importing this module stays cheap
 
         if self.key_filename and not self.key_filename.is_file():
-            raise OpsError(f"SSH key {self.key_filename} does not exist (from --key or {KEY_ENV})")
+            raise OpsError(
+                f"SSH key {self.key_filename} does not exist (set {KEY_ENV} to a private key file)"
+            )
         connect_kwargs: dict = {"banner_timeout": self.connect_timeout}
         if self.key_filename:
             connect_kwargs.update(
@@ -365,8 +369,9 @@ class SSHRunner(Runner):
 
     @property
     def sftp(self) -> paramiko.SFTPClient:
-        if self._sftp is None or self._connection is None or not self._connection.is_connected:
-            self._sftp = self.connection.client.open_sftp()
+        client = self.connection.client  # reconnects (and forgets the old SFTP) if needed
+        if self._sftp is None:
+            self._sftp = client.open_sftp()
         return self._sftp
 
     def close(self) -> None:
@@ -429,7 +434,11 @@ class SSHRunner(Runner):
         err.close()
         if not finished:
             return Result(argv, 124, out.text(), f"timed out after {timeout}s on {self.spec}")
-        return Result(argv, channel.recv_exit_status(), out.text(), err.text())
+        code = channel.recv_exit_status()
+        if code == -1 and _transport_died(channel.get_transport()):
+            text = f"lost the SSH connection to {self.spec} while running: {quote(argv)}"
+            raise OpsError(self.scrub(text))
+        return Result(argv, code, out.text(), err.text())
 
     def _pipe(self, local: list[str], remote: list[str], *, timeout: float | None) -> Result:
         """`local | ssh host remote`: the local stdout is sent in chunks as the remote stdin,
@@ -535,6 +544,17 @@ def _pump_in(read: Callable[[], bytes], channel: paramiko.Channel) -> None:
         channel.shutdown_write()
     except (OSError, EOFError):
         pass  # the remote command ended without reading everything; its exit code says why
+
+
+def _transport_died(transport: paramiko.Transport, grace: float = 2) -> bool:
+    """No exit status: a dead connection, or a command killed by a signal? paramiko closes
+    the channels of a dead transport a moment before it marks the transport inactive."""
+    deadline = time.monotonic() + grace
+    while transport.is_active():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _wait(proc: subprocess.Popen, seconds: float) -> bool:

@@ -87,6 +87,17 @@ def test_timeout_gives_124(ssh):
     assert ssh.run(["true"]).ok  # the connection is still usable
 
 
+def test_a_lost_connection_is_said_and_the_next_command_reconnects(ssh, tmp_path):
+    ssh.write_file(str(tmp_path / "before"), "x")
+    with pytest.raises(OpsError) as err:
+        ssh.run(["sh", "-c", "kill -9 $PPID; sleep 10"])  # the session's sshd process
+    assert str(err.value) == (
+        f"lost the SSH connection to {ssh.spec} while running: sh -c 'kill -9 $PPID; sleep 10'"
+    )
+    assert ssh.run(["echo", "back"]).stdout == "back\n"
+    assert ssh.read_file(str(tmp_path / "before")) == b"x"  # SFTP reopened too
+
+
 def test_stream_echoes_lines_live(ssh, capsys):
     result = ssh.run(["sh", "-c", "echo one; echo two >&2; printf three"], stream=True)
     out, err = capsys.readouterr()

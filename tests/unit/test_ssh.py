@@ -223,7 +223,7 @@ def test_refused_and_auth_messages():
         "accepted none of them.\n"
         "  Install the public key for root on the server "
         "(ssh-copy-id -i /keys/deploy.pub -p 2222 root@127.0.0.1), "
-        "or point AIIA_SSH_KEY (or --key) at the right private key."
+        "or point AIIA_SSH_KEY at the right private key."
     )
     assert "with the SSH agent and ~/.ssh/id_* keys" in auth_failed_message(SPEC, None)
 
@@ -275,7 +275,7 @@ def test_missing_key_file_is_reported_before_connecting(tmp_path):
     with pytest.raises(OpsError) as err:
         r.connection  # noqa: B018
     assert str(err.value) == (
-        f"SSH key {tmp_path / 'nope'} does not exist (from --key or AIIA_SSH_KEY)"
+        f"SSH key {tmp_path / 'nope'} does not exist (set AIIA_SSH_KEY to a private key file)"
     )
 
 
