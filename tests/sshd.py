@@ -7,6 +7,9 @@ root on this machine, so `docker` over SSH reaches the local engine.
 
 Needs root (sshd runs as root; logins are by key only). `ensure_sshd()` installs Debian's
 openssh-server with apt when /usr/sbin/sshd is missing: CI machines start with nothing.
+
+The `sshd_host` fixture is defined here so any conftest can offer it:
+`from tests.sshd import sshd_host  # noqa: F401` (tests/integration/conftest.py does).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 SSHD = "/usr/sbin/sshd"
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
@@ -162,3 +167,23 @@ def start_sshd(directory: Path, user: str = "root", wait: float = 15) -> SSHServ
             server.stop()
             raise SSHDUnavailable(f"sshd did not answer on 127.0.0.1:{port}:\n{server.log()}")
         time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def sshd_host(tmp_path_factory):
+    """A real OpenSSH server on 127.0.0.1 (a free port) that accepts root by key.
+
+    Installs openssh-server with apt (`apt-get update` first) when /usr/sbin/sshd is missing,
+    as on a fresh CI machine; needs root, else the tests using it are skipped. Yields an
+    `SSHServer`: `.spec` (root@127.0.0.1:PORT), `.key_path`, `.known_hosts_path`; the server
+    is stopped at the end of the session."""
+    if os.geteuid() != 0:
+        pytest.skip("sshd_host needs root (sshd logs users in as themselves)")
+    try:
+        server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    except SSHDUnavailable as exc:
+        pytest.fail(f"cannot start the test sshd: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
