@@ -44,7 +44,7 @@ class Result:
 class Runner:
     """Base runner: redaction and the check-and-raise logic shared by every runner."""
 
-    secrets: set[str] = field(default_factory=set)
+    secrets: set[str] = field(default_factory=set, repr=False)  # never in a repr or traceback
     host: str = "local"
 
     def redact(self, *values: str) -> None:

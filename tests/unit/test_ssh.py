@@ -344,3 +344,12 @@ def test_runner_for_spec_is_what_deploy_uses_for_an_address():
     )
     assert (runner.known_hosts, runner.key_filename) == (Path("/kh"), Path("/k"))
     assert runner.accept_new_host_key is False
+
+
+def test_secrets_never_show_in_a_runner_repr():
+    runner = SSHRunner("root@127.0.0.1:2222", known_hosts="/nonexistent")
+    runner.redact("hunter2-token")
+    assert "hunter2" not in repr(runner)
+    local = LocalRunner()
+    local.redact("hunter2-token")
+    assert "hunter2" not in repr(local)
