@@ -6,6 +6,8 @@ the stack starts them (memory limits, config dir read-only at /etc/aiia).
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from datasvc_testkit import (
     SERVICE_UID,
@@ -173,3 +175,49 @@ def test_stops_promptly_and_cleanly(containers, rendered, postgres_server):
     docker("exec", name, "pg_isready", "-q", "-h", "127.0.0.1", "-p", "6432", check=False)
     docker("stop", "-t", "8", name)
     assert docker("inspect", "-f", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+
+
+def test_max_client_conn_clients_queue_for_the_pool_within_the_memory_limit(
+    bouncer, postgres_server, containers
+):
+    """max_client_conn clients at once, each in a short transaction: PgBouncer serves them
+    through default_pool_size + reserve_pool_size server connections, inside its limit."""
+    stack = postgres_server.stack
+    settings = stack.services.pgbouncer.settings
+    bouncer_ip = str(stack.services.pgbouncer.address)
+    conninfo = f"host={bouncer_ip} port=6432 dbname=aiia_prod user=aiia_prod"
+    script = (
+        f"for i in $(seq {settings.max_client_conn}); do "
+        f"psql -X -Atq '{conninfo}' -c 'SELECT pg_sleep(0.5)' >/dev/null || echo FAILED & done; "
+        "wait"
+    )
+    client = containers.run(
+        image("postgres"),
+        "pgb-clients",
+        env={"PGPASSWORD": postgres_server.secrets.environments["prod"].db_password},
+        args=["bash", "-c", script],
+    )
+    peak_servers = 0
+    for _ in range(20):
+        pools = {
+            (p["database"], p["user"]): p for p in admin(bouncer, postgres_server, "SHOW POOLS")
+        }
+        pool = pools.get(("aiia_prod", "aiia_prod"), {})
+        peak_servers = max(
+            peak_servers, int(pool.get("sv_active", 0)) + int(pool.get("sv_idle", 0))
+        )
+        time.sleep(0.3)
+    assert docker("wait", client, timeout=120).stdout.strip() == "0"
+    assert "FAILED" not in docker("logs", client).stdout
+    assert 0 < peak_servers <= settings.default_pool_size + settings.reserve_pool_size
+    peak = int(
+        dexec(bouncer, "cat", "/sys/fs/cgroup/memory/memory.max_usage_in_bytes", check=False).stdout
+        or 0
+    )
+    limit = stack.services.pgbouncer.memory.limit.bytes
+    print(
+        f"\npgbouncer, {settings.max_client_conn} clients: peak {peak / 2**20:.1f} MiB "
+        f"of {limit / 2**20:.0f} MiB, {peak_servers} server connections"
+    )
+    assert peak < limit
+    assert docker("inspect", "-f", "{{.State.OOMKilled}}", bouncer).stdout.strip() == "false"
