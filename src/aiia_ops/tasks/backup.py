@@ -98,6 +98,15 @@ def find_record(state: StateDir, backup_id: str) -> bk.BackupRecord:
     return record
 
 
+def latest_record(state: StateDir, env: str) -> bk.BackupRecord:
+    """`--id latest`: the newest verified backup of env, else its newest one."""
+    records = [r for r in list_records(state, env) if not r.verify_failed]
+    if not records:
+        raise OpsError(f"there is no backup of {env} here ({backups_root(state) / env})")
+    verified = [r for r in records if r.verified_ok]
+    return (verified or records)[-1]
+
+
 @contextlib.contextmanager
 def env_lock(state: StateDir, env: str):
     """One backup, restore or prune per environment at a time (flock: gone with the process,
@@ -152,15 +161,24 @@ def check_files(record: bk.BackupRecord) -> list[str]:
     return problems
 
 
+def last_run_path(state: StateDir, env: str) -> Path:
+    return backups_root(state) / env / bk.LAST_RUN
+
+
+def read_last_run(state: StateDir, env: str) -> dict:
+    path = last_run_path(state, env)
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text())
+    return {}
+
+
 def write_last_run(state: StateDir, env: str, kind: str, entry: dict) -> None:
-    """<state>/backups/last-run.json: {env: {kind: last run}} for backup.list and the monitor."""
-    path = backups_root(state) / bk.LAST_RUN
+    """<state>/backups/<env>/last-run.json: {kind: its last run}, for backup.list and the
+    monitor (a failed run is recorded too, with its error)."""
+    path = last_run_path(state, env)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {}
-    if path.exists():
-        with contextlib.suppress(ValueError):
-            data = json.loads(path.read_text())
-    data.setdefault(env, {})[kind] = entry
+    data = read_last_run(state, env)
+    data[kind] = {"env": env, "kind": kind, **entry}
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -554,7 +572,10 @@ def restore_backup(
     media: bool = True,
 ) -> dict:
     env = stack.environment(env_name)
-    record = find_record(state, backup_id)
+    record = (
+        latest_record(state, env.name) if backup_id == "latest" else find_record(state, backup_id)
+    )
+    backup_id = record.id
     if record.env != env.name and not allow_other_env:
         raise OpsError(
             f"{backup_id} is a backup of {record.env}, not {env.name}; to put {record.env}'s "
@@ -711,8 +732,15 @@ def list_(c, env=None, json_=False, stack=None):
     if env:
         model.environment(env)
     records = list_records(state, env)
-    last_path = backups_root(state) / bk.LAST_RUN
-    last = json.loads(last_path.read_text()) if last_path.exists() else {}
+    root = backups_root(state)
+    names = (
+        [env]
+        if env
+        else sorted(p.name for p in root.iterdir() if p.is_dir())
+        if root.is_dir()
+        else []
+    )
+    last = {name: runs for name in names if (runs := read_last_run(state, name))}
     if json_:
         print(json.dumps({
             "backups": [{
@@ -810,7 +838,7 @@ def verify(c, id=None, env=None, stack=None):
 @task(
     help={
         "env": "environment to restore: prod or staging",
-        "id": "backup id (invoke backup.list)",
+        "id": "backup id (invoke backup.list), or 'latest': the newest verified one",
         "yes": "do not ask",
         "allow_other_env": "restore a backup taken of another environment",
         "no_safety_backup": "skip the safety backup (only when the database is beyond saving)",
