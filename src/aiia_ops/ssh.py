@@ -4,7 +4,8 @@ Built on `fabric.Connection` (SSH config, connect, SFTP). Commands are sent as `
 on an exec channel of the connection's transport; stdin, stdout and stderr are streamed in
 chunks on their own threads, so input of any size (a whole `docker save` image) goes through
 without being held in memory. (`Connection.run` feeds stdin one byte per 10 ms loop and
-decodes it as text, which suits neither a 100 MB image nor binary data.)
+decodes it as text, which suits neither a 100 MB image nor binary data: 2,000 characters
+took 21 s through it.)
 
 Host keys are verified, never trusted blindly: against `~/.ssh/known_hosts`, or the file named
 by `AIIA_SSH_KNOWN_HOSTS`, or an explicit `known_hosts=`. `accept_new_host_key=True` records
