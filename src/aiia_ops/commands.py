@@ -52,7 +52,10 @@ def shared_service_keys(stack: Stack) -> list[str]:
 
 def up(stack: Stack, state_dir: str, services: list[str], wait: bool = True) -> list[str]:
     extra = ["--wait"] if wait else []
-    return compose(stack, state_dir, "up", "--detach", "--no-build", *extra, *services)
+    # Never reach for a registry: images are built here (invoke build) or shipped over SSH.
+    return compose(
+        stack, state_dir, "up", "--detach", "--no-build", "--pull", "never", *extra, *services
+    )
 
 
 def ensure_database(stack: Stack, env: Environment) -> list[str]:

@@ -70,6 +70,25 @@ def write_configs(stack: Stack, state: StateDir, secrets: Secrets) -> bool:
     )
 
 
+def require_images(model: Stack, runner: Runner) -> None:
+    """Say which images are missing and how to get them, before compose tries a registry."""
+    from ..versions import SHARED_FOLDERS, shared_image_tags
+
+    tags = shared_image_tags(model)
+    missing = []
+    for name, tag in tags.items():
+        image = f"{getattr(model.services, name).image}:{tag}"
+        if not runner.run(["docker", "image", "inspect", image], check=False).ok:
+            missing.append((image, SHARED_FOLDERS[name]))
+    if missing:
+        names = ", ".join(i for i, _ in missing)
+        folders = " ".join(sorted({f for _, f in missing}))
+        raise OpsError(
+            f"images not built for this checkout: {names}; run invoke build "
+            f"(or: for s in {folders}; do invoke build --service $s; done)"
+        )
+
+
 def _load(stack_path: str | None) -> tuple[Stack, StateDir]:
     stack = load_stack(stack_path)
     findings = check_budget(stack)
@@ -121,6 +140,7 @@ def up(c, env=None, stack=None):
     prepare_state(state)
     write_configs(model, state, secrets)
     runner = _runner(secrets)
+    require_images(model, runner)
     with step("starting nginx, PostgreSQL, PgBouncer and Redis"):
         runner.run(cmd.up(model, str(state.root), cmd.shared_service_keys(model)), stream=True)
     for e in envs:  # the app releases belong to deploy: start the ones that exist
@@ -234,6 +254,7 @@ def setup(c, env="prod", skip_build=False, stack=None):
         changed = write_configs(model, state, secrets)
     runner = _runner(secrets)
     root = str(state.root)
+    require_images(model, runner)
     with step("starting nginx, PostgreSQL, PgBouncer and Redis"):
         was_running = _running(model.services.nginx.container)
         runner.run(cmd.up(model, root, cmd.shared_service_keys(model)), stream=True)
