@@ -146,22 +146,30 @@ def test_admin_can_pause_kill_and_resume_one_database(bouncer, postgres_server):
 
 
 def test_socket_admin_console_needs_no_password_inside_the_container(bouncer):
-    out = dexec(
-        bouncer,
-        "psql",
-        "-X",
-        "-At",
-        "-h",
-        "/tmp",
-        "-p",
-        "6432",
-        "-U",
-        "pgbouncer",
-        "pgbouncer",
-        "-c",
-        "SHOW VERSION",
-    )
-    assert out.stdout.startswith("PgBouncer 1.2")
+    """The backups' way in: `docker exec aiia_pgbouncer psql -h /tmp -p 6432 -U pgbouncer
+    pgbouncer` (same UID as pgbouncer over its socket) gets the admin console."""
+
+    def console(sql):
+        argv = ["psql", "-X", "-q", "-At", "-h", "/tmp", "-p", "6432", "-U", "pgbouncer"]
+        return dexec(bouncer, *argv, "pgbouncer", "-c", sql).stdout
+
+    assert console("SHOW VERSION").startswith("PgBouncer 1.2")
+    console("PAUSE aiia_staging")
+    assert "aiia_staging" in console("SHOW DATABASES")
+    console("RESUME aiia_staging")
+
+
+def test_sighup_reloads_the_config(bouncer, postgres_server):
+    """After a re-render, `docker kill -s HUP` makes PgBouncer re-read its files."""
+    docker("kill", "-s", "HUP", bouncer)
+    for _ in range(20):
+        if "got SIGHUP, re-reading config" in docker("logs", bouncer).stderr:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("no reload in the log")
+    prod = postgres_server.secrets.environments["prod"].db_password
+    assert client(bouncer, "aiia_prod", prod, "aiia_prod", "SELECT 1").returncode == 0
 
 
 def test_stops_promptly_and_cleanly(containers, rendered, postgres_server):
