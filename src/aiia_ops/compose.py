@@ -92,6 +92,7 @@ def env_files(stack: Stack, secrets: Secrets) -> dict[str, dict[str, str]]:
             "DJANGO_SECRET_KEY": s.secret_key,
             "DB_PASSWORD": s.db_password,
             "REDIS_PASSWORD": secrets.redis_password,
+            "API_WRITE_TOKEN": s.api_write_token,
         }
     return out
 

@@ -16,13 +16,14 @@ from pathlib import Path
 from .errors import OpsError
 
 SHARED_KEYS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "PGBOUNCER_ADMIN_PASSWORD")
-ENV_KEYS = ("DB_PASSWORD", "SECRET_KEY")
+ENV_KEYS = ("DB_PASSWORD", "SECRET_KEY", "API_WRITE_TOKEN")
 
 
 @dataclass(frozen=True, repr=False)
 class EnvSecrets:
     db_password: str
     secret_key: str
+    api_write_token: str = ""  # bearer token of the app's write API
 
     def __repr__(self) -> str:
         return "EnvSecrets(********)"
@@ -43,7 +44,7 @@ class Secrets:
     def values(self) -> list[str]:
         out = [self.postgres_password, self.redis_password, self.pgbouncer_admin_password]
         for env in self.environments.values():
-            out += [env.db_password, env.secret_key]
+            out += [env.db_password, env.secret_key, env.api_write_token]
         return out
 
 
@@ -103,7 +104,9 @@ def load_secrets(state_dir: Path, environments: list[str], create: bool = True) 
     envs = {}
     for name in environments:
         values = _load_group(folder / f"{name}.env", ENV_KEYS, f"{name.upper()}_", create)
-        envs[name] = EnvSecrets(values["DB_PASSWORD"], values["SECRET_KEY"])
+        envs[name] = EnvSecrets(
+            values["DB_PASSWORD"], values["SECRET_KEY"], values["API_WRITE_TOKEN"]
+        )
     return Secrets(
         shared["POSTGRES_PASSWORD"],
         shared["REDIS_PASSWORD"],

@@ -7,8 +7,8 @@ name internal addresses); the full error goes to the log.
 Each dependency is probed in its own long-lived helper thread and waited for with a
 deadline (HEALTH_TIMEOUT, default 5 s, well inside the 10 s Docker timeout). That bounds
 the answer even when a probe blocks somewhere no client timeout reaches, such as a query
-queued inside PgBouncer behind a full pool. A probe still running from an earlier request
-is not queued again: the answer is an immediate "timeout" until it finishes.
+queued inside PgBouncer behind a full pool. Requests that arrive while a probe is in flight share
+its result instead of queueing another: under load, /health/ costs one probe at a time.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class _Probe:
         self._pending: Future | None = None
         self._lock = threading.Lock()
 
-    def submit(self) -> Future | None:
+    def submit(self) -> Future:
         with self._lock:
             # Started after gunicorn forks (threads do not survive a fork).
             if self._queue is None or self._pid != os.getpid():
@@ -91,7 +91,9 @@ class _Probe:
                     target=self._serve, args=(self._queue,), name=f"health-{self.name}", daemon=True
                 ).start()
             if self._pending is not None and not self._pending.done():
-                return None
+                # Overlapping requests share the probe in flight (bounded: one per process)
+                # and each waits for it until its own deadline.
+                return self._pending
             self._pending = Future()
             self._queue.put(self._pending)
             return self._pending
@@ -111,9 +113,7 @@ class _Probe:
         detail = self.func()
         return detail, (time.monotonic() - start) * 1000
 
-    def result(self, future: Future | None, deadline: float) -> dict:
-        if future is None:
-            return {"ok": False, "error": "timeout (previous check still running)"}
+    def result(self, future: Future, deadline: float) -> dict:
         try:
             detail, ms = future.result(timeout=max(0.0, deadline - time.monotonic()))
         except FutureTimeout:

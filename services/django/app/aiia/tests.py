@@ -74,7 +74,11 @@ class HealthTests(TestCase):
     def test_hung_dependency_answers_within_the_deadline(self):
         release = mock.Mock()
 
+        class calls:
+            count = 0
+
         def hang():
+            calls.count += 1
             time.sleep(1.0)
             release()
             return "late"
@@ -85,7 +89,7 @@ class HealthTests(TestCase):
         ):
             started = time.monotonic()
             first = self.get()
-            second = self.get()  # the first probe is still stuck: not queued again
+            second = self.get()  # shares the stuck probe: not queued again, same deadline
             self.assertLess(time.monotonic() - started, 0.9)
             deadline = time.monotonic() + 5
             while not release.called and time.monotonic() < deadline:
@@ -93,9 +97,31 @@ class HealthTests(TestCase):
         self.assertEqual(first.status_code, 503)
         self.assertEqual(first.json()["checks"]["database"], {"ok": False, "error": "timeout"})
         self.assertEqual(second.status_code, 503)
-        self.assertIn("still running", second.json()["checks"]["database"]["error"])
+        self.assertEqual(second.json()["checks"]["database"], {"ok": False, "error": "timeout"})
+        self.assertEqual(calls.count, 1)  # one probe for both requests
         time.sleep(0.1)
         self.assertEqual(self.get().status_code, 200)  # recovered once the probe returned
+
+    def test_overlapping_requests_share_one_probe_and_all_succeed(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        from django.test import RequestFactory
+
+        calls = []
+
+        def slow():
+            calls.append(1)
+            time.sleep(0.3)
+            return "aiia_test"
+
+        request = RequestFactory().get("/health/", HTTP_HOST="127.0.0.1")
+        with (
+            mock.patch.object(health, "query_database", side_effect=slow),
+            ThreadPoolExecutor(max_workers=8) as pool,
+        ):
+            codes = list(pool.map(lambda _: health.health(request).status_code, range(8)))
+        self.assertEqual(codes, [200] * 8)
+        self.assertLess(len(calls), 8)  # coalesced, not one probe per request
 
     def test_post_not_allowed(self):
         self.assertEqual(self.client.post("/health/", HTTP_HOST="127.0.0.1").status_code, 405)
