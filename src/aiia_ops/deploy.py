@@ -26,7 +26,7 @@ from . import commands as cmd
 from . import lock as locks
 from .budget import check_budget, has_errors
 from .errors import CommandFailed, OpsError
-from .model import Environment, Stack
+from .model import Environment, Host, Stack
 from .notify import notify
 from .output import paint
 from .releases import audit_line, parse_releases, release_line
@@ -128,6 +128,7 @@ class Deploy:
     steps: Steps = field(default_factory=Steps)
     take_backup: Callable[[], object] | None = None
     dry_run: bool = False
+    host: Host | None = None  # the target's entry in the stack (published ports); None: local
 
     # -- facts ---------------------------------------------------------------------------
 
@@ -310,7 +311,7 @@ class Deploy:
     def check_through_nginx(self, tag: str) -> None:
         if self.dry_run:
             return
-        port = self.stack.local_host.published(443)
+        port = (self.host or self.stack.local_host).published(443)
         domain = self.env.domains[0]
         deadline = time.monotonic() + 15
         data: dict = {}
@@ -325,8 +326,8 @@ class Deploy:
         raise DeployFailed(f"https://{domain}/health/ through nginx did not report {tag}: {data}")
 
     def _public_address(self) -> str:
-        ssh = getattr(self.runner, "address", None)
-        return ssh or "127.0.0.1"
+        spec = getattr(self.runner, "spec", None)  # an SSH target: its own address
+        return spec.address if spec else "127.0.0.1"
 
     def nginx_workers(self) -> set[str]:
         top = self.runner.run(

@@ -11,32 +11,41 @@ from .. import commands as cmd
 from .. import lock as locks
 from ..deploy import Deploy, Steps, resolve_ref
 from ..errors import OpsError
-from ..model import Stack, load_stack
+from ..model import Host, Stack, load_stack
 from ..runners import LocalRunner, PrintingRunner, Runner
 from ..secrets import load_secrets
 from ..state import local_state_dir
 from .common import user_errors
 
 
-def target(model: Stack, env_name: str, host: str | None) -> tuple[Runner, str, str]:
-    """(runner, state dir on that host, host label) for --host or the environment's host."""
+def target(
+    model: Stack, env_name: str, host: str | None, accept_new_host_key: bool = False
+) -> tuple[Runner, str, str, Host | None]:
+    """(runner, state dir on that host, label, its stack entry) for --host or the
+    environment's first host. --host takes a host name of the stack or user@address[:port]."""
     env = model.environment(env_name)
-    if host is None:
-        host = env.hosts[0]
-    if host in model.hosts and model.hosts[host].ssh is None:
-        return LocalRunner(host=host), str(local_state_dir(model, host).root), host
+    name = host or env.hosts[0]
+    entry = model.hosts.get(name)
+    if entry is not None and entry.ssh is None:
+        return LocalRunner(host=name), str(local_state_dir(model, name).root), name, entry
     from ..ssh import runner_for_spec
 
-    spec = model.hosts[host].ssh if host in model.hosts else host
-    state_dir = model.hosts[host].state_dir if host in model.hosts else "/var/lib/aiia"
-    return runner_for_spec(spec), state_dir, spec
+    spec = entry.ssh if entry else name
+    state_dir = entry.state_dir if entry else "/var/lib/aiia"
+    runner = runner_for_spec(spec, host=name, accept_new_host_key=accept_new_host_key)
+    return runner, state_dir, name, entry
 
 
 def make_deploy(
-    model: Stack, env_name: str, host: str | None, dry_run: bool, backup: bool = True
+    model: Stack,
+    env_name: str,
+    host: str | None,
+    dry_run: bool,
+    backup: bool = True,
+    accept_new_host_key: bool = False,
 ) -> Deploy:
     env = model.environment(env_name)
-    runner, state_dir, label = target(model, env_name, host)
+    runner, state_dir, label, entry = target(model, env_name, host, accept_new_host_key)
     secrets = (
         load_secrets(local_state_dir(model).secrets, list(model.environments))
         if isinstance(runner, LocalRunner)
@@ -48,7 +57,15 @@ def make_deploy(
         runner = PrintingRunner(reader=runner, host=label, secrets=set(runner.secrets))
         local = PrintingRunner(reader=local, host="build", secrets=set(runner.secrets))
     deploy = Deploy(
-        model, env, state_dir, runner, secrets, local=local, dry_run=dry_run, steps=Steps()
+        model,
+        env,
+        state_dir,
+        runner,
+        secrets,
+        local=local,
+        dry_run=dry_run,
+        steps=Steps(),
+        host=entry,
     )
     if backup:
         deploy.take_backup = pre_deploy_backup(deploy)
@@ -96,15 +113,17 @@ def remote_secrets(runner: Runner, state_dir: str, model: Stack):
         "host": "a host of deploy/stack.yml or user@address[:port] (default: the environment's)",
         "ref": "git commit, branch or tag to deploy (default: HEAD)",
         "dry_run": "print the exact commands, per host, in order; change nothing",
+        "accept_new_host_key": "first contact with an SSH host: record its key (a changed "
+        "key is still refused)",
         "stack": "stack file (default: deploy/stack.yml)",
     }
 )
 @user_errors
-def deploy(c, env, host=None, ref=None, dry_run=False, stack=None):
+def deploy(c, env, host=None, ref=None, dry_run=False, accept_new_host_key=False, stack=None):
     """Zero-downtime, health-gated deploy of a commit, with automatic switch-back."""
     model = load_stack(stack)
     _, tag = resolve_ref(ref)
-    d = make_deploy(model, env, host, dry_run)
+    d = make_deploy(model, env, host, dry_run, accept_new_host_key=accept_new_host_key)
     if dry_run:
         print(f"# dry run: deploy {tag} to {env}; nothing is changed\n")
     result = _run(lambda: d.deploy(ref), d)
@@ -169,7 +188,7 @@ def lock_status(c, env=None, stack=None):
     model = load_stack(stack)
     envs = [model.environment(env).name] if env else list(model.environments)
     for name in envs:
-        runner, state_dir, _ = target(model, name, None)
+        runner, state_dir, _, _ = target(model, name, None)
         held = locks.read(runner, state_dir, name)
         print(f"{name}: " + (json.dumps(held) if held else "free"))
 
@@ -182,7 +201,7 @@ def lock_status(c, env=None, stack=None):
 def lock_release(c, env, yes=False, stack=None):
     """Clear a lock left by a deploy that died (asks first)."""
     model = load_stack(stack)
-    runner, state_dir, _ = target(model, env, None)
+    runner, state_dir, _, _ = target(model, env, None)
     held = locks.read(runner, state_dir, model.environment(env).name)
     if not held:
         print(f"{env}: not locked")
