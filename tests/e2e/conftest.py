@@ -15,6 +15,7 @@ import pytest
 
 from aiia_ops.model import load_stack
 from tests.conftest import run_invoke
+from tests.sshd import sshd_host  # noqa: F401  (fixture: a real OpenSSH server)
 
 STATE_MARK = ".e2e-state"
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]

@@ -146,6 +146,7 @@ class Pebble:
         _docker(
             *common, "--name", self.pebble_name, "--ip", self.pebble_ip,
             "--env", "PEBBLE_VA_NOSLEEP=1", "--env", "PEBBLE_WFE_NONCEREJECT=0",
+            "--env", "PEBBLE_AUTHZREUSE=0",
             "--mount", f"type=bind,source={self.workdir},target=/pebble,readonly",
             IMAGE, "pebble", "-config", "/pebble/pebble-config.json",
             "-dnsserver", f"{self.challtestsrv_ip}:{DNS_PORT}",

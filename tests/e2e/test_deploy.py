@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import docker
 import pytest
@@ -239,3 +240,36 @@ def test_dry_run_prints_the_commands_and_changes_nothing(stack_up, stack, commit
         for line in value.read_text().splitlines():
             if "=" in line and not line.startswith("#"):
                 assert line.split("=", 1)[1] not in proc.stdout
+
+
+def test_the_same_deploy_over_ssh_to_a_real_openssh_server(
+    stack_up, stack, e2e_state, sshd_host, tmp_path
+):
+    """Same plan, SSH runner: sshd on 127.0.0.1 (key login set up by the fixture); its
+    `docker` is this machine's engine and its state dir the stack's own."""
+    import yaml
+
+    from aiia_ops.model import load_stack
+    from tests.e2e.deploys import git
+
+    data = yaml.safe_load(Path(load_stack().source).read_text())
+    local = next(iter(data["hosts"].values()))
+    data["hosts"]["sshbox"] = {**local, "ssh": sshd_host.spec, "state_dir": str(e2e_state)}
+    variant = tmp_path / "stack-ssh.yml"
+    variant.write_text(yaml.safe_dump(data, sort_keys=False))
+    head = git("rev-parse", "HEAD")[:12]
+    env = {
+        "AIIA_STACK": str(variant),
+        "AIIA_SSH_KEY": str(sshd_host.key_path),
+        "AIIA_SSH_KNOWN_HOSTS": str(sshd_host.known_hosts_path),
+    }
+    with load_on_prod(stack, clients=10) as load:
+        proc = run_invoke(
+            "deploy", "--env=staging", "--host=sshbox", f"--ref={head}", env=env, timeout=900
+        )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert served_version(stack, "staging") == head
+    assert load.failures() == {}
+    last = read_releases(e2e_state, "staging")[-1]
+    assert (last["commit"], last["result"]) == (head, "good")
+    assert "Accepted publickey for root" in sshd_host.log()  # it really went over SSH
