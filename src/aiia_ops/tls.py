@@ -379,6 +379,22 @@ def certbot_error(output: str) -> str:
     return "\n".join(useful[-8:]) or "certbot failed without saying why"
 
 
+def account_missing(output: str) -> bool:
+    """The ACME server no longer knows certbot's stored account (a test server restarted,
+    an account deactivated): the local account must go before certbot registers anew."""
+    return "accountDoesNotExist" in output or bool(
+        re.search(r"Account \S+ (not found|does not exist)", output)
+    )
+
+
+def account_dir(directory: str) -> str:
+    """Where certbot keeps its account for an ACME directory, under its config dir."""
+    from urllib.parse import urlparse
+
+    url = urlparse(directory)
+    return f"accounts/{url.netloc}{url.path}"
+
+
 # --- status, for people and for the monitor ------------------------------------------------
 
 

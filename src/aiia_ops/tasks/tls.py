@@ -218,6 +218,7 @@ def ssl_renew(c, force=False, dry_run=False, directory=None, ca_bundle=None, sta
             print(f"  $ {quote(argv)}")
         return
 
+    print(f"ssl-renew {_now():%Y-%m-%dT%H:%M:%SZ}: ACME directory {directory}", flush=True)
     with renew_lock(state):
         decisions = _decisions(runner, model, state, directory, force)
         print(_plan_table(decisions, _now()), flush=True)
@@ -235,6 +236,11 @@ def ssl_renew(c, force=False, dry_run=False, directory=None, ca_bundle=None, sta
             t0 = time.monotonic()
             argv = tls.certbot_argv(model, root, image, d.lineage, directory, bundle)
             result = runner.run(argv, check=False, timeout=tls.CERTBOT_TIMEOUT)
+            if not result.ok and tls.account_missing(result.stdout + result.stderr):
+                stale = _set_account_aside(state, directory)
+                print(f"   the ACME server does not know certbot's account: moved it to {stale}, "
+                      "registering anew", flush=True)  # fmt: skip
+                result = runner.run(argv, check=False, timeout=tls.CERTBOT_TIMEOUT)
             if not result.ok:
                 failed[d.lineage.name] = tls.certbot_error(result.stdout + "\n" + result.stderr)
                 print(paint(f"   failed after {time.monotonic() - t0:.1f}s", "error"), flush=True)
@@ -259,6 +265,14 @@ def ssl_renew(c, force=False, dry_run=False, directory=None, ca_bundle=None, sta
             _reload(runner, model, state, image, installed, failed)
     took = time.monotonic() - started
     _report(model, state, decisions, installed, failed, directory, took)
+
+
+def _set_account_aside(state: StateDir, directory: str) -> Path:
+    path = state.sub(tls.LE_STATE) / tls.account_dir(directory)
+    stale = path.with_name(f"{path.name}.stale-{_now():%Y%m%dT%H%M%SZ}")
+    if path.exists():
+        path.rename(stale)
+    return stale
 
 
 def _reload(runner, model, state, image, installed, failed) -> None:

@@ -1,0 +1,382 @@
+"""The TLS core as data: which certificates the stack needs, which are due and why, the exact
+certbot and installer commands, openssl output parsing, certbot's errors, the status rows."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import pytest
+
+from aiia_ops import DEFAULT_STACK, tls
+from aiia_ops.budget import check_budget, has_errors
+from aiia_ops.model import load_stack
+from aiia_ops.runners import RecordingRunner, Result
+from aiia_ops.units import Duration
+
+STACK = load_stack(DEFAULT_STACK)  # the committed stack, whatever $AIIA_STACK says
+NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
+THIRTY_DAYS = Duration(30 * 86400)
+LE = tls.LETS_ENCRYPT
+PROD, STAGING, STATUS = tls.lineages(STACK)
+
+# `openssl x509 -noout -nameopt RFC2253 -subject -issuer -serial -startdate -enddate
+#  -ext subjectAltName` on real files (OpenSSL 3.0.19).
+PEBBLE_X509 = """\
+subject=
+issuer=CN=Pebble Intermediate CA 424fc8
+serial=04142B87BBADCAF5
+notBefore=Nov 26 14:26:56 2026 GMT
+notAfter=Feb 24 14:26:55 2027 GMT
+X509v3 Subject Alternative Name: critical
+    DNS:eduaiia.com, DNS:www.eduaiia.com
+"""
+PLACEHOLDER_X509 = """\
+subject=CN=eduaiia.com
+issuer=CN=eduaiia.com
+serial=7CF06914231368B6C2BCA2BF7E279F89DFFF621C
+notBefore=Nov 26 14:21:46 2026 GMT
+notAfter=Feb 24 14:21:46 2027 GMT
+X509v3 Subject Alternative Name:\x20
+    DNS:eduaiia.com, DNS:www.eduaiia.com, DNS:staging.eduaiia.com, DNS:devstatus.eduaiia.com
+"""
+LETS_ENCRYPT_X509 = """\
+subject=CN=staging.eduaiia.com
+issuer=CN=R11,O=Let's Encrypt,C=US
+serial=03A1
+notBefore=Jan  4 08:00:00 2027 GMT
+notAfter=Apr  4 07:59:59 2027 GMT
+X509v3 Subject Alternative Name:\x20
+    DNS:staging.eduaiia.com
+"""
+
+# certbot 4.0.0 (Debian 13) against pebble, captured: stdout + stderr.
+CHALLENGE_FAILED = """\
+Renewing an existing certificate for staging.eduaiia.com
+
+Certbot failed to authenticate some domains (authenticator: webroot). The Certificate \
+Authority reported these problems:
+  Domain: staging.eduaiia.com
+  Type:   connection
+  Detail: Get "http://staging.eduaiia.com:80/.well-known/acme-challenge/HKwaFXRw": dial tcp \
+172.23.0.250:80: connect: connection refused
+
+Hint: The Certificate Authority failed to download the temporary challenge files created by \
+Certbot. Ensure that the listed domains serve their content from the provided --webroot-path/-w \
+and that files created there can be downloaded from the internet.
+
+
+Saving debug log to /etc/letsencrypt/logs/letsencrypt.log
+Some challenges have failed.
+Ask for help or search for solutions at https://community.letsencrypt.org. See the logfile \
+/etc/letsencrypt/logs/letsencrypt.log or re-run Certbot with -v for more details.
+"""
+UNREACHABLE = """
+Saving debug log to /etc/letsencrypt/logs/letsencrypt.log
+An unexpected error occurred:
+ValueError: Requesting 172.23.0.250/dir: Connection refused
+Ask for help or search for solutions at https://community.letsencrypt.org. See the logfile \
+/etc/letsencrypt/logs/letsencrypt.log or re-run Certbot with -v for more details.
+"""
+ACCOUNT_GONE = """\
+Saving debug log to /etc/letsencrypt/logs/letsencrypt.log
+An unexpected error occurred:
+Account https://172.23.0.250:14000/my-account/18f70feafe3ec276 not found.
+Ask for help or search for solutions at https://community.letsencrypt.org. See the logfile \
+/etc/letsencrypt/logs/letsencrypt.log or re-run Certbot with -v for more details.
+"""
+
+
+def cert(
+    days_left: float, domains=("eduaiia.com", "www.eduaiia.com"), issuer="CN=R11"
+) -> tls.CertInfo:
+    return tls.CertInfo(
+        subject="",
+        issuer=issuer,
+        serial="0A",
+        not_before=NOW - dt.timedelta(days=60),
+        not_after=NOW + dt.timedelta(days=days_left),
+        domains=tuple(domains),
+    )
+
+
+# --- what the stack needs -----------------------------------------------------------------
+
+
+def test_one_certificate_per_virtual_host_named_by_its_first_domain():
+    assert [(lin.name, lin.domains, lin.vhost) for lin in tls.lineages(STACK)] == [
+        ("eduaiia.com", ("eduaiia.com", "www.eduaiia.com"), "prod"),
+        ("staging.eduaiia.com", ("staging.eduaiia.com",), "staging"),
+        ("devstatus.eduaiia.com", ("devstatus.eduaiia.com",), "status"),
+    ]
+    assert tls.all_domains(STACK) == [
+        "eduaiia.com", "www.eduaiia.com", "staging.eduaiia.com", "devstatus.eduaiia.com",
+    ]  # fmt: skip
+
+
+def test_the_certbot_one_off_fits_the_memory_budget_beside_the_stack():
+    assert not has_errors(check_budget(STACK))
+    reservations = sum((c.memory.reservation.bytes for c in STACK.containers()), 0)
+    assert reservations + tls.CERTBOT_MEMORY.bytes <= STACK.machine.available_memory.bytes
+
+
+# --- openssl output -----------------------------------------------------------------------
+
+
+def test_parse_pebble_certificate():
+    info = tls.parse_x509(PEBBLE_X509)
+    assert info.issuer == "CN=Pebble Intermediate CA 424fc8"
+    assert info.issuer_name == "Pebble Intermediate CA 424fc8"
+    assert info.serial == "04142B87BBADCAF5"
+    assert info.not_after == dt.datetime(2027, 2, 24, 14, 26, 55, tzinfo=dt.UTC)
+    assert info.not_before == dt.datetime(2026, 11, 26, 14, 26, 56, tzinfo=dt.UTC)
+    assert info.domains == ("eduaiia.com", "www.eduaiia.com")
+    assert not info.self_signed
+
+
+def test_parse_placeholder_is_self_signed():
+    info = tls.parse_x509(PLACEHOLDER_X509)
+    assert info.self_signed
+    assert len(info.domains) == 4
+
+
+def test_parse_lets_encrypt_issuer_and_single_digit_days():
+    info = tls.parse_x509(LETS_ENCRYPT_X509)
+    assert info.issuer_name == "R11"
+    assert tls.dn_field(info.issuer, "O") == "Let's Encrypt"
+    assert info.not_before == dt.datetime(2027, 1, 4, 8, 0, tzinfo=dt.UTC)
+    assert info.not_after == dt.datetime(2027, 4, 4, 7, 59, 59, tzinfo=dt.UTC)
+
+
+def test_parse_refuses_output_without_dates():
+    with pytest.raises(tls.ParseError, match="lacks notBefore, notAfter"):
+        tls.parse_x509("subject=CN=x\nissuer=CN=y\nserial=01\n")
+
+
+def test_days_left_rounds_down_and_goes_negative_after_expiry():
+    assert cert(30.5).days_left(NOW) == 30
+    assert cert(0.2).days_left(NOW) == 0
+    assert cert(-1.5).days_left(NOW) == -2
+
+
+def test_serials_compare_as_numbers():
+    assert tls.same_serial("04142B87BBADCAF5", "4142B87BBADCAF5")
+    assert not tls.same_serial("04142B87BBADCAF5", "4142B87BBADCAF6")
+    assert not tls.same_serial(None, "01")
+
+
+def test_first_pem_of_s_client_output():
+    out = "CONNECTED\n---\nServer certificate\n-----BEGIN CERTIFICATE-----\nMIIB\n" \
+        "-----END CERTIFICATE-----\nsubject=\n-----BEGIN CERTIFICATE-----\nOTHER\n" \
+        "-----END CERTIFICATE-----\n"  # fmt: skip
+    assert tls.first_pem(out) == "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    assert tls.first_pem("connect: Connection refused") is None
+
+
+def test_openssl_commands():
+    assert tls.x509_argv("/s/ssl/live/eduaiia.com/fullchain.pem") == [
+        "openssl", "x509", "-in", "/s/ssl/live/eduaiia.com/fullchain.pem", "-noout",
+        "-nameopt", "RFC2253", "-subject", "-issuer", "-serial", "-startdate", "-enddate",
+        "-ext", "subjectAltName",
+    ]  # fmt: skip
+    assert tls.x509_stdin_argv()[:3] == ["openssl", "x509", "-noout"]
+    assert tls.s_client_argv("127.0.0.1", 443, "www.eduaiia.com") == [
+        "openssl", "s_client", "-connect", "127.0.0.1:443", "-servername", "www.eduaiia.com",
+    ]  # fmt: skip
+
+
+# --- which certificates are due -------------------------------------------------------------
+
+CASES = [
+    # (installed, force, due, reason)
+    (tls.Installed(None), False, True, "no certificate"),
+    (tls.Installed(cert(80), placeholder=True), False, True, "self-signed placeholder"),
+    (tls.Installed(tls.parse_x509(PLACEHOLDER_X509)), False, True, "self-signed placeholder"),
+    (tls.Installed(cert(80, ("eduaiia.com",))), False, True, "does not cover www.eduaiia.com"),
+    (
+        tls.Installed(cert(80), directory=tls.LETS_ENCRYPT_STAGING),
+        False,
+        True,
+        f"issued by another ACME directory ({tls.LETS_ENCRYPT_STAGING})",
+    ),
+    (tls.Installed(cert(80), directory=LE), False, False, "valid for 80 more days"),
+    (tls.Installed(cert(30.01)), False, False, "valid for 30 more days"),
+    (tls.Installed(cert(30)), False, True, "expires in 30 days (renewed at 30 days or less)"),
+    (tls.Installed(cert(12.5)), False, True, "expires in 12 days (renewed at 30 days or less)"),
+    (tls.Installed(cert(-3)), False, True, "expired (renewed at 30 days or less)"),
+    (tls.Installed(cert(80)), True, True, "forced (--force); 80 days left"),
+]
+
+
+@pytest.mark.parametrize(("installed", "force", "due", "reason"), CASES)
+def test_decide(installed, force, due, reason):
+    decision = tls.decide(PROD, installed, NOW, THIRTY_DAYS, LE, force)
+    assert (decision.due, decision.reason) == (due, reason)
+
+
+def test_the_threshold_is_the_stacks_renew_before():
+    decision = tls.decide(PROD, tls.Installed(cert(45)), NOW, Duration(60 * 86400), LE)
+    assert (decision.due, decision.reason) == (
+        True,
+        "expires in 45 days (renewed at 60 days or less)",
+    )
+    assert STACK.tls.acme.renew_before == THIRTY_DAYS
+
+
+# --- the commands -----------------------------------------------------------------------------
+
+RUN = (
+    "docker run --rm --name aiia_certbot --network aiia_network --user 10001:10001 "
+    "--memory 67108864 --memory-swap 67108864 --cpus 0.5 "
+    "--label org.eduaiia.stack=aiia --label org.eduaiia.one-off=certbot"
+)
+
+
+def test_certbot_command_for_lets_encrypt():
+    argv = tls.certbot_argv(STACK, "/var/lib/aiia", "aiia/certbot:ctx-1", PROD, LE)
+    assert " ".join(argv) == (
+        f"{RUN} "
+        "--mount type=bind,source=/var/lib/aiia/letsencrypt,target=/etc/letsencrypt "
+        "--mount type=bind,source=/var/lib/aiia/acme,target=/var/www/acme "
+        "aiia/certbot:ctx-1 certbot certonly --non-interactive --agree-tos --no-eff-email "
+        "--email ops@eduaiia.com --server https://acme-v02.api.letsencrypt.org/directory "
+        "--config-dir /etc/letsencrypt --work-dir /etc/letsencrypt/work "
+        "--logs-dir /etc/letsencrypt/logs --max-log-backups 30 "
+        "--webroot --webroot-path /var/www/acme --preferred-challenges http-01 "
+        "--key-type ecdsa --elliptic-curve secp256r1 --cert-name eduaiia.com --force-renewal "
+        "--domain eduaiia.com --domain www.eduaiia.com"
+    )
+
+
+def test_certbot_trusts_a_private_acme_server_through_a_mounted_bundle():
+    argv = tls.certbot_argv(
+        STACK, "/s", "img", STAGING, "https://10.0.0.9:14000/dir", "/tmp/pebble/ca.pem"
+    )
+    text = " ".join(argv)
+    assert (
+        "--mount type=bind,source=/tmp/pebble/ca.pem,target=/etc/aiia-acme/ca-bundle.pem,readonly "
+        "--env REQUESTS_CA_BUNDLE=/etc/aiia-acme/ca-bundle.pem img certbot certonly"
+    ) in text
+    assert "--server https://10.0.0.9:14000/dir" in text
+    assert text.endswith(
+        "--cert-name staging.eduaiia.com --force-renewal --domain staging.eduaiia.com"
+    )
+
+
+def test_install_and_rollback_commands():
+    argv = tls.install_argv(STACK, "/var/lib/aiia", "img", PROD, LE)
+    assert " ".join(argv) == (
+        f"{RUN} "
+        "--mount type=bind,source=/var/lib/aiia/letsencrypt,target=/etc/letsencrypt,readonly "
+        "--mount type=bind,source=/var/lib/aiia/ssl,target=/etc/nginx/ssl "
+        "img aiia-install-cert install --ssl-dir /etc/nginx/ssl --name eduaiia.com "
+        "--source /etc/letsencrypt/live/eduaiia.com --domains eduaiia.com,www.eduaiia.com "
+        f"--directory {LE} --keep 3"
+    )
+    assert " ".join(tls.rollback_argv(STACK, "/var/lib/aiia", "img", STATUS)) == (
+        f"{RUN} --mount type=bind,source=/var/lib/aiia/ssl,target=/etc/nginx/ssl "
+        "img aiia-install-cert rollback --ssl-dir /etc/nginx/ssl --name devstatus.eduaiia.com"
+    )
+
+
+# --- certbot's errors ---------------------------------------------------------------------------
+
+
+def test_error_of_a_failed_challenge_is_the_ca_problem_document():
+    assert tls.certbot_error(CHALLENGE_FAILED) == (
+        "Domain: staging.eduaiia.com\n"
+        "Type:   connection\n"
+        'Detail: Get "http://staging.eduaiia.com:80/.well-known/acme-challenge/HKwaFXRw": '
+        "dial tcp 172.23.0.250:80: connect: connection refused"
+    )
+
+
+def test_error_of_an_unreachable_server():
+    assert tls.certbot_error(UNREACHABLE) == (
+        "An unexpected error occurred:\nValueError: Requesting 172.23.0.250/dir: Connection refused"
+    )
+
+
+def test_error_without_a_known_shape_keeps_the_last_lines():
+    assert tls.certbot_error("Saving debug log to x\nsomething odd\n") == "something odd"
+    assert tls.certbot_error("") == "certbot failed without saying why"
+
+
+def test_account_unknown_to_the_server_is_recognised():
+    assert tls.account_missing(ACCOUNT_GONE)
+    assert tls.account_missing('{"type": "urn:ietf:params:acme:error:accountDoesNotExist"}')
+    assert not tls.account_missing(UNREACHABLE)
+    assert tls.account_dir(LE) == "accounts/acme-v02.api.letsencrypt.org/directory"
+    assert tls.account_dir("https://172.23.0.250:14000/dir") == "accounts/172.23.0.250:14000/dir"
+
+
+# --- status (what the monitor reads) -----------------------------------------------------------
+
+
+def _answers(served_serial: str = "04142B87BBADCAF5") -> dict:
+    pem = "-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----"
+    return {
+        "openssl x509 -in /s/ssl/live/eduaiia.com/": PEBBLE_X509,
+        "openssl x509 -in /s/ssl/live/staging.eduaiia.com/": LETS_ENCRYPT_X509,
+        "openssl x509 -in /s/ssl/live/devstatus.eduaiia.com/": Result(
+            [], 1, "", "Could not open file or uri for loading certificate"
+        ),
+        "openssl s_client": f"CONNECTED\n{pem}\n",
+        "openssl x509 -noout": PEBBLE_X509.replace("04142B87BBADCAF5", served_serial),
+    }
+
+
+class FilesRunner(RecordingRunner):
+    def __init__(self, files: dict[str, bytes], **kw):
+        super().__init__(**kw)
+        self.files = files
+
+    def read_file(self, path):
+        return self.files.get(path)
+
+
+def test_certificate_status_per_domain():
+    runner = FilesRunner(
+        {"/s/ssl/live/eduaiia.com/meta.json": json.dumps({"directory": LE}).encode()},
+        answers=_answers(),
+    )
+    rows = tls.certificate_status(STACK, "/s", runner, now=NOW)
+    by_domain = {r.domain: r for r in rows}
+    assert list(by_domain) == tls.all_domains(STACK)
+    www = by_domain["www.eduaiia.com"]
+    assert (www.certificate, www.issuer, www.not_after, www.days_left, www.covered) == (
+        "eduaiia.com", "Pebble Intermediate CA 424fc8", "2027-02-24T14:26:55Z", 90, True,
+    )  # fmt: skip
+    assert www.serving_current is True
+    assert by_domain["staging.eduaiia.com"].issuer == "R11"
+    assert by_domain["staging.eduaiia.com"].serving_current is False  # nginx serves another
+    status = by_domain["devstatus.eduaiia.com"]
+    assert (status.issuer, status.days_left, status.error) == (None, None, "")
+    rendered = tls.status_table_rows(rows)
+    assert rendered[0] == ["eduaiia.com", "eduaiia.com", "Pebble Intermediate CA 424fc8",
+                           "2027-02-24", 90, "served"]  # fmt: skip
+    assert rendered[3] == ["devstatus.eduaiia.com", "devstatus.eduaiia.com", "-", "-", "-",
+                           "no certificate"]  # fmt: skip
+    assert json.loads(json.dumps(www.as_dict()))["serving_current"] is True
+
+
+def test_certificate_status_without_asking_nginx_runs_no_s_client():
+    runner = FilesRunner({}, answers=_answers())
+    rows = tls.certificate_status(STACK, "/s", runner, now=NOW, served=False)
+    assert all(r.served_serial is None and r.serving_current is None for r in rows)
+    assert not any(c[:2] == ["openssl", "s_client"] for c in runner.commands)
+
+
+def test_placeholder_mark_and_meta_directory_are_read():
+    runner = FilesRunner(
+        {
+            "/s/ssl/live/eduaiia.com/PLACEHOLDER": b"Self-signed placeholder\n",
+            "/s/ssl/live/staging.eduaiia.com/meta.json": b'{"directory": "https://x/dir"}',
+        },
+        answers=_answers(),
+    )
+    prod = tls.read_installed(runner, "/s", PROD)
+    staging = tls.read_installed(runner, "/s", STAGING)
+    assert (prod.placeholder, prod.directory) == (True, "")
+    assert (staging.placeholder, staging.directory) == (False, "https://x/dir")
+    assert tls.read_installed(runner, "/s", STATUS) == tls.Installed(None)
