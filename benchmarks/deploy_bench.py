@@ -77,6 +77,7 @@ def main() -> None:
         "samples": sampler.samples,
     }
     rows = "\n".join(f"| {n} | {mb(b)} |" for n, b in sorted(sampler.peak.items()))
+    failures = load.failures() or "none"
     md = f"""## Deploys (issue #4)
 
 Measured {data["when"]}, with `python benchmarks/deploy_bench.py --clients {args.clients}`;
@@ -85,7 +86,7 @@ the stack under its stack.yml limits; the load generator on the same machine.
 - Code-only deploy of staging (image build from the cache, migrations, collectstatic,
   start beside, health, switch, drain): **{data["staging_deploy_s"]} s**.
 - Deploy of prod while {args.clients} keep-alive HTTPS clients load it:
-  **{data["prod_deploy_under_load_s"]} s**; {load.total} requests, failures: {load.failures() or "none"}.
+  **{data["prod_deploy_under_load_s"]} s**; {load.total} requests, failures: {failures}.
 - Peak memory of the whole stack during that prod deploy (two prod containers for a few
   seconds): **{mb(sampler.peak_total)}** of the 512 MB host ({sampler.samples} samples).
 
