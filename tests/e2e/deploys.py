@@ -86,6 +86,7 @@ class Load:
         self.codes: Counter = Counter()
         self.errors: Counter = Counter()
         self.versions: Counter = Counter()
+        self.retried = 0  # GETs retried once after a reused connection was closed
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -99,6 +100,11 @@ class Load:
         )
         return conn
 
+    def _get(self, conn, path: str):
+        conn.request("GET", path, headers={"Host": self.domain})
+        resp = conn.getresponse()
+        return resp, resp.read()
+
     def _client(self, n: int) -> None:
         deadline = time.monotonic() + self.max_seconds
         conn, i = None, n
@@ -106,10 +112,21 @@ class Load:
             path = self.paths[i % len(self.paths)]
             i += 1
             try:
-                conn = conn or self._connect()
-                conn.request("GET", path, headers={"Host": self.domain})
-                resp = conn.getresponse()
-                body = resp.read()
+                if conn is None:
+                    conn = self._connect()
+                    resp, body = self._get(conn, path)
+                else:
+                    try:
+                        resp, body = self._get(conn, path)
+                    except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                        # The server closed an idle keep-alive connection as this request
+                        # went out (nginx's old workers do on a graceful reload). Like a
+                        # browser, retry a GET once on a new connection; count it apart.
+                        conn.close()
+                        with self._lock:
+                            self.retried += 1
+                        conn = self._connect()
+                        resp, body = self._get(conn, path)
                 with self._lock:
                     self.codes[resp.status] += 1
                     if path == "/health/" and b'"version"' in body:
