@@ -48,3 +48,7 @@ namespace.add_task(_notify.notify)
 from . import schedule as _schedule  # noqa: E402
 
 namespace.add_collection(_schedule.namespace)
+
+from . import loadtest as _loadtest  # noqa: E402
+
+namespace.add_task(_loadtest.loadtest)
