@@ -15,6 +15,8 @@ exist, a webhook pasted in), so a failure here means the workflows changed, not 
 from __future__ import annotations
 
 import ast
+import http.server
+import json
 import os
 import re
 import shlex
@@ -22,8 +24,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
@@ -32,6 +36,7 @@ from invoke.exceptions import ParseError
 from invoke.parser import Parser, ParserContext
 
 from aiia_ops.tasks import namespace
+from tests.conftest import run_invoke
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOW_DIR = ROOT / ".github" / "workflows"
@@ -524,3 +529,63 @@ def test_a_secret_written_into_a_workflow_fails_the_check(tmp_path):
         "leaky.yml: jobs.go.steps[0].env.DEPLOY_SSH_KEY looks secret but is not a "
         "${{ secrets.NAME }} reference: 'not-a-reference'...",
     ]
+
+
+# --- invoke notify: the workflows' Slack messages go through the tasks' notifier ------------
+
+
+class _Hook(http.server.BaseHTTPRequestHandler):
+    received: ClassVar[list] = []
+    status = 200
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        type(self).received.append((self.path, self.headers["Content-Type"], json.loads(body)))
+        self.send_response(type(self).status)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    """A webhook on 127.0.0.1 that records what it is sent."""
+    _Hook.received, _Hook.status = [], 200
+    server = http.server.HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield _Hook, f"http://127.0.0.1:{server.server_port}/services/T/B/x"
+    server.shutdown()
+
+
+def test_invoke_notify_sends_through_the_shared_notifier(webhook, state_dir):
+    hook, url = webhook
+    proc = run_invoke(
+        "notify", "--text", ":white_check_mark: deploy of abc to staging succeeded",
+        env={"AIIA_SLACK_WEBHOOK_URL": url},
+    )  # fmt: skip
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "slack: sent\n", "")
+    assert hook.received == [
+        (
+            "/services/T/B/x",
+            "application/json",
+            {"text": ":white_check_mark: deploy of abc to staging succeeded"},
+        )
+    ]
+
+
+def test_invoke_notify_without_a_webhook_sends_nothing_and_succeeds(state_dir, monkeypatch):
+    monkeypatch.delenv("AIIA_SLACK_WEBHOOK_URL", raising=False)
+    proc = run_invoke("notify", "--text", "hello")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "slack: skipped (no webhook: set AIIA_SLACK_WEBHOOK_URL)\n"
+
+
+def test_invoke_notify_fails_when_slack_refuses(webhook, state_dir):
+    hook, url = webhook
+    hook.status = 404
+    proc = run_invoke("notify", "--text", "hello", env={"AIIA_SLACK_WEBHOOK_URL": url})
+    assert proc.returncode == 1
+    assert proc.stderr == "error: slack notification failed: HTTPError; check the webhook URL\n"
+    assert url not in proc.stdout + proc.stderr  # the webhook is a secret
