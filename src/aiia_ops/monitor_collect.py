@@ -13,12 +13,15 @@ import concurrent.futures
 import contextlib
 import datetime as _dt
 import fcntl
+import http.client
 import json
 import os
 import resource
 import socket
+import struct
 import subprocess
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -164,12 +167,94 @@ def deploys_info(state: StateDir, envs: list[str], limit: int = 8) -> list[dict]
 
 
 # --- the engine --------------------------------------------------------------------------
+# The monitor's own minimal Engine API client over the Unix socket: the Docker SDK costs
+# ~18 MB of resident memory per run (requests, urllib3, paramiko), this costs none, and the
+# monitor only reads a handful of endpoints. See docs/monitoring.md (budget).
 
 
-def engine(timeout: float = 10):
-    import docker
+class EngineError(OpsError):
+    """The engine did not answer or refused."""
 
-    client = docker.from_env(version="auto", timeout=timeout)
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+def demux(data: bytes) -> tuple[bytes, bytes]:
+    """Docker's multiplexed stream (8-byte frame headers: stream, 0, 0, 0, size) → (out, err)."""
+    out, err, i = [], [], 0
+    while i + 8 <= len(data):
+        kind, size = data[i], struct.unpack(">I", data[i + 4 : i + 8])[0]
+        (err if kind == 2 else out).append(data[i + 8 : i + 8 + size])
+        i += 8 + size
+    return b"".join(out), b"".join(err)
+
+
+class Engine:
+    def __init__(self, socket_path: str | None = None, timeout: float = 10):
+        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        if socket_path is None:
+            if not host.startswith("unix://"):
+                raise EngineError(f"DOCKER_HOST={host}: only a local unix socket is supported")
+            socket_path = host[len("unix://") :]
+        self.path, self.timeout = socket_path, timeout
+
+    def _request(self, method: str, url: str, body: dict | None = None, raw: bool = False):
+        conn = _UnixConnection(self.path, self.timeout)
+        try:
+            payload = None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": "application/json"} if payload is not None else {}
+            conn.request(method, url, body=payload, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except OSError as exc:
+            raise EngineError(f"{method} {url}: {exc.__class__.__name__}: {exc}") from None
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            raise EngineError(f"{method} {url}: HTTP {resp.status} {data[:200]!r}")
+        return data if raw else (json.loads(data) if data else None)
+
+    def ping(self) -> None:
+        self._request("GET", "/_ping", raw=True)
+
+    def info(self) -> dict:
+        return self._request("GET", "/info")
+
+    def containers(self) -> list[dict]:
+        return self._request("GET", "/containers/json?all=1")
+
+    def inspect(self, ident: str) -> dict:
+        return self._request("GET", f"/containers/{urllib.parse.quote(ident)}/json")
+
+    def stats(self, ident: str) -> dict:
+        return self._request(
+            "GET", f"/containers/{urllib.parse.quote(ident)}/stats?stream=false&one-shot=true"
+        )
+
+    def exec(self, ident: str, argv: list[str]) -> tuple[int, bytes, bytes]:
+        created = self._request(
+            "POST",
+            f"/containers/{urllib.parse.quote(ident)}/exec",
+            {"AttachStdout": True, "AttachStderr": True, "Tty": False, "Cmd": argv},
+        )
+        start = {"Detach": False, "Tty": False}
+        raw = self._request("POST", f"/exec/{created['Id']}/start", start, raw=True)
+        out, err = demux(raw)
+        code = self._request("GET", f"/exec/{created['Id']}/json")["ExitCode"]
+        return code, out, err
+
+
+def engine(timeout: float = 10) -> Engine:
+    client = Engine(timeout=timeout)
     client.ping()
     return client
 
@@ -224,62 +309,62 @@ def cgroup_stats(container_id: str, root: Path = CGROUP_ROOT) -> dict | None:
     return None
 
 
-def _stats(c) -> dict:
+def _stats(client: Engine, ident: str) -> dict:
     try:
-        found = cgroup_stats(c.id)
+        found = cgroup_stats(ident)
     except (OSError, ValueError, KeyError):
         found = None
     if found is not None:
         return found
     try:
-        return c.stats(stream=False, one_shot=True)
-    except Exception:
+        return client.stats(ident)
+    except OpsError:
         return {}
 
 
-def containers(stack: Stack, client) -> list[ContainerFacts]:
+def containers(stack: Stack, client: Engine) -> list[ContainerFacts]:
     wanted = {
         item.container: ContainerFacts(
             service_key(item), item.container, item.name if isinstance(item, Environment) else None
         )
         for item in stack.containers()
     }
-    found = {c.name: c for c in client.containers.list(all=True) if c.name in wanted}
-    running = [c for c in found.values() if c.status == "running"]
+    found = {}
+    for c in client.containers():
+        name = (c.get("Names") or ["/"])[0].lstrip("/")
+        if name in wanted:
+            found[name] = c["Id"]
     with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
-        stats = dict(zip([c.name for c in running], pool.map(_stats, running), strict=True))
+        attrs = dict(zip(found, pool.map(client.inspect, found.values()), strict=True))
+        running = [n for n, a in attrs.items() if a["State"].get("Running")]
+        stats = dict(
+            zip(running, pool.map(lambda n: _stats(client, found[n]), running), strict=True)
+        )
     now = time.time()
     for name, facts in wanted.items():
-        c = found.get(name)
-        if c is None:
+        a = attrs.get(name)
+        if a is None:
             continue
-        attrs = c.attrs
-        facts.state = c.status
-        facts.health = (attrs["State"].get("Health") or {}).get("Status", "none")
-        facts.started = attrs["State"].get("StartedAt", "")
-        host = attrs["HostConfig"]
+        facts.state = a["State"].get("Status", "unknown")
+        facts.health = (a["State"].get("Health") or {}).get("Status", "none")
+        facts.started = a["State"].get("StartedAt", "")
+        host = a["HostConfig"]
         facts.memory_limit = host.get("Memory") or None
         facts.cpu_limit = host["NanoCpus"] / 1e9 if host.get("NanoCpus") else None
-        s = stats.get(name) or {}
-        facts.memory_used = m.container_memory_used(s)
-        ns = m.container_cpu_ns(s)
+        st = stats.get(name) or {}
+        facts.memory_used = m.container_memory_used(st)
+        ns = m.container_cpu_ns(st)
         facts.cpu = None if ns is None else (now, ns)
     return list(wanted.values())
 
 
-def exec_in(client, container: str, argv: list[str]) -> str:
+def exec_in(client: Engine, container: str, argv: list[str]) -> str:
     """Run argv inside a container (bounded by `timeout`), return stdout; OpsError if it fails."""
-    try:
-        c = client.containers.get(container)
-        code, (out, err) = c.exec_run(
-            ["timeout", str(EXEC_TIMEOUT_S), *argv], demux=True, stdout=True, stderr=True
-        )
-    except Exception as exc:
-        raise OpsError(f"cannot run {argv[0]} in {container}: {exc.__class__.__name__}") from None
+    code, out, err = client.exec(container, ["timeout", str(EXEC_TIMEOUT_S), *argv])
     if code != 0:
         why = (err or out or b"").decode(errors="replace").strip().splitlines()
         raise OpsError(f"{argv[0]} in {container} failed ({code}): {why[-1] if why else ''}")
-    return (out or b"").decode(errors="replace")
+    return out.decode(errors="replace")
 
 
 def probe(domain: str, path: str, port: int, expect_env: str | None) -> tuple[str, str]:
