@@ -13,6 +13,7 @@ from Debian 13, as two containers on the stack's own bridge network.
   `invoke ssl-renew` as $AIIA_ACME_CA_BUNDLE). Its key never leaves DIR.
 - Addresses are the stack subnet's .250 (pebble) and .251 (challtestsrv), derived from
   `load_stack()`: 172.20.0.250 on the real stack, another subnet on an isolated one.
+  Both carry the stack's label, so the e2e reset and CI's cleanup remove them too.
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class Pebble:
         net = self.stack.network.name
         nginx_ip = str(self.stack.services.nginx.address)
         common = ["run", "--detach", "--network", net, "--memory", MEMORY, "--cpus", "0.5",
+                  "--label", f"org.eduaiia.stack={self.stack.project}",
                   "--label", "org.eduaiia.test=pebble"]  # fmt: skip
         _docker(
             *common, "--name", self.challtestsrv_name, "--ip", self.challtestsrv_ip, IMAGE,
