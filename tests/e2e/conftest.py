@@ -8,7 +8,9 @@ only one can run on a machine. These tests refuse to replace a stack they did no
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,9 +46,10 @@ def reset_stack() -> None:
 
 
 @pytest.fixture(scope="session")
-def e2e_state(tmp_path_factory) -> Path:
-    """A fresh state dir, and a machine with no other aiia stack on it."""
-    state = tmp_path_factory.mktemp("e2e") / "state"
+def e2e_state() -> Path:
+    """A fresh state dir, and a machine with no other aiia stack on it. Not under pytest's
+    tmp_path: pytest deletes all but its 3 newest base dirs, even one still in use."""
+    state = Path(tempfile.mkdtemp(prefix="aiia-e2e-")) / "state"
     if _existing_stack() and os.environ.get("AIIA_E2E_REPLACE") != "1" and not os.environ.get("CI"):
         pytest.fail(
             "an aiia stack already runs on this machine; the end-to-end tests would replace "
@@ -78,6 +81,7 @@ def stack_up(e2e_state):
     yield results
     if os.environ.get("AIIA_E2E_KEEP") != "1":  # keep it up to look around after a run
         reset_stack()
+        shutil.rmtree(e2e_state.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
