@@ -275,11 +275,13 @@ class TestNetwork:
 
 
 class Containers:
-    """Containers started by one test module; all removed (with their volumes) at the end."""
+    """Containers started by one test module; all removed, with the volumes they mounted,
+    at the end. Name volumes aiia-test-* (uuid): they are created on first use."""
 
     def __init__(self, network: TestNetwork):
         self.network = network
         self.names: list[str] = []
+        self.volumes: list[str] = []
 
     def run(
         self,
@@ -313,6 +315,8 @@ class Containers:
             argv += ["--mount", f"type=bind,source={config_dir},target=/etc/aiia,readonly"]
         for source, target in (volumes or {}).items():
             argv += ["--mount", f"type=volume,source={source},target={target}"]
+            if source not in self.volumes:
+                self.volumes.append(source)
         if memory:
             argv += ["--memory", str(memory), "--memory-swap", str(memory)]
         self.names.append(name)
@@ -322,8 +326,11 @@ class Containers:
         return docker(*argv, image_ref, *(args or []), check=False, timeout=timeout)
 
     def remove_all(self) -> None:
+        """Containers first, then the named volumes they used (a volume in use stays)."""
         for name in self.names:
             docker("rm", "-fv", name, check=False)
+        for volume in self.volumes:
+            docker("volume", "rm", "-f", volume, check=False)
 
 
 def health(name: str) -> str:

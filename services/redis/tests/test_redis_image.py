@@ -24,9 +24,8 @@ pytestmark = pytest.mark.docker
 
 @pytest.fixture(scope="module")
 def volume(docker_engine):
-    name = f"aiia-test-redis-data-{uuid.uuid4().hex[:8]}"
-    yield name
-    docker("volume", "rm", "-f", name, check=False)
+    """A named volume for /data; `containers` removes it after the container."""
+    return f"aiia-test-redis-data-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(scope="module")
