@@ -12,6 +12,7 @@ import pytest
 from datasvc_testkit import (
     dockerfile_healthcheck,
     fake_secrets,
+    lint_or_skip,
     load_test_stack,
     parse_ini,
     render_ours,
@@ -134,3 +135,7 @@ def test_dockerfile_runs_as_10001_from_the_base():
     assert text.count("FROM aiia/base:trixie") == 2
     assert "\nUSER 10001:10001\n" in text
     assert 'CMD ["pgbouncer", "/etc/aiia/pgbouncer.ini"]' in text
+
+
+def test_dockerfile_passes_hadolint():
+    lint_or_skip("hadolint", HERE / "Dockerfile")

