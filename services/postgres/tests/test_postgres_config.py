@@ -214,7 +214,7 @@ def test_dockerfile_runs_as_10001_from_the_base():
     assert "\nUSER 10001:10001\n" in text
 
 
-@pytest.mark.parametrize("script", ["docker-entrypoint", "ensure-database"])
+@pytest.mark.parametrize("script", sorted(p.name for p in SCRIPTS.iterdir()))
 def test_scripts_are_strict_bash(script):
     path = SCRIPTS / script
     assert path.stat().st_mode & 0o111, f"{script} is not executable"
