@@ -410,7 +410,9 @@ class DomainStatus:
     serial: str | None
     placeholder: bool
     covered: bool  # the certificate's names include the domain
-    served_serial: str | None = None  # what nginx presented for this name (None: not asked)
+    # The serial nginx presented for this name; "" when it presented none (not running, the
+    # handshake refused), None when it was not asked.
+    served_serial: str | None = None
     error: str = ""
 
     @property
@@ -463,8 +465,10 @@ def status_table_rows(rows: list[DomainStatus]) -> list[list[object]]:
             notes.append("self-signed placeholder")
         if not r.covered:
             notes.append("does not cover this name")
-        if r.serving_current is False:
-            notes.append(f"nginx serves another certificate ({r.served_serial or 'none'})")
+        if r.served_serial == "":
+            notes.append("nginx presents no certificate")
+        elif r.serving_current is False:
+            notes.append(f"nginx serves another certificate (serial {r.served_serial})")
         elif r.serving_current:
             notes.append("served")
         out.append(
@@ -494,7 +498,9 @@ def certificate_status(
     presented = None
     if served:
         port = stack.local_host.published(443)
-        presented = {d: served_serial(runner, connect_host, port, d) for d in all_domains(stack)}
+        presented = {
+            d: served_serial(runner, connect_host, port, d) or "" for d in all_domains(stack)
+        }
     return domain_statuses(stack, installed, now, presented)
 
 

@@ -360,6 +360,13 @@ def test_certificate_status_per_domain():
     assert json.loads(json.dumps(www.as_dict()))["serving_current"] is True
 
 
+def test_certificate_status_when_nginx_presents_nothing():
+    answers = {**_answers(), "openssl s_client": Result([], 1, "", "connect: Connection refused")}
+    rows = tls.certificate_status(STACK, "/s", FilesRunner({}, answers=answers), now=NOW)
+    assert all(r.served_serial == "" and r.serving_current is False for r in rows)
+    assert tls.status_table_rows(rows)[0][-1] == "nginx presents no certificate"
+
+
 def test_certificate_status_without_asking_nginx_runs_no_s_client():
     runner = FilesRunner({}, answers=_answers())
     rows = tls.certificate_status(STACK, "/s", runner, now=NOW, served=False)
