@@ -6,6 +6,6 @@ from pathlib import Path
 # Let `invoke` work from a fresh clone before `pip install -e .`.
 sys.path.insert(0, str(Path(__file__).parent / "src"))
 
-from aiia_ops.tasks import namespace  # noqa: E402
+from aiia_ops.tasks import namespace
 
 ns = namespace

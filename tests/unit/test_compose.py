@@ -14,7 +14,10 @@ SECRETS = Secrets(
     "pg-secret-1",
     "redis-secret-2",
     "admin-secret-3",
-    {"prod": EnvSecrets("prod-db-4", "prod-key-5", "prod-token-8"), "staging": EnvSecrets("stg-db-6", "stg-key-7", "stg-token-9")},
+    {
+        "prod": EnvSecrets("prod-db-4", "prod-key-5", "prod-token-8"),
+        "staging": EnvSecrets("stg-db-6", "stg-key-7", "stg-token-9"),
+    },
 )
 
 

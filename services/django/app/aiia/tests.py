@@ -3,7 +3,7 @@
 import time
 from unittest import mock
 
-from django.db import OperationalError
+from django.db import OperationalError, connection
 from django.test import TestCase, override_settings
 
 from . import health
@@ -31,7 +31,7 @@ class HealthTests(TestCase):
         self.assertEqual(body["version"], "test")
         self.assertEqual(body["environment"], "test")
         self.assertTrue(body["checks"]["database"]["ok"])
-        self.assertIn("memorydb", body["checks"]["database"]["name"])
+        self.assertEqual(body["checks"]["database"]["name"], connection.settings_dict["NAME"])
         self.assertTrue(body["checks"]["cache"]["ok"])
         self.assertIn("no-cache", response["Cache-Control"])
 
