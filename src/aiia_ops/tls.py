@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
+from .errors import OpsError
 from .model import Stack
 from .units import Duration, Size
 
@@ -480,13 +481,18 @@ def status_table_rows(rows: list[DomainStatus]) -> list[list[object]]:
 STATUS_HEADERS = ["domain", "certificate", "issuer", "expires", "days left", "notes"]
 
 
+def connect_host(stack: Stack) -> str:
+    """Where this machine reaches nginx's published ports."""
+    address = str(stack.local_host.publish_address)
+    return "127.0.0.1" if address == "0.0.0.0" else address
+
+
 def certificate_status(
     stack: Stack,
     state_root: str,
     runner=None,
     now: dt.datetime | None = None,
     served: bool = True,
-    connect_host: str = "127.0.0.1",
 ) -> list[DomainStatus]:
     """The library entry point (the monitor calls this): per domain, issuer, expiry and
     days left of the certificate nginx reads, and the serial nginx actually presents."""
@@ -499,7 +505,7 @@ def certificate_status(
     if served:
         port = stack.local_host.published(443)
         presented = {
-            d: served_serial(runner, connect_host, port, d) or "" for d in all_domains(stack)
+            d: served_serial(runner, connect_host(stack), port, d) or "" for d in all_domains(stack)
         }
     return domain_statuses(stack, installed, now, presented)
 
@@ -510,6 +516,8 @@ def read_installed(runner, state_root: str, lineage: Lineage) -> Installed:
 
     live = PurePosixPath(state_root) / SSL_STATE / lineage.live
     result = runner.run(x509_argv(str(live / "fullchain.pem")), check=False, timeout=10)
+    if result.code == 127:  # never "no certificate, renew it" every day for want of a tool
+        raise OpsError("openssl is not installed on this host: apt-get install openssl")
     if not result.ok:
         missing = "No such file" in result.stderr or "Could not open" in result.stderr
         why = "" if missing else (result.stderr.strip().splitlines() or ["openssl failed"])[-1]

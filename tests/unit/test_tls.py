@@ -11,7 +11,9 @@ import pytest
 from aiia_ops import DEFAULT_STACK, tls
 from aiia_ops.budget import check_budget, has_errors
 from aiia_ops.model import load_stack
-from aiia_ops.runners import RecordingRunner, Result
+from aiia_ops.runners import RecordingRunner, Result, Runner, quote
+from aiia_ops.state import StateDir
+from aiia_ops.tasks import tls as tasks
 from aiia_ops.units import Duration
 
 STACK = load_stack(DEFAULT_STACK)  # the committed stack, whatever $AIIA_STACK says
@@ -387,3 +389,130 @@ def test_placeholder_mark_and_meta_directory_are_read():
     assert (prod.placeholder, prod.directory) == (True, "")
     assert (staging.placeholder, staging.directory) == (False, "https://x/dir")
     assert tls.read_installed(runner, "/s", STATUS) == tls.Installed(None)
+
+
+# --- the renewal flow against a fake host (every command recorded, nothing runs) ---------------
+
+STATUS_X509 = """\
+subject=
+issuer=CN=R11,O=Let's Encrypt,C=US
+serial=0B
+notBefore=Nov  1 00:00:00 2026 GMT
+notAfter=Jan 30 00:00:00 2027 GMT
+X509v3 Subject Alternative Name:\x20
+    DNS:devstatus.eduaiia.com
+"""
+INSTALLED = {"serial": "ABC1", "domains": ["eduaiia.com", "www.eduaiia.com"],
+             "not_after": "2027-02-24T12:00:00Z", "name": "eduaiia.com"}  # fmt: skip
+
+
+class FakeHost(Runner):
+    """Answers the first rule whose text occurs in the command; records every command."""
+
+    def __init__(self, rules: list[tuple[str, Result | str]]):
+        super().__init__()
+        self.rules = rules
+        self.commands: list[str] = []
+
+    def _execute(self, argv, *, input, env, timeout, stream) -> Result:
+        text = quote(argv)
+        self.commands.append(text)
+        for needle, answer in self.rules:
+            if needle in text:
+                return answer if isinstance(answer, Result) else Result(argv, 0, answer)
+        return Result(argv)
+
+    def read_file(self, path):
+        return None
+
+    def ran(self, needle: str) -> list[str]:
+        return [c for c in self.commands if needle in c]
+
+
+def host_rules(prod_x509: str = PLACEHOLDER_X509, certbot: Result | str = "") -> list:
+    return [
+        ("live/eduaiia.com/fullchain.pem", prod_x509),
+        ("live/staging.eduaiia.com/fullchain.pem", LETS_ENCRYPT_X509),
+        ("live/devstatus.eduaiia.com/fullchain.pem", STATUS_X509),
+        ("docker inspect --format", "true\n"),
+        ("certbot certonly", certbot),
+        ("aiia-install-cert install", json.dumps(INSTALLED) + "\n"),
+        ("openssl s_client", "-----BEGIN CERTIFICATE-----\nX\n-----END CERTIFICATE-----\n"),
+        ("openssl x509 -noout", PEBBLE_X509.replace("04142B87BBADCAF5", "ABC1")),
+    ]
+
+
+@pytest.fixture
+def flow(tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks, "_now", lambda: NOW)
+    monkeypatch.delenv("AIIA_SLACK_WEBHOOK_URL", raising=False)
+    return StateDir(tmp_path / "state")
+
+
+def test_renewal_renews_only_what_is_due_then_reloads_once(flow):
+    host = FakeHost(host_rules())
+    installed = tasks.renew(host, STACK, flow, directory=LE)
+    assert list(installed) == ["eduaiia.com"]
+    certbot = host.ran("certbot certonly")
+    assert len(certbot) == 1 and "--cert-name eduaiia.com" in certbot[0]
+    order = [
+        next(i for i, c in enumerate(host.commands) if needle in c)
+        for needle in ("nginx -t", "certbot certonly", "aiia-install-cert install",
+                       "nginx -s reload", "openssl s_client")
+    ]  # fmt: skip
+    assert order == sorted(order)
+    assert len(host.ran("nginx -s reload")) == 1
+    assert "eduaiia.com renewed until 2027-02-24" in (flow.root / "audit.log").read_text()
+    assert oct((flow.root / "letsencrypt").stat().st_mode & 0o777) == "0o700"
+
+
+def test_nothing_due_means_no_docker_command_at_all(flow):
+    host = FakeHost(host_rules(prod_x509=PEBBLE_X509))  # 90 days left
+    assert tasks.renew(host, STACK, flow, directory=LE) == {}
+    assert not host.ran("docker")
+
+
+def test_a_failed_challenge_installs_nothing_reloads_nothing_and_says_what_the_ca_said(flow):
+    host = FakeHost(host_rules(certbot=Result([], 1, "", CHALLENGE_FAILED)))
+    with pytest.raises(tasks.RenewFailed) as failure:
+        tasks.renew(host, STACK, flow, directory=LE)
+    message = str(failure.value)
+    assert "1 of 1 certificate(s) not renewed; the certificates in place stay" in message
+    assert "Type:   connection" in message and "connection refused" in message
+    assert not host.ran("aiia-install-cert") and not host.ran("nginx -s reload")
+    assert "eduaiia.com FAILED" in (flow.root / "audit.log").read_text()
+
+
+def test_a_config_nginx_refuses_stops_before_any_acme_traffic(flow):
+    rules = [("nginx -t", Result([], 1, "", "nginx: [emerg] unknown directive")), *host_rules()]
+    host = FakeHost(rules)
+    with pytest.raises(tasks.OpsError, match="nginx -t fails in aiia_nginx before any"):
+        tasks.renew(host, STACK, flow, directory=LE)
+    assert not host.ran("certbot")
+
+
+def test_an_account_the_server_forgot_is_set_aside_and_certbot_registers_anew(flow):
+    accounts = flow.root / "letsencrypt" / "accounts" / "acme-v02.api.letsencrypt.org"
+    (accounts / "directory" / "abc").mkdir(parents=True)
+    answers = iter([Result([], 1, "", ACCOUNT_GONE), Result([], 0, "ok", "")])
+
+    class Forgetful(FakeHost):
+        def _execute(self, argv, **kw):
+            if "certbot certonly" in quote(argv):
+                self.commands.append(quote(argv))
+                return next(answers)
+            return super()._execute(argv, **kw)
+
+    host = Forgetful(host_rules())
+    assert list(tasks.renew(host, STACK, flow, directory=LE)) == ["eduaiia.com"]
+    assert len(host.ran("certbot certonly")) == 2
+    assert [p.name for p in accounts.iterdir()] == ["directory.stale-20261126T120000Z"]
+
+
+def test_a_second_run_is_refused_while_one_holds_the_lock(flow):
+    with (
+        tasks.renew_lock(flow),
+        pytest.raises(tasks.OpsError, match="another ssl-renew"),
+        tasks.renew_lock(flow),
+    ):
+        pass

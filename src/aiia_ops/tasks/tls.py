@@ -145,7 +145,7 @@ def _decisions(runner, model: Stack, state: StateDir, directory: str, force: boo
     ]
 
 
-def _plan_table(decisions: list[tls.Decision], now: dt.datetime) -> str:
+def _plan_table(decisions: list[tls.Decision]) -> str:
     rows = []
     for d in decisions:
         cert = d.installed.cert
@@ -169,7 +169,7 @@ def _wait_served(runner: Runner, model: Stack, expected: dict[str, str]) -> dict
     deadline = time.monotonic() + SERVED_WAIT_SECONDS
     seen: dict[str, str | None] = {}
     while True:
-        seen = {d: tls.served_serial(runner, "127.0.0.1", port, d) for d in expected}
+        seen = {d: tls.served_serial(runner, tls.connect_host(model), port, d) for d in expected}
         if all(tls.same_serial(seen[d], s) for d, s in expected.items()):
             return seen
         if time.monotonic() > deadline:
@@ -201,7 +201,7 @@ def ssl_renew(c, force=False, dry_run=False, directory=None, ca_bundle=None, sta
 
     if dry_run:
         decisions = _decisions(runner, model, state, directory, force)
-        print(_plan_table(decisions, _now()))
+        print(_plan_table(decisions))
         due = [d for d in decisions if d.due]
         if not due:
             print("\nnothing is due: no command would run")
@@ -219,34 +219,62 @@ def ssl_renew(c, force=False, dry_run=False, directory=None, ca_bundle=None, sta
         return
 
     print(f"ssl-renew {_now():%Y-%m-%dT%H:%M:%SZ}: ACME directory {directory}", flush=True)
+    try:
+        renew(runner, model, state, directory=directory, bundle=bundle, force=force)
+    except RenewFailed:
+        raise
+    except OpsError as exc:  # refused before or between renewals: cron must hear of it too
+        notify(f":warning: ssl-renew failed ({directory}): {exc}", state.root)
+        raise
+    print(f"done in {time.monotonic() - started:.1f}s")
+
+
+class RenewFailed(OpsError):
+    """Some certificates were not renewed (already reported and notified)."""
+
+
+def renew(
+    runner: Runner,
+    model: Stack,
+    state: StateDir,
+    *,
+    directory: str,
+    bundle: str | None = None,
+    force: bool = False,
+) -> dict[str, dict]:
+    """Decide, renew what is due, install, reload, report. Returns what was installed;
+    raises RenewFailed (after the report) when anything failed."""
+    root = str(state.root)
+    started = time.monotonic()
+    installed: dict[str, dict] = {}
+    failed: dict[str, str] = {}
     with renew_lock(state):
         decisions = _decisions(runner, model, state, directory, force)
-        print(_plan_table(decisions, _now()), flush=True)
+        print(_plan_table(decisions), flush=True)
         due = [d for d in decisions if d.due]
         if not due:
             print("\nnothing to renew")
-            return
+            return installed
+        _check_nginx_config(runner, model)
         prepare_dirs(state)
         image = ensure_certbot_image(runner)
-        installed: dict[str, dict] = {}
-        failed: dict[str, str] = {}
         for d in due:
             names = ", ".join(d.lineage.domains)
             print(f"-> {d.lineage.name}: requesting {names} from {directory} ...", flush=True)
             t0 = time.monotonic()
             argv = tls.certbot_argv(model, root, image, d.lineage, directory, bundle)
-            result = runner.run(argv, check=False, timeout=tls.CERTBOT_TIMEOUT)
+            result = _one_off(runner, model, argv)
             if not result.ok and tls.account_missing(result.stdout + result.stderr):
                 stale = _set_account_aside(state, directory)
                 print(f"   the ACME server does not know certbot's account: moved it to {stale}, "
                       "registering anew", flush=True)  # fmt: skip
-                result = runner.run(argv, check=False, timeout=tls.CERTBOT_TIMEOUT)
+                result = _one_off(runner, model, argv)
             if not result.ok:
                 failed[d.lineage.name] = tls.certbot_error(result.stdout + "\n" + result.stderr)
                 print(paint(f"   failed after {time.monotonic() - t0:.1f}s", "error"), flush=True)
                 continue
-            inst = runner.run(
-                tls.install_argv(model, root, image, d.lineage, directory), check=False
+            inst = _one_off(
+                runner, model, tls.install_argv(model, root, image, d.lineage, directory)
             )
             if not inst.ok:
                 failed[d.lineage.name] = "issued, but not installed: " + (
@@ -254,7 +282,11 @@ def ssl_renew(c, force=False, dry_run=False, directory=None, ca_bundle=None, sta
                 )
                 print(paint("   issued but not installed", "error"), flush=True)
                 continue
-            installed[d.lineage.name] = json.loads(inst.stdout.strip().splitlines()[-1])
+            try:
+                installed[d.lineage.name] = json.loads(inst.stdout.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                failed[d.lineage.name] = f"the installer said something unexpected: {inst.stdout!r}"
+                continue
             print(
                 f"   issued in {time.monotonic() - t0:.1f}s: serial "
                 f"{installed[d.lineage.name]['serial']}, until "
@@ -265,6 +297,35 @@ def ssl_renew(c, force=False, dry_run=False, directory=None, ca_bundle=None, sta
             _reload(runner, model, state, image, installed, failed)
     took = time.monotonic() - started
     _report(model, state, decisions, installed, failed, directory, took)
+    return installed
+
+
+def _check_nginx_config(runner: Runner, model: Stack) -> None:
+    """Before any ACME traffic: a config nginx refuses would refuse the new certificates
+    too, and renewing them every day against it would only spend the CA's rate limits."""
+    nginx = model.services.nginx.container
+    if not _running(runner, nginx):
+        return
+    checked = runner.run(cmd.nginx_reload(model)[0], check=False)
+    if not checked.ok:
+        raise OpsError(
+            f"nginx -t fails in {nginx} before any certificate was requested; fix the config "
+            f"first (invoke config.render, docker logs {nginx}):\n"
+            + (checked.stderr.strip() or checked.stdout.strip())
+        )
+
+
+def _one_off(runner: Runner, model: Stack, argv: list[str]):
+    """Run a certbot one-off. Under the lock no other run can own its container name, so a
+    leftover (a run killed mid-way) is removed first, and again after a timeout (killing
+    the docker client does not stop the container)."""
+    name = tls.container_name(model)
+    runner.run(["docker", "rm", "--force", name], check=False)
+    result = runner.run(argv, check=False, timeout=tls.CERTBOT_TIMEOUT)
+    if result.code == 124:
+        runner.run(["docker", "rm", "--force", name], check=False)
+        result.stderr += f"\nError: no answer within {tls.CERTBOT_TIMEOUT:.0f}s; stopped"
+    return result
 
 
 def _set_account_aside(state: StateDir, directory: str) -> Path:
@@ -286,7 +347,7 @@ def _reload(runner, model, state, image, installed, failed) -> None:
         # Never leave a pair nginx refuses where its next start would read it.
         by_name = {lin.name: lin for lin in tls.lineages(model)}
         for name in list(installed):
-            runner.run(tls.rollback_argv(model, str(state.root), image, by_name[name]), check=False)
+            _one_off(runner, model, tls.rollback_argv(model, str(state.root), image, by_name[name]))
             failed[name] = "nginx -t refused the new certificate (rolled back): " + (
                 checked.stderr.strip() or checked.stdout.strip()
             )
@@ -303,8 +364,9 @@ def _reload(runner, model, state, image, installed, failed) -> None:
     seen = _wait_served(runner, model, expected)
     stale = sorted(d for d, s in expected.items() if not tls.same_serial(seen.get(d), s))
     if stale:
-        for name, info in installed.items():
+        for name, info in list(installed.items()):
             if any(d in stale for d in info.get("domains", [])):
+                del installed[name]
                 failed[name] = (
                     f"installed, but after the reload nginx still presents serial "
                     f"{seen.get(info['domains'][0])} for {', '.join(stale)}; see "
@@ -342,7 +404,7 @@ def _report(model, state, decisions, installed, failed, directory, took) -> None
             "certificates stay in place.\n" + details,
             state.root,
         )
-        raise OpsError(
+        raise RenewFailed(
             f"ssl-renew: {len(failed)} of {len(failed) + len(installed)} certificate(s) not "
             "renewed; the certificates in place stay and nginx keeps serving them. "
             f"The ACME server ({directory}) said:\n{details}\n"
