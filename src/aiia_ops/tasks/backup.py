@@ -274,7 +274,7 @@ def take_backup(
 
     Refuses, writing nothing, when PostgreSQL is down or the disk is too full; a set is
     written under <id>.partial and renamed only when complete. Prunes the environment to
-    its retention afterwards and records the run in <state>/backups/last-run.json."""
+    its retention afterwards and records the run in <state>/backups/<env>/last-run.json."""
     runner = runner or LocalRunner()
     env = stack.environment(env_name)
     if kind not in bk.ALL_KINDS:
@@ -669,6 +669,7 @@ def restore_backup(
             )
         if exists:
             runner.run(bk.psql(stack, "postgres", ("gone", old)), input=bk.drop_database_sql())
+        _prune(stack, state, env.name)  # the safety copies have a retention too
         report.update(healthy=ok, health=last, duration_s=round(time.monotonic() - t0, 1))
     audit(state.root, f"backup.restore {env.name} from {backup_id}: healthy={ok}")
     if not ok:
