@@ -404,20 +404,20 @@ class Deploy:
         return parse_releases(data or b"")
 
     def prune_images(self, current: str) -> None:
-        """Keep the images of the last N releases (deploy.keep_releases) and the live one."""
+        """Keep the images of each environment's last N releases (deploy.keep_releases) and
+        the live ones; remove older release images this host deployed. Images it never
+        deployed (someone else's builds on a shared engine) are not ours to remove."""
         keep_n = self.stack.deploy.keep_releases
-        keep = {current}
-        # Images are shared by environments: keep what any environment may roll back to.
+        keep, seen = {current}, set()
         for other in self.stack.environments.values():
             live = apps.inspect_release(self._reader(), self.stack, other.container)
             keep |= {live.release} if live else set()
-            keep |= {r["commit"][:12] for r in self._history(other.name)[-keep_n:]}
-        listing = self.runner.run(
-            ["docker", "image", "ls", self.env.image, "--format", "{{.Tag}}"], check=False
-        ).stdout.split()
-        stale = [t for t in listing if len(t) == 12 and t not in keep and t != "latest"]
-        for t in stale:
-            self.runner.run(["docker", "image", "rm", f"{self.env.image}:{t}"], check=False)
+            tags = [r["commit"][:12] for r in self._history(other.name)]
+            recent = list(dict.fromkeys(reversed(tags)))[:keep_n]
+            keep |= set(recent)
+            seen |= set(tags)
+        for tag in sorted(seen - keep):
+            self.runner.run(["docker", "image", "rm", f"{self.env.image}:{tag}"], check=False)
 
 
 def write_host_files(

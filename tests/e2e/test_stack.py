@@ -141,7 +141,7 @@ def test_only_nginx_publishes_ports(stack_up, stack):
 
 
 def test_staging_role_cannot_connect_to_the_prod_database(stack_up, stack, e2e_state):
-    secrets = load_secrets(e2e_state / "secrets", list(stack.environments))
+    secrets = load_secrets(e2e_state, list(stack.environments))
     pg = stack.services.postgresql
 
     def connect(db: str, user: str, password: str) -> subprocess.CompletedProcess:

@@ -64,7 +64,7 @@ def rendered(tmp_path_factory):
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
         out[env] = target
-    secrets = load_secrets(state / "secrets", list(load_stack().environments), create=False)
+    secrets = load_secrets(state, list(load_stack().environments), create=False)
     return out, secrets
 
 

@@ -222,7 +222,7 @@ def media_bytes(runner: Runner, env: Environment) -> int:
 
 
 def secret_values(state: StateDir, stack: Stack) -> dict[str, str]:
-    s = load_secrets(state.secrets, list(stack.environments), create=False)
+    s = load_secrets(state.root, list(stack.environments), create=False)
     out = {
         "POSTGRES_PASSWORD": s.postgres_password,
         "REDIS_PASSWORD": s.redis_password,

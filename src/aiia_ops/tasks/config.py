@@ -47,7 +47,7 @@ def render(c, env=None, out=None, stack=None):
     model = load_stack(stack)
     envs = [model.environment(env).name] if env else list(model.environments)
     state = local_state_dir(model)
-    secrets = load_secrets(state.secrets, list(model.environments))
+    secrets = load_secrets(state.root, list(model.environments))
     target = Path(out) if out else state.config
     files = render_stack(model, secrets, envs=envs)
     written = write_rendered(files, target)

@@ -47,7 +47,7 @@ def make_deploy(
     env = model.environment(env_name)
     runner, state_dir, label, entry = target(model, env_name, host, accept_new_host_key)
     secrets = (
-        load_secrets(local_state_dir(model).secrets, list(model.environments))
+        load_secrets(local_state_dir(model).root, list(model.environments))
         if isinstance(runner, LocalRunner)
         else remote_secrets(runner, state_dir, model)
     )

@@ -136,7 +136,7 @@ def up(c, env=None, stack=None):
     """Start the stack (already set up) and wait until it is healthy."""
     model, state = _load(stack)
     envs = [model.environment(env)] if env else list(model.environments.values())
-    secrets = load_secrets(state.secrets, list(model.environments))
+    secrets = load_secrets(state.root, list(model.environments))
     prepare_state(state)
     write_configs(model, state, secrets)
     runner = _runner(secrets)
@@ -249,7 +249,7 @@ def setup(c, env="prod", skip_build=False, stack=None):
     if not skip_build:
         build(c, stack=stack)
     with step("secrets and rendered configs"):
-        secrets = load_secrets(state.secrets, list(model.environments))
+        secrets = load_secrets(state.root, list(model.environments))
         prepare_state(state)
         changed = write_configs(model, state, secrets)
     runner = _runner(secrets)
