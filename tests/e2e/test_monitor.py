@@ -268,7 +268,8 @@ def test_redis_stopped_is_critical_and_on_the_page_then_one_recovery_alert(
     assert all(c["state"] == "OK" for c in checks.values() if c["metric"] in FUNCTIONAL), [
         (k, c["state"], c["detail"]) for k, c in checks.items() if c["state"] != "OK"
     ]
-    assert code in (0, 1)  # 1 only if the machine's CPU/memory is over a warning
+    # Not CRIT any more, unless the shared machine's CPU/memory says so this minute.
+    assert code == m.exit_code(m.worst(c["state"] for c in checks.values()))
     assert len(webhook.messages) == 1, webhook.messages
     assert "health redis recovered" in webhook.messages[0]
 
