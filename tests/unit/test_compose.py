@@ -50,7 +50,7 @@ def test_command_healthchecks_match_the_document():
         "retries": 5,
         "test": ["CMD", "pg_isready", "-U", "aiia"],
     }
-    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "-e", "ping"]
 
 
 def test_app_releases_get_the_environments_limits_settings_and_address():

@@ -46,7 +46,7 @@ def one(conf, key: str) -> str:
 def test_figures_come_from_the_stack(stack, conf):
     s = stack.services.redis.settings
     assert one(conf, "port") == str(stack.services.redis.port) == "6379"
-    assert one(conf, "maxmemory") == str(s.maxmemory.bytes) == str(36 * 1024 * 1024)
+    assert one(conf, "maxmemory") == str(s.maxmemory.bytes) == str(24 * 1024 * 1024)
     assert one(conf, "maxmemory-policy") == s.maxmemory_policy == "allkeys-lru"
     assert one(conf, "databases") == str(s.databases) == "2"
     assert one(conf, "appendonly") == "yes"
@@ -88,10 +88,10 @@ def test_without_appendonly_rdb_snapshots_take_over():
 
 def test_a_changed_maxmemory_reaches_the_file():
     data = stack_data()
-    data["services"]["redis"]["settings"]["maxmemory"] = "24MB"
+    data["services"]["redis"]["settings"]["maxmemory"] = "20MB"
     stack = load_test_stack(data)
     conf = parse_redis_conf(render_ours(stack, fake_secrets(stack))["redis/redis.conf"].text)
-    assert one(conf, "maxmemory") == str(24 * 1024 * 1024)
+    assert one(conf, "maxmemory") == str(20 * 1024 * 1024)
 
 
 def test_the_conf_is_rendered_as_a_secret():
