@@ -144,7 +144,7 @@ def svg_chart(
     above = [label for value, _, label in thresholds if value > ymax]
     if above:
         out.append(
-            f'<text x="{w - right}" y="{top - 6}" class="th-above">'
+            f'<text x="{left + 2}" y="{top - 6}" class="th-above">'
             f"{html.escape(' · '.join(above))} (above the scale)</text>"
         )
     if not values:
@@ -170,7 +170,7 @@ def charts_for(
 ) -> dict:
     out = {}
     spans = {
-        "24 hours": (now - DAY, 900, 6 * 3600, "%H:%M"),
+        "24 hours": (now - DAY, 300, 6 * 3600, "%H:%M"),
         "7 days": (now - 7 * DAY, 3600, DAY, "%a %d"),
     }
     for name, (start, step, tick_step, fmt) in spans.items():

@@ -29,12 +29,12 @@ from tests.conftest import run_invoke
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
 CLIENT_UA = "e2e-monitor-test"
-# Checks the stack itself decides. CPU and memory utilisation are left out of "must be
-# OK": they depend on what else the (shared, 2-core) machine is doing at that second, and
-# the staging app idles near its 70 % memory warning under its 72 MB limit (see
-# docs/monitoring.md). For those the test asserts a value and a consistent state instead.
+# Checks the stack itself decides must be OK. CPU, memory, disk and latency depend on the
+# machine (shared, 2 cores, other builds running; a CI runner's disk) and, for the staging
+# app's memory, on its 72 MB limit (it idles near the 70 % warning; docs/monitoring.md):
+# for those the test asserts a value and the state that value gives.
 FUNCTIONAL = {"health", "availability", "db_connections", "cache_memory", "http_error_percent",
-              "http_latency_p95", "cert_days", "disk_percent"}  # fmt: skip
+              "cert_days"}  # fmt: skip
 
 
 def _docker(*args: str) -> subprocess.CompletedProcess:
@@ -180,10 +180,10 @@ def test_every_metric_has_a_value_and_the_exit_code_follows_the_states(stack_up,
     """Done when: `invoke monitor --json` reports every metric with a value and exits 0.
 
     Robust by design on a shared, noisy machine: everything the stack decides (health,
-    availability, connections, cache, HTTP, certificates, disk) must be OK; CPU and memory
-    must have a value and a state that matches it; the exit code must be exactly the one
-    the per-metric states give, so it is 0 whenever CPU and memory are under their
-    warnings (with the committed limits the idle staging app's memory may WARN)."""
+    availability, connections, cache, error rate, certificates) must be OK; CPU, memory,
+    disk and latency must have a value and the state that value gives; the exit code must
+    be exactly the one the per-metric states give, so it is 0 whenever those are under
+    their warnings (with the committed limits the idle staging app's memory may WARN)."""
     _wait_all_healthy(stack)
     _site_traffic(stack, e2e_state)
     code, data = _monitor()
@@ -215,7 +215,8 @@ def test_every_metric_has_a_value_and_the_exit_code_follows_the_states(stack_up,
     # Per-environment facts: each app and vhost carries its environment.
     assert checks["memory_percent:django_staging"]["env"] == "staging"
     assert checks[f"http_latency_p95:{stack.environments['prod'].domains[0]}"]["env"] == "prod"
-    assert checks[f"http_latency_p95:{vhosts[0]}"]["detail"].startswith(("1", "2", "3"))
+    requests = int(checks[f"http_latency_p95:{vhosts[0]}"]["detail"].split()[0])
+    assert requests >= 10  # the traffic sent above, in the 5-minute window
     assert code == m.exit_code(m.worst(c["state"] for c in checks.values()))
     if all(c["state"] == "OK" for c in checks.values()):
         assert code == 0
