@@ -493,7 +493,11 @@ def availability(
             continue
         nxt = probes[i + 1][0] if i + 1 < len(probes) else now
         down += min(interval_s, max(0.0, nxt - ts))
-    return round(100.0 * (1 - down / window_s), 3)
+    return availability_percent(down, window_s)
+
+
+def availability_percent(down_s: float, window_s: float) -> float:
+    return round(100.0 * (1 - down_s / window_s), 3)
 
 
 def availability_check(subject: str, env: str | None, value: float | None, below: float) -> Check:

@@ -660,12 +660,13 @@ def collect(
     for vhost, env in vhosts.items():
         checks += m.http_checks(vhost, env, m.window(rows, vhost, start, now), t)
 
-    # Availability over 24 h from the stored probes and this run's.
-    history = store.probes(now - m.AVAILABILITY_WINDOW_S) if store else {}
+    # Availability over 24 h: the stored probes (summed in SQL) then this run's, which
+    # ends the last stored one's interval and adds no downtime of its own yet.
     interval = stack.monitoring.interval.seconds
-    for subject, ok in probes.items():
-        series = [*history.get(subject, []), (now, ok)]
-        value = m.availability(series, now, m.AVAILABILITY_WINDOW_S, interval)
+    window_s = m.AVAILABILITY_WINDOW_S
+    down = store.downtime(now - window_s, now, interval) if store else {}
+    for subject in probes:
+        value = m.availability_percent(down.get(subject, (0, 0.0, now))[1], window_s)
         env = next((c.env for c in checks if c.metric == "health" and c.subject == subject), None)
         checks.append(m.availability_check(subject, env, value, t.availability_below))
 

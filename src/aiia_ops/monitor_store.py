@@ -2,7 +2,8 @@
 
 <state_dir>/monitor/history.sqlite3 holds
   probes(ts, subject, ok)                   every health probe of every run: availability
-  http(vhost, minute, requests, errors, hist) access-log minutes: error rate and p95 charts
+  http_minutes(vhost, minute, requests, errors, h0..h27)
+                                            access-log minutes: error rate and p95 charts
   runs(ts, state, duration_ms, peak_rss_kb) one row per recorded run
   alerts(key, notified, sent, held)         what Slack was last told, per check
   meta(key, value)                          access-log offset, last CPU counters
@@ -24,20 +25,26 @@ from .monitor import NBUCKETS, AlertMemory, HttpStats
 
 RETENTION_S = 8 * 86400
 
+# One integer column per latency bucket: merging minutes (a minute read by two runs, 5-minute
+# or hourly chart points) is a SQL sum, so a week of history never enters Python as rows.
+_BUCKETS = [f"h{i}" for i in range(NBUCKETS)]
+
 _SCHEMA = """
 create table if not exists probes (
     ts real not null, subject text not null, ok integer not null,
     primary key (subject, ts)) without rowid;
-create table if not exists http (
+create table if not exists http_minutes (
     vhost text not null, minute integer not null, requests integer not null,
-    errors integer not null, hist text not null,
+    errors integer not null, {buckets},
     primary key (vhost, minute)) without rowid;
 create table if not exists runs (
     ts real primary key, state text not null, duration_ms integer, peak_rss_kb integer);
 create table if not exists alerts (
     key text primary key, notified text not null, sent text not null, held integer not null);
 create table if not exists meta (key text primary key, value text not null);
-"""
+""".replace("{buckets}", ", ".join(f"{b} integer not null default 0" for b in _BUCKETS))
+
+_SUMS = ", ".join(f"sum({b})" for b in _BUCKETS)
 
 
 class Store:
@@ -93,29 +100,50 @@ class Store:
             out.setdefault(subject, []).append((ts, bool(ok)))
         return out
 
+    def downtime(
+        self, since: float, now: float, interval_s: float
+    ) -> dict[str, tuple[int, float, float]]:
+        """Per subject since `since`: (probes, seconds down, first probe time), computed in
+        SQL the way `monitor.availability()` does in Python: a failed probe is down until
+        the next probe (or `now`), at most one interval."""
+        return {
+            subject: (n, down or 0.0, first)
+            for subject, n, first, down in self.db.execute(
+                "select subject, count(*), min(ts), sum(case when ok = 0 then "
+                "min(?, max(0, coalesce(nxt, ?) - ts)) else 0 end) from ("
+                "  select subject, ts, ok, lead(ts) over (partition by subject order by ts) as nxt"
+                "  from probes where ts >= ?) group by subject",
+                (interval_s, now, since),
+            )
+        }
+
     # --- http minutes ---
     def add_http(self, minutes: dict[tuple[str, int], HttpStats]) -> None:
-        """Merge new access-log minutes into the stored ones (a minute may span two runs)."""
-        for (vhost, minute), stats in minutes.items():
-            row = self.db.execute(
-                "select requests, errors, hist from http where vhost = ? and minute = ?",
-                (vhost, minute),
-            ).fetchone()
-            if row:
-                stats = stats.merge(HttpStats(row[0], row[1], _hist(row[2])))
-            self.db.execute(
-                "insert or replace into http (vhost, minute, requests, errors, hist) "
-                "values (?, ?, ?, ?, ?)",
-                (vhost, minute, stats.requests, stats.errors, stats.to_json()),
-            )
+        """Add new access-log minutes to the stored ones (a minute may span two runs)."""
+        cols = ", ".join(_BUCKETS)
+        marks = ", ".join("?" * (4 + NBUCKETS))
+        adds = ", ".join(f"{c} = {c} + excluded.{c}" for c in ["requests", "errors", *_BUCKETS])
+        self.db.executemany(
+            f"insert into http_minutes (vhost, minute, requests, errors, {cols}) "
+            f"values ({marks}) on conflict(vhost, minute) do update set {adds}",
+            [(v, mi, st.requests, st.errors, *st.hist) for (v, mi), st in minutes.items()],
+        )
 
     def http(self, since: float) -> list[tuple[str, int, HttpStats]]:
+        """Stored minutes since `since` (for the 5-minute window: a handful of rows)."""
+        return self.http_binned(since, 60)
+
+    def http_binned(self, since: float, step: int) -> list[tuple[str, int, HttpStats]]:
+        """Minutes since `since` merged into points of `step` seconds (aligned on `since`),
+        summed in SQL: (vhost, start of the point, HttpStats)."""
+        start = int(since)
         return [
-            (vhost, minute, HttpStats(req, err, _hist(hist)))
-            for vhost, minute, req, err, hist in self.db.execute(
-                "select vhost, minute, requests, errors, hist from http where minute >= ? "
-                "order by minute",
-                (since,),
+            (vhost, point, HttpStats(req, err, list(hist)))
+            for vhost, point, req, err, *hist in self.db.execute(
+                f"select vhost, ? + (minute - ?) / ? * ? as point, sum(requests), sum(errors), "
+                f"{_SUMS} from http_minutes where minute >= ? group by vhost, point "
+                "order by point",
+                (start, start, step, step, start),
             )
         ]
 
@@ -153,7 +181,7 @@ class Store:
     def prune(self, now: float | None = None, retention_s: float = RETENTION_S) -> None:
         cutoff = (now or time.time()) - retention_s
         self.db.execute("delete from probes where ts < ?", (cutoff,))
-        self.db.execute("delete from http where minute < ?", (cutoff,))
+        self.db.execute("delete from http_minutes where minute < ?", (cutoff,))
         self.db.execute("delete from runs where ts < ?", (cutoff,))
 
     def vacuum(self) -> None:
@@ -162,8 +190,3 @@ class Store:
 
     def size(self) -> int:
         return self.path.stat().st_size
-
-
-def _hist(text: str) -> list[int]:
-    hist = json.loads(text)
-    return hist if len(hist) == NBUCKETS else [0] * NBUCKETS

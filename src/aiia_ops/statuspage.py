@@ -165,17 +165,32 @@ def _ticks(start: float, end: float, step: int, fmt: str) -> list[tuple[float, s
     return out
 
 
+SPANS = {  # name: (length, seconds per point, seconds between x labels, label format)
+    "24 hours": (DAY, 300, 6 * 3600, "%H:%M"),
+    "7 days": (7 * DAY, 3600, DAY, "%a %d"),
+}
+
+
+def chart_rows(store, now: float) -> dict[str, list[tuple[str, int, HttpStats]]]:
+    """Per span, the stored minutes already merged into its points (summed in SQL)."""
+    out = {}
+    for name, (length, step, _, _) in SPANS.items():
+        start = (now - length) // step * step
+        out[name] = store.http_binned(start, step) if store else []
+    return out
+
+
 def charts_for(
-    rows: list[tuple[str, int, HttpStats]], vhost: str, now: float, t: m.Thresholds
+    rows: dict[str, list[tuple[str, int, HttpStats]]], vhost: str, now: float, t: m.Thresholds
 ) -> dict:
     out = {}
     spans = {
-        "24 hours": (now - DAY, 300, 6 * 3600, "%H:%M"),
-        "7 days": (now - 7 * DAY, 3600, DAY, "%a %d"),
+        name: (now - length, step, tick_step, fmt)
+        for name, (length, step, tick_step, fmt) in SPANS.items()
     }
     for name, (start, step, tick_step, fmt) in spans.items():
         start = start // step * step
-        bins = series(rows, vhost, start, now, step)
+        bins = series(rows.get(name, []), vhost, start, now, step)
         ticks = _ticks(start, now, tick_step, fmt)
         p95 = [(ts, s.percentile(0.95)) for ts, s in bins]
         err = [(ts, s.error_percent) for ts, s in bins]
@@ -231,24 +246,19 @@ def build_page_data(stack: Stack, report: Report, store, now: float) -> dict:
     """Everything the page shows, as plain data (also written as status.json)."""
     t = m.Thresholds.from_metrics(stack.monitoring.metrics)
     interval = stack.monitoring.interval.seconds
-    history = store.probes(now - 7 * DAY) if store else {}
-    rows = store.http(now - 7 * DAY - 3600) if store else []
+    down_24h = store.downtime(now - DAY, now, interval) if store else {}
+    down_7d = store.downtime(now - 7 * DAY, now, interval) if store else {}
+    rows = chart_rows(store, now)
     by_subject: dict[str, list[m.Check]] = {}
     for c in report.checks:
         by_subject.setdefault(c.subject, []).append(c)
 
     def uptime(subject: str) -> dict:
-        probes = history.get(subject, [])
-        cur = next(
-            (c for c in by_subject.get(subject, []) if c.metric == "health"),
-            None,
-        )
-        if cur is not None and not any(ts == report.time for ts, _ in probes):
-            probes = [*probes, (report.time, cur.state != CRIT)]
+        day, week = down_24h.get(subject), down_7d.get(subject)
         return {
-            "24h": m.availability(probes, now, DAY, interval),
-            "7d": m.availability(probes, now, 7 * DAY, interval),
-            "since": _utc(probes[0][0]) if probes else None,
+            "24h": m.availability_percent(day[1], DAY) if day else None,
+            "7d": m.availability_percent(week[1], 7 * DAY) if week else None,
+            "since": _utc(week[2]) if week else None,
         }
 
     def card(subject: str, title: str, env: str | None) -> dict:
@@ -263,7 +273,6 @@ def build_page_data(stack: Stack, report: Report, store, now: float) -> dict:
             "uptime": uptime(subject),
         }
 
-    vhosts = report.info.get("vhosts") or {}
     envs = []
     for env in stack.environments.values():
         domain = env.domains[0]
@@ -288,8 +297,6 @@ def build_page_data(stack: Stack, report: Report, store, now: float) -> dict:
         if c.subject == "host" or c.metric == "disk_percent"
     }
     certs = [c.to_json() for c in report.checks if c.metric == "cert_days"]
-    known = set(vhosts)
-    extra_vhosts = sorted({v for v, _, _ in rows} - known - {status_domain})
     return {
         "generated": _utc(now),
         "generated_ts": now,
@@ -301,7 +308,6 @@ def build_page_data(stack: Stack, report: Report, store, now: float) -> dict:
         "host": list(host.values()),
         "status_charts": charts_for(rows, status_domain, now, t),
         "status_domain": status_domain,
-        "extra_vhosts": extra_vhosts,
         "certificates": certs,
         "deploys": [
             {

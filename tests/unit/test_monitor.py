@@ -369,6 +369,15 @@ def test_store_merges_minutes_keeps_alert_memory_and_stays_bounded(tmp_path):
         store.add_http({("eduaiia.com", 600): b})  # the same minute, read by two runs
         ((_, _, merged),) = store.http(0)
         assert (merged.requests, merged.errors) == (2, 1)
+        c = HttpStats()
+        c.add(200, 600)
+        store.add_http({("eduaiia.com", 660): c, ("eduaiia.com", 960): c})
+        points = store.http_binned(600, 300)  # 600-899 and 900-1199
+        assert [(v, p, s.requests, s.errors) for v, p, s in points] == [
+            ("eduaiia.com", 600, 3, 1),
+            ("eduaiia.com", 900, 1, 0),
+        ]
+        assert points[0][2].hist == a.merge(b).merge(c).hist
         store.save_alert_memory({"health:redis": AlertMemory(CRIT, [NOW], 2)})
         assert store.alert_memory() == {"health:redis": AlertMemory(CRIT, [NOW], 2)}
         store.put("access_log", {"inode": 1, "pos": 10})
@@ -437,3 +446,22 @@ def test_status_page_renders_every_section_from_data(stack, tmp_path):
     assert published.read_text() == html
     assert json.loads((tmp_path / "status" / "status.json").read_text())["state"] == CRIT
     assert oct(published.stat().st_mode & 0o777) == "0o644"
+
+
+def test_availability_in_sql_equals_the_pure_function(tmp_path):
+    import random
+
+    rng = random.Random(7)
+    probes, ts = [], NOW - 2 * 86400
+    while ts < NOW - 30:
+        probes.append((ts, rng.random() > 0.05))
+        ts += rng.choice([5, 60, 60, 60, 300])  # quick re-runs, cron, a gap
+    with Store(tmp_path / "h.sqlite3") as store:
+        for when, ok in probes:
+            store.add_probes(when, {"redis": ok})
+        for window in (86400, 7 * 86400):
+            n, down, first = store.downtime(NOW - window, NOW, 60)["redis"]
+            expected = m.availability(probes, NOW, window, 60)
+            assert m.availability_percent(down, window) == expected
+            assert n == sum(1 for t, _ in probes if t >= NOW - window)
+            assert first == min(t for t, _ in probes if t >= NOW - window)
