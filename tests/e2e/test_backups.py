@@ -13,6 +13,7 @@ import http.client
 import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import threading
@@ -78,6 +79,18 @@ def get(stack, env, path: str) -> tuple[int, bytes]:
     return status, body
 
 
+def https_connection(stack, domain: str, timeout: float = 10) -> http.client.HTTPSConnection:
+    """A connection to nginx on 127.0.0.1 with SNI = `domain` (nginx refuses a handshake
+    for a name it does not serve). The certificate may be the self-signed placeholder."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    port = stack.local_host.published(443)
+    conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=timeout, context=ctx)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    conn.sock = ctx.wrap_socket(raw, server_hostname=domain)
+    return conn
+
+
 def app_token(env) -> str | None:
     """The app's own write token, when the stack gives it one."""
     out = subprocess.run(
@@ -111,12 +124,8 @@ def write_courses(stack, env, payloads: list[dict]) -> None:
     a token given to that one process (the stack gives the apps no write token yet)."""
     token = app_token(env)
     if token:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
         for payload in payloads:
-            conn = http.client.HTTPSConnection(
-                "127.0.0.1", stack.local_host.published(443), context=ctx, timeout=10
-            )
+            conn = https_connection(stack, env.domains[0])
             conn.request("POST", "/api/courses/", json.dumps(payload), {
                 "Host": env.domains[0], "Content-Type": "application/json",
                 "Authorization": f"Bearer {token}",
@@ -341,8 +350,6 @@ def test_a_prod_backup_and_a_staging_restore_under_prod_load_cost_prod_nothing(
     lock = threading.Lock()
 
     def client(n: int) -> None:
-        ctx = ssl.create_default_context()
-        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
         conn = None
         deadline = time.monotonic() + 180
         for i in range(400):  # bounded in count and in time
@@ -350,9 +357,7 @@ def test_a_prod_backup_and_a_staging_restore_under_prod_load_cost_prod_nothing(
                 break
             try:
                 if conn is None:
-                    conn = http.client.HTTPSConnection(
-                        "127.0.0.1", stack.local_host.published(443), context=ctx, timeout=15
-                    )
+                    conn = https_connection(stack, prod.domains[0], timeout=15)
                 path = "/health/" if i % 2 else f"/api/courses/?page={1 + i % 2}&page_size=5"
                 conn.request("GET", path, headers={"Host": prod.domains[0]})
                 resp = conn.getresponse()

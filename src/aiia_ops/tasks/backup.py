@@ -8,6 +8,7 @@ pre-deploy backup. See docs/backups.md and docs/disaster-recovery.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import errno
 import fcntl
@@ -222,19 +223,23 @@ def media_bytes(runner: Runner, env: Environment) -> int:
 
 
 def secret_values(state: StateDir, stack: Stack) -> dict[str, str]:
+    """Every secret value there is: the loaded secrets (AIIA_* overrides included) and any
+    KEY=value of the 0600 files under <state>/secrets (a webhook URL, a future key)."""
     s = load_secrets(state.root, list(stack.environments), create=False)
-    out = {
-        "POSTGRES_PASSWORD": s.postgres_password,
-        "REDIS_PASSWORD": s.redis_password,
-        "PGBOUNCER_ADMIN_PASSWORD": s.pgbouncer_admin_password,
-    }
+    out = {f.name.upper(): getattr(s, f.name) for f in dataclasses.fields(s)
+           if isinstance(getattr(s, f.name), str)}  # fmt: skip
     for name, e in s.environments.items():
-        out[f"{name.upper()}_DB_PASSWORD"] = e.db_password
-        out[f"{name.upper()}_SECRET_KEY"] = e.secret_key
-    for key in ("AIIA_SLACK_WEBHOOK_URL",):
-        if os.environ.get(key):
-            out[key] = os.environ[key]
-    return out
+        for f in dataclasses.fields(e):
+            out[f"{name.upper()}_{f.name.upper()}"] = getattr(e, f.name)
+    for path in sorted(state.secrets.glob("*.env")) if state.secrets.is_dir() else []:
+        for line in path.read_text().splitlines():
+            key, sep, value = line.partition("=")
+            known = sep and (value.strip() in out.values() or key.lstrip().startswith("#"))
+            if sep and value.strip() and not known:
+                out[f"{path.stem.upper()}_{key.strip()}"] = value.strip()
+    if os.environ.get("AIIA_SLACK_WEBHOOK_URL"):
+        out["SLACK_WEBHOOK_URL"] = os.environ["AIIA_SLACK_WEBHOOK_URL"]
+    return {k: v for k, v in out.items() if v and len(v) >= 4}
 
 
 def config_archive(stack: Stack, state: StateDir) -> bytes:
