@@ -209,6 +209,13 @@ class Load:
         return hashlib.sha256(der).hexdigest()[:16], status
 
 
+def rotated(seen: list[str]) -> bool:
+    """Two certificates, the old one first and the new one last. Old and new may alternate
+    for a moment: during a graceful reload the old workers accept until they get the
+    signal, and the threads record in the order requests finish, not handshakes."""
+    return len(set(seen)) == 2 and seen[0] != seen[-1]
+
+
 def run_under_load(stack, env: dict, *args: str) -> tuple[subprocess.CompletedProcess, Load]:
     with Load(stack.local_host.published(443)) as load:
         time.sleep(2)  # traffic flows before the task starts...
@@ -240,7 +247,7 @@ def test_first_issue_replaces_the_placeholder_without_downtime(stack, acme_env, 
         assert domain in now.domains
         assert now.verified, f"{domain}: chain does not verify to pebble's root\n{now.s_client}"
     # The load saw the placeholder, then the real certificate, and nothing in between failed.
-    assert len(load.seen["eduaiia.com"]) == 2, load.seen
+    assert rotated(load.seen["eduaiia.com"]), load.seen
 
 
 def test_certificates_land_in_nginx_layout_readable_by_nginx_only(stack, pebble, e2e_state):
@@ -288,7 +295,7 @@ def test_forced_renewal_rotates_every_certificate_under_load(stack, acme_env):
     assert all(not tls.same_serial(after[d], before[d]) for d in after), (before, after)
     assert after["eduaiia.com"] == after["www.eduaiia.com"]  # one certificate for both names
     assert load.failures == [], f"{len(load.failures)} of {load.total} failed: {load.failures[:5]}"
-    assert all(len(load.seen[d]) == 2 for d in tls.all_domains(stack)), load.seen
+    assert all(rotated(load.seen[d]) for d in tls.all_domains(stack)), load.seen
     print(f"\nforced renewal of 3 certificates: {took:.0f}s; load: {load.total} requests, 0 failed")
 
 
