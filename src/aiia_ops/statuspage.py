@@ -59,6 +59,8 @@ def _nice_max(v: float) -> float:
 
 
 def _fmt(v: float) -> str:
+    if v >= 1000:
+        return f"{v / 1000:g}k"
     return f"{v:g}" if v >= 10 or v == int(v) else f"{v:.1f}"
 
 
