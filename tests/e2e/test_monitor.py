@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import threading
 import time
@@ -230,49 +231,74 @@ def test_table_for_people_and_quiet_for_cron(stack_up):
     assert quiet.stdout == "" and quiet.returncode in (0, 1, 2)
 
 
+def _cron_monitors(e2e_state: Path) -> bool:
+    """`invoke setup` installs the host's cron file; on this state dir, cron runs the
+    monitor every minute too, and such a run may be the one that sees a change first."""
+    cron = Path("/etc/cron.d/aiia")
+    return cron.exists() and str(e2e_state) in cron.read_text() and "monitor" in cron.read_text()
+
+
+def _runs_since(e2e_state: Path, since: float) -> int:
+    db = sqlite3.connect(e2e_state / "monitor" / "history.sqlite3", timeout=30)
+    try:
+        return db.execute("select count(*) from runs where ts >= ?", (since,)).fetchone()[0]
+    finally:
+        db.close()
+
+
 def test_redis_stopped_is_critical_and_on_the_page_then_one_recovery_alert(
     stack_up, stack, e2e_state, webhook, redis_restored
 ):
     hook = {"AIIA_SLACK_WEBHOOK_URL": webhook.url}
-    _monitor(env=hook)  # settle what Slack has been told (e.g. a WARN of the busy machine)
-    webhook.messages.clear()
+    for attempt in (1, 2):
+        if _cron_monitors(e2e_state):
+            # Cron starts its run at second 0 and is done in a few seconds: begin just
+            # after, so the whole stop/start cycle (~30 s) usually fits before the next.
+            time.sleep(60 - time.time() % 60 + 5)
+        _monitor(env=hook)  # settle what Slack has been told (a WARN of the busy machine)
+        webhook.messages.clear()
+        started = time.time()
 
-    assert _docker("stop", redis_restored).returncode == 0
-    code, data = _monitor(env=hook)
-    assert code == 2 and data["state"] == "CRIT"
-    checks = _by_key(data)
-    assert checks["health:redis"]["state"] == "CRIT"
-    assert "redis" in data["summary"]
-    assert checks["cache_memory:redis"]["state"] == "UNKNOWN"
-    assert len(webhook.messages) == 1 and "health redis OK → CRIT" in webhook.messages[0]
+        assert _docker("stop", redis_restored).returncode == 0
+        code, data = _monitor(env=hook)
+        assert code == 2 and data["state"] == "CRIT"
+        checks = _by_key(data)
+        assert checks["health:redis"]["state"] == "CRIT"
+        assert "redis" in data["summary"]
+        assert checks["cache_memory:redis"]["state"] == "UNKNOWN"
+        down_messages = list(webhook.messages)
 
-    # The status page, through nginx, says so.
-    status, headers, body = https_get(
-        stack.status_domain, "/status.json", port=stack.local_host.published(443)
-    )
-    assert status == 200 and "no-cache" in headers.get("Cache-Control", "")
-    page = json.loads(body)
-    assert page["state"] == "CRIT"
-    redis_card = next(c for c in page["shared"] if c["subject"] == "redis")
-    assert redis_card["state"] == "CRIT"
-    status, _, html = https_get(stack.status_domain, "/", port=stack.local_host.published(443))
-    # Fresh: nginx serves the file this run wrote (no cached descriptor of the old one).
-    assert re.search(rb'class="name">redis</span>\s*<span class="pill s-CRIT">', html), html[:300]
+        # The status page, through nginx, says so.
+        status, headers, body = https_get(
+            stack.status_domain, "/status.json", port=stack.local_host.published(443)
+        )
+        assert status == 200 and "no-cache" in headers.get("Cache-Control", "")
+        page = json.loads(body)
+        assert page["state"] == "CRIT"
+        redis_card = next(c for c in page["shared"] if c["subject"] == "redis")
+        assert redis_card["state"] == "CRIT"
+        status, _, html = https_get(stack.status_domain, "/", port=stack.local_host.published(443))
+        # Fresh: nginx serves the file this run wrote (no cached descriptor of the old one).
+        assert re.search(rb'class="name">redis</span>\s*<span class="pill s-CRIT">', html)
 
-    assert _docker("start", redis_restored).returncode == 0
-    _wait_healthy(stack)
-    webhook.messages.clear()
-    code, data = _monitor(env=hook)
-    checks = _by_key(data)
-    assert checks["health:redis"]["state"] == "OK"
-    assert checks["cache_memory:redis"]["state"] == "OK"
-    assert all(c["state"] == "OK" for c in checks.values() if c["metric"] in FUNCTIONAL), [
-        (k, c["state"], c["detail"]) for k, c in checks.items() if c["state"] != "OK"
-    ]
-    # Not CRIT any more, unless the shared machine's CPU/memory says so this minute.
-    assert code == m.exit_code(m.worst(c["state"] for c in checks.values()))
-    assert len(webhook.messages) == 1, webhook.messages
-    assert "health redis recovered" in webhook.messages[0]
+        assert _docker("start", redis_restored).returncode == 0
+        _wait_healthy(stack)
+        webhook.messages.clear()
+        code, data = _monitor(env=hook)
+        checks = _by_key(data)
+        assert checks["health:redis"]["state"] == "OK"
+        assert checks["cache_memory:redis"]["state"] == "OK"
+        assert all(c["state"] == "OK" for c in checks.values() if c["metric"] in FUNCTIONAL), [
+            (k, c["state"], c["detail"]) for k, c in checks.items() if c["state"] != "OK"
+        ]
+        # Not CRIT any more, unless the shared machine's CPU/memory says so this minute.
+        assert code == m.exit_code(m.worst(c["state"] for c in checks.values()))
+        if _runs_since(e2e_state, started) > 2 and attempt == 1:
+            continue  # a cron run came in between and may have announced a change first
+        assert len(down_messages) == 1 and "health redis OK → CRIT" in down_messages[0]
+        assert len(webhook.messages) == 1, webhook.messages
+        assert "health redis recovered" in webhook.messages[0]
+        break
 
 
 def test_status_page_in_headless_chromium_shows_its_charts(stack_up, stack, tmp_path):
