@@ -862,8 +862,9 @@ def restore(c, env, id, yes=False, allow_other_env=False, no_safety_backup=False
         safety=not no_safety_backup, media=not no_media,
     )  # fmt: skip
     say(
-        f"\n{env} restored from {id} in {report['duration_s']}s (switch {report['switch_s']}s; "
-        f"safety backup: {report['safety_backup'] or 'none'}); /health/ answers 200"
+        f"\n{env} restored from {report['id']} in {report['duration_s']}s "
+        f"(switch {report['switch_s']}s; safety backup: {report['safety_backup'] or 'none'}); "
+        "/health/ answers 200"
     )
 
 
