@@ -76,7 +76,7 @@ def svg_chart(
 ) -> str:
     """A small line + area chart. Gaps where a value is None (no requests); threshold
     lines drawn when they fall inside the scale (else named under the chart)."""
-    w, h, left, right, top, bottom = 520, 200, 52, 10, 20, 26
+    w, h, left, right, top, bottom = 520, 210, 58, 10, 22, 28
     pw, ph = w - left - right, h - top - bottom
     values = [v for _, v in points if v is not None]
     peak = max(values) if values else 0
