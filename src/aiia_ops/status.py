@@ -60,11 +60,11 @@ def _memory_used(container) -> Size | None:
 def stack_status(stack: Stack, client=None) -> list[ContainerStatus]:
     client = client or docker_client()
     expected = {c.container: service_key(c) for c in stack.containers()}
-    found = {
-        c.name: c
-        for c in client.containers.list(all=True)
-        if c.name in expected or c.labels.get("org.eduaiia.stack") == stack.project
-    }
+    # Every container of the stack carries its label; one removed meanwhile is skipped.
+    listed = client.containers.list(
+        all=True, ignore_removed=True, filters={"label": f"org.eduaiia.stack={stack.project}"}
+    )
+    found = {c.name: c for c in listed if c.name in expected}
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         used = dict(
             zip(
