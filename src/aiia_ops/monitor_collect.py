@@ -22,6 +22,7 @@ import struct
 import subprocess
 import time
 import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -400,26 +401,38 @@ def probe(domain: str, path: str, port: int, expect_env: str | None) -> tuple[st
 # --- the access log ------------------------------------------------------------------------
 
 
-def read_new_log(path: Path, offset: dict | None) -> tuple[list[str], dict]:
-    """Lines appended since `offset` ({inode, pos}); a rotated or truncated log is read
-    from its start. Only whole lines are consumed (a half-flushed line waits)."""
+def new_log_lines(path: Path, offset: dict | None, new_offset: dict) -> Iterator[str]:
+    """Lines appended since `offset` ({inode, pos}), one at a time (memory stays flat
+    whatever the traffic); `new_offset` is updated as they are consumed. A rotated or
+    truncated log is read from its start; a half-written last line waits for next time."""
     try:
         st = path.stat()
     except OSError:
-        return [], offset or {}
+        new_offset.update(offset or {})
+        return
     pos = 0
     if offset and offset.get("inode") == st.st_ino and offset.get("pos", 0) <= st.st_size:
         pos = offset["pos"]
     elif not offset:
         pos = max(0, st.st_size - MAX_LOG_READ)
+    skip_first = bool(pos and not offset)  # started mid-line
+    new_offset.update(inode=st.st_ino, pos=pos)
     with path.open("rb") as f:
         f.seek(pos)
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    lines = data[:end].decode(errors="replace").splitlines()
-    if pos and not offset:
-        lines = lines[1:]  # started mid-line
-    return lines, {"inode": st.st_ino, "pos": pos + end}
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            new_offset["pos"] += len(raw)
+            if skip_first:
+                skip_first = False
+                continue
+            yield raw.decode(errors="replace").rstrip("\n")
+
+
+def read_new_log(path: Path, offset: dict | None) -> tuple[list[str], dict]:
+    new_offset: dict = {}
+    lines = list(new_log_lines(path, offset, new_offset))
+    return lines, new_offset
 
 
 # --- one run -----------------------------------------------------------------------------
@@ -649,8 +662,8 @@ def collect(
 
     # HTTP: the access log since the last run, merged with stored minutes over the window.
     offset = store.get("access_log") if store else None
-    lines, new_offset = read_new_log(access_log(state), offset)
-    minutes = m.aggregate(lines)
+    new_offset: dict = {}
+    minutes = m.aggregate(new_log_lines(access_log(state), offset, new_offset))
     stored = store.http(now - m.HTTP_WINDOW_S - 60) if store else []
     merged: dict[tuple[str, int], m.HttpStats] = {(v, mi): s for v, mi, s in stored}
     for k, s in minutes.items():
