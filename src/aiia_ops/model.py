@@ -123,6 +123,11 @@ class NginxSettings:
     client_max_body_size: Size
     keepalive_timeout: Duration
     upstream_keepalive: int
+    # Anonymous GET /api/ answers kept by nginx this long (0s = off); see docs/performance.md.
+    api_cache: Duration = Duration(0)
+    # Requests in flight to an environment's app per gunicorn thread before nginx answers
+    # 503 at once (0 = no limit): the queue in front of the app stays bounded.
+    app_inflight_per_thread: int = 0
 
 
 @dataclass(frozen=True)

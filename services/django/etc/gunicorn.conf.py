@@ -9,13 +9,13 @@ import os
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '8000')}"
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
-threads = 2
+threads = 4
 worker_class = "gthread"
 timeout = 30
 graceful_timeout = 30
 keepalive = 60
-max_requests = 1000
-max_requests_jitter = 100
+max_requests = 20000
+max_requests_jitter = 2000
 worker_tmp_dir = "/dev/shm"
 preload_app = workers > 1  # saves memory only with several workers (see README.md)
 accesslog = "-"
