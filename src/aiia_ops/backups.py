@@ -515,3 +515,11 @@ def scratch_name(database: str, purpose: str, backup_id: str) -> str:
 def backup_dir(state_root: str, env: str, backup_id: str = "") -> PurePosixPath:
     base = PurePosixPath(state_root) / "backups" / env
     return base / backup_id if backup_id else base
+
+
+def take_backup(stack: Stack, state, env_name: str, kind: str, runner=None):
+    """What a deploy calls for its pre-deploy backup. The work (files, commands) is done by
+    `aiia_ops.tasks.backup.take_backup`; imported when called, so this module stays pure."""
+    from .tasks.backup import take_backup as _take_backup
+
+    return _take_backup(stack, state, env_name, kind, runner)

@@ -260,3 +260,18 @@ def test_swap_refuses_new_connections_and_ends_the_old_ones_before_renaming():
         sql.index('ALTER DATABASE :"new" RENAME TO :"db"'),
     ]
     assert order == sorted(order)
+
+
+def test_a_dry_run_deploy_s_backup_prints_the_commands_and_writes_nothing(stack, tmp_path):
+    import io
+
+    from aiia_ops.runners import PrintingRunner
+    from aiia_ops.state import StateDir
+
+    out = io.StringIO()
+    record = bk.take_backup(stack, StateDir(tmp_path), "prod", "pre-deploy", PrintingRunner(out))
+    assert record.kind == "pre-deploy" and record.env == "prod"
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "[local] docker exec aiia_postgresql pg_isready -q"
+    assert lines[1].endswith("database.dump docker exec -i aiia_postgresql bash -s -- aiia_prod")
+    assert list(tmp_path.iterdir()) == []

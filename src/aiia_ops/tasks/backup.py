@@ -28,9 +28,10 @@ from .. import backups as bk
 from ..compose import service_key
 from ..errors import CommandFailed, OpsError
 from ..model import Environment, Stack, load_stack
+from ..notify import notify
 from ..output import paint, table
 from ..releases import audit, now_iso, who
-from ..runners import LocalRunner, Runner
+from ..runners import LocalRunner, PrintingRunner, Runner
 from ..secrets import load_secrets
 from ..state import StateDir, local_state_dir
 from ..status import health_through_nginx
@@ -284,6 +285,14 @@ def take_backup(
     env = stack.environment(env_name)
     if kind not in bk.ALL_KINDS:
         raise OpsError(f"unknown backup kind {kind!r}; expected one of: {', '.join(bk.KINDS)}")
+    if isinstance(runner, PrintingRunner):  # a dry run: say what would run, change nothing
+        return _dry_backup(stack, state, env, kind, runner)
+    if not isinstance(runner, LocalRunner):
+        raise OpsError(
+            f"backups are written on the machine that runs them; run `invoke backup --env "
+            f"{env.name} --kind {kind}` on the host itself (the {type(runner).__name__} "
+            "cannot write a backup set yet)"
+        )
     started = time.time()
     try:
         with env_lock(state, env.name):
@@ -295,6 +304,8 @@ def take_backup(
             "duration_s": round(time.time() - started, 1),
         })  # fmt: skip
         audit(state.root, f"backup {env.name} {kind} FAILED: {str(exc).splitlines()[0]}")
+        if kind in ("daily", "pre-deploy"):  # nobody is watching a cron run
+            notify(f":warning: {kind} backup of {env.name} failed: {str(exc)[:300]}", state.root)
         raise
     write_last_run(state, env.name, kind, {
         "ok": True, "time": now_iso(), "id": record.id, "size": record.size,
@@ -302,6 +313,19 @@ def take_backup(
     })  # fmt: skip
     audit(state.root, f"backup {env.name} {kind} {record.id} ({bk.human_size(record.size)})")
     return record
+
+
+def _dry_backup(stack: Stack, state: StateDir, env: Environment, kind: str, runner: Runner):
+    now = _dt.datetime.now(_dt.UTC)
+    backup_id = bk.new_id(now, env.name, kind)
+    folder = backups_root(state) / env.name / backup_id
+    runner.run(bk.pg_ready(stack))
+    runner.run(bk.stdout_to(str(folder / bk.DUMP), bk.dump_database(stack, env.database)))
+    runner.run(bk.stdout_to(str(folder / bk.MEDIA), bk.media_archive(env)))
+    print(
+        f"[{runner.host}] write {folder / bk.CONFIG} and {folder / bk.MANIFEST}; prune {env.name}"
+    )
+    return bk.BackupRecord(backup_id, env.name, kind, now, str(folder))
 
 
 def _take(stack: Stack, state: StateDir, env: Environment, kind: str, runner: Runner):
