@@ -227,8 +227,11 @@ def secret_values(state: StateDir, stack: Stack) -> dict[str, str]:
     """Every secret value there is: the loaded secrets (AIIA_* overrides included) and any
     KEY=value of the 0600 files under <state>/secrets (a webhook URL, a future key)."""
     s = load_secrets(state.root, list(stack.environments), create=False)
-    out = {f.name.upper(): getattr(s, f.name) for f in dataclasses.fields(s)
-           if isinstance(getattr(s, f.name), str)}  # fmt: skip
+    out = {
+        f.name.upper(): getattr(s, f.name)
+        for f in dataclasses.fields(s)
+        if isinstance(getattr(s, f.name), str)
+    }
     for name, e in s.environments.items():
         for f in dataclasses.fields(e):
             out[f"{name.upper()}_{f.name.upper()}"] = getattr(e, f.name)
@@ -299,18 +302,33 @@ def take_backup(
             record = _take(stack, state, env, kind, runner)
             _prune(stack, state, env.name, quiet=False)
     except OpsError as exc:
-        write_last_run(state, env.name, kind, {
-            "ok": False, "time": now_iso(), "error": str(exc).splitlines()[0],
-            "duration_s": round(time.time() - started, 1),
-        })  # fmt: skip
+        write_last_run(
+            state,
+            env.name,
+            kind,
+            {
+                "ok": False,
+                "time": now_iso(),
+                "error": str(exc).splitlines()[0],
+                "duration_s": round(time.time() - started, 1),
+            },
+        )
         audit(state.root, f"backup {env.name} {kind} FAILED: {str(exc).splitlines()[0]}")
         if kind in ("daily", "pre-deploy"):  # nobody is watching a cron run
             notify(f":warning: {kind} backup of {env.name} failed: {str(exc)[:300]}", state.root)
         raise
-    write_last_run(state, env.name, kind, {
-        "ok": True, "time": now_iso(), "id": record.id, "size": record.size,
-        "duration_s": round(time.time() - started, 1),
-    })  # fmt: skip
+    write_last_run(
+        state,
+        env.name,
+        kind,
+        {
+            "ok": True,
+            "time": now_iso(),
+            "id": record.id,
+            "size": record.size,
+            "duration_s": round(time.time() - started, 1),
+        },
+    )
     audit(state.root, f"backup {env.name} {kind} {record.id} ({bk.human_size(record.size)})")
     return record
 
@@ -453,8 +471,9 @@ def _prune(stack: Stack, state: StateDir, env: str, quiet: bool = False, dry: bo
 # --- verification ------------------------------------------------------------------------
 
 
-def _restore_copy(stack: Stack, runner: Runner, record: bk.BackupRecord, env: Environment,
-                  database: str) -> list[str]:  # fmt: skip
+def _restore_copy(
+    stack: Stack, runner: Runner, record: bk.BackupRecord, env: Environment, database: str
+) -> list[str]:
     """Restore the set's dump into a new database `database` and compare its census with the
     manifest's. Returns the differences; the database stays (the caller drops or uses it)."""
     pg = stack.services.postgresql
@@ -511,8 +530,11 @@ def verify_backup(stack: Stack, state: StateDir, record: bk.BackupRecord, runner
             except OpsError as exc:
                 problems = [str(exc)]
             finally:
-                runner.run(bk.psql(stack, "postgres", ("gone", scratch)),
-                           input=bk.drop_database_sql(), check=False)  # fmt: skip
+                runner.run(
+                    bk.psql(stack, "postgres", ("gone", scratch)),
+                    input=bk.drop_database_sql(),
+                    check=False,
+                )
             tables = (record.manifest or {}).get("tables", {})
             result["restore"] = problems if problems else "ok"
             result["tables"] = len(tables)
@@ -563,8 +585,9 @@ def paused(stack: Stack, runner: Runner, database: str):
         yield
 
 
-def restore_plan_text(stack: Stack, env: Environment, record: bk.BackupRecord, safety: bool,
-                      exists: bool, media: bool) -> str:  # fmt: skip
+def restore_plan_text(
+    stack: Stack, env: Environment, record: bk.BackupRecord, safety: bool, exists: bool, media: bool
+) -> str:
     m = record.manifest or {}
     steps = []
     if safety and exists:
@@ -658,8 +681,9 @@ def restore_backup(
                     + "\n  ".join(problems)
                 )
         except BaseException:
-            runner.run(bk.psql(stack, "postgres", ("gone", new)), input=bk.drop_database_sql(),
-                       check=False)  # fmt: skip
+            runner.run(
+                bk.psql(stack, "postgres", ("gone", new)), input=bk.drop_database_sql(), check=False
+            )
             raise
         report["restore_s"] = round(time.monotonic() - t_restore, 1)
         say(f"   restored and checked in {report['restore_s']}s; switching {env.database} ...")
@@ -688,8 +712,9 @@ def restore_backup(
                     input=bk.undo_swap_sql(),
                 )
             runner.run(bk.flush_cache(stack, env), check=False)
-            runner.run(bk.psql(stack, "postgres", ("gone", new)), input=bk.drop_database_sql(),
-                       check=False)  # fmt: skip
+            runner.run(
+                bk.psql(stack, "postgres", ("gone", new)), input=bk.drop_database_sql(), check=False
+            )
             audit(state.root, f"backup.restore {env.name} {backup_id} ROLLED BACK: unhealthy")
             raise OpsError(
                 f"{env.name} was not healthy after the restore (last answer: {last}); the "
@@ -772,14 +797,27 @@ def list_(c, env=None, json_=False, stack=None):
     )
     last = {name: runs for name in names if (runs := read_last_run(state, name))}
     if json_:
-        print(json.dumps({
-            "backups": [{
-                "id": r.id, "kind": r.kind, "env": r.env, "size": r.size,
-                "created": r.created.strftime("%Y-%m-%dT%H:%M:%SZ"), "files": r.files,
-                "verify": r.verify, "path": r.path,
-            } for r in records],
-            "last_run": last,
-        }, indent=2))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "backups": [
+                        {
+                            "id": r.id,
+                            "kind": r.kind,
+                            "env": r.env,
+                            "size": r.size,
+                            "created": r.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                            "files": r.files,
+                            "verify": r.verify,
+                            "path": r.path,
+                        }
+                        for r in records
+                    ],
+                    "last_run": last,
+                },
+                indent=2,
+            )
+        )
         return
     rows = [
         [
@@ -877,14 +915,22 @@ def verify(c, id=None, env=None, stack=None):
     }
 )
 @user_errors
-def restore(c, env, id, yes=False, allow_other_env=False, no_safety_backup=False, no_media=False,
-            stack=None):  # fmt: skip
+def restore(
+    c, env, id, yes=False, allow_other_env=False, no_safety_backup=False, no_media=False, stack=None
+):
     """Restore a backup: safety backup, restore beside the live database, swap, health."""
     model, state = _load(stack)
     report = restore_backup(
-        model, state, env, id, LocalRunner(), yes=yes, allow_other_env=allow_other_env,
-        safety=not no_safety_backup, media=not no_media,
-    )  # fmt: skip
+        model,
+        state,
+        env,
+        id,
+        LocalRunner(),
+        yes=yes,
+        allow_other_env=allow_other_env,
+        safety=not no_safety_backup,
+        media=not no_media,
+    )
     say(
         f"\n{env} restored from {report['id']} in {report['duration_s']}s "
         f"(switch {report['switch_s']}s; safety backup: {report['safety_backup'] or 'none'}); "
