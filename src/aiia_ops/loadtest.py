@@ -56,6 +56,9 @@ class Scenario:
     mix: tuple[Mix, ...]
     # A ceiling runs against its own virtual host (the bare app) or a file only nginx serves.
     vhost: str = "app"  # "app" (the environment's domain) or "bare"
+    # Reads carry a bearer token, which nginx never answers from its edge cache: every
+    # request reaches the app (what Django itself can do, for the ratio to bare gunicorn).
+    bypass_edge_cache: bool = False
 
     @property
     def writes(self) -> bool:
@@ -84,6 +87,18 @@ SCENARIOS: dict[str, Scenario] = {
         "static",
         "static files only (nginx, gzip on the fly for CSS/JS)",
         (Mix("static", 100, "CSS/JS/SVG from the storage volume"),),
+    ),
+    "app": Scenario(
+        "app",
+        "the mixed scenario's app requests only, none answered by nginx's edge cache "
+        "(API clients with a token): what Django itself serves",
+        (
+            Mix("list", 57, "course list pages 1-3 (Redis-cached JSON in the app)"),
+            Mix("detail", 36, "one course with its lessons (2 queries through PgBouncer)"),
+            Mix("health", 4, "/health/"),
+            Mix("write", 3, "POST a course with 2 lessons"),
+        ),
+        bypass_edge_cache=True,
     ),
     "reads": Scenario(
         "reads",
@@ -212,9 +227,14 @@ def _lua_list(items: list[str]) -> str:
     return "{" + ", ".join(items) + "}"
 
 
-def _requests_of(kind: str, target: Target) -> list[tuple[str, dict[str, str]]]:
+EDGE_BYPASS = {"Authorization": "Bearer edge-cache-bypass"}  # reads ignore it; nginx does not
+
+
+def _requests_of(
+    kind: str, target: Target, bypass: bool = False
+) -> list[tuple[str, dict[str, str]]]:
     """(path, extra headers) for the fixed requests of one kind."""
-    gzip = {"Accept-Encoding": "gzip"}
+    gzip = {"Accept-Encoding": "gzip", **(EDGE_BYPASS if bypass else {})}
     if kind == "health":
         return [("/health/", gzip)]
     if kind == "list":
@@ -244,7 +264,7 @@ def lua_script(sc: Scenario, target: Target, run_id: str, seed: int = 1) -> str:
         if m.kind == "write":
             fixed.append("{}")
             continue
-        reqs = _requests_of(m.kind, target)
+        reqs = _requests_of(m.kind, target, sc.bypass_edge_cache)
         if not reqs:
             raise ValueError(f"no requests for {m.kind!r} (no seeded courses?)")
         built = []
@@ -398,6 +418,7 @@ class LogLine:
     status: int
     request_time_ms: float
     uri: str
+    upstream: bool = False  # answered by the app (False: by nginx alone: file, cache, 503)
 
 
 def parse_access_line(line: str) -> LogLine | None:
@@ -410,6 +431,7 @@ def parse_access_line(line: str) -> LogLine | None:
             status=int(data["status"]),
             request_time_ms=float(data["request_time"]) * 1000,
             uri=data["uri"],
+            upstream=bool(data.get("upstream_addr")),
         )
     except (ValueError, KeyError, TypeError):
         return None
@@ -456,13 +478,16 @@ def timeseries(lines: list[LogLine], start: float, end: float, vhosts: set[str])
 def status_counts(lines: list[LogLine], start: float, end: float, vhosts: set[str]) -> dict:
     counts: dict[str, int] = defaultdict(int)
     shed_times = []
+    by_app = 0
     for line in lines:
         if line.vhost in vhosts and start - 1 <= line.t <= end + 1:
             counts[str(line.status)] += 1
+            by_app += line.upstream
             if line.status in SHED_STATUSES:
                 shed_times.append(line.request_time_ms)
     return {
         "by_status": dict(sorted(counts.items())),
+        "answered_by_app": by_app,
         "shed": len(shed_times),
         "shed_p99_ms": percentile(shed_times, 99),
     }

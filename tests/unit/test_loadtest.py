@@ -97,6 +97,18 @@ def test_script_builds_the_mix():
     assert 'wrk.format("POST", "/api/courses/", write_headers, body)' in script
 
 
+def test_the_app_scenario_bypasses_the_edge_cache():
+    app = lt.SCENARIOS["app"]
+    assert app.app_share == 1 and app.bypass_edge_cache
+    script = lt.lua_script(app, TARGET, "x")
+    assert (
+        'wrk.format("GET", "/api/courses/?page=1", {["Accept-Encoding"] = "gzip", '
+        '["Authorization"] = "Bearer edge-cache-bypass"})' in script
+    )
+    mixed = lt.lua_script(lt.SCENARIOS["mixed"], TARGET, "x")
+    assert "edge-cache-bypass" not in mixed
+
+
 def test_script_without_writes_holds_no_token():
     script = lt.lua_script(lt.SCENARIOS["reads"], TARGET, "x")
     assert "s3cret" not in script and "Authorization" not in script
@@ -157,20 +169,22 @@ def test_percentile_nearest_rank(values, p, expected):
     assert lt.percentile(values, p) == expected
 
 
-def _log(t: str, status="200", rt="0.010", vhost="eduaiia.com") -> str:
+def _log(t: str, status="200", rt="0.010", vhost="eduaiia.com", up="172.20.0.3:8000") -> str:
     return json.dumps(
-        {"time": t, "vhost": vhost, "status": status, "request_time": rt, "uri": "/x"}
-    )
+        {"time": t, "vhost": vhost, "status": status, "request_time": rt, "uri": "/x",
+         "upstream_addr": up}
+    )  # fmt: skip
 
 
 def test_access_log_line():
-    line = lt.parse_access_line(_log("2026-11-26T16:00:01+00:00", "503", "0.001"))
+    line = lt.parse_access_line(_log("2026-11-26T16:00:01+00:00", "503", "0.001", up=""))
     assert line == lt.LogLine(
         t=datetime(2026, 11, 26, 16, 0, 1, tzinfo=UTC).timestamp(),
         vhost="eduaiia.com",
         status=503,
         request_time_ms=1.0,
         uri="/x",
+        upstream=False,
     )
     assert lt.parse_access_line("not json") is None
     assert lt.parse_access_line('{"time": "x"}') is None
@@ -181,7 +195,7 @@ def test_timeseries_per_second():
     raw = [
         _log("2026-11-26T16:00:00+00:00", rt="0.010"),
         _log("2026-11-26T16:00:00+00:00", rt="0.030"),
-        _log("2026-11-26T16:00:01+00:00", "503", "0.000"),
+        _log("2026-11-26T16:00:01+00:00", "503", "0.000", up=""),
         _log("2026-11-26T16:00:01+00:00", "201", "0.050"),
         _log("2026-11-26T16:00:01+00:00", vhost="_"),  # another vhost: not counted
     ]
@@ -190,7 +204,12 @@ def test_timeseries_per_second():
     assert [(s.t, s.requests, s.errors, s.shed) for s in secs] == [(0, 2, 0, 0), (1, 2, 1, 1)]
     assert (secs[0].p50_ms, secs[0].p95_ms) == (10.0, 30.0)
     counts = lt.status_counts(lines, start, start + 2, {"eduaiia.com"})
-    assert counts == {"by_status": {"200": 2, "201": 1, "503": 1}, "shed": 1, "shed_p99_ms": 0.0}
+    assert counts == {
+        "by_status": {"200": 2, "201": 1, "503": 1},
+        "answered_by_app": 3,
+        "shed": 1,
+        "shed_p99_ms": 0.0,
+    }
 
 
 def _stats(total, pre_total, system, pre_system, usage, inactive=0, cpus=2):

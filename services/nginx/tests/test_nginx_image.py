@@ -300,8 +300,9 @@ def test_http2_is_offered(nginx):
 def test_proxy_forwards_host_proto_and_client_address_over_keepalive(nginx):
     conn = HTTPSTo127(nginx.https_port, "eduaiia.com")
     try:
-        first = get(conn, "eduaiia.com", "/api/echo", **{"X-Forwarded-For": "6.6.6.6"})
-        second = get(conn, "eduaiia.com", "/api/echo")
+        # Not under /api/: identical anonymous API reads may come from the edge cache.
+        first = get(conn, "eduaiia.com", "/echo", **{"X-Forwarded-For": "6.6.6.6"})
+        second = get(conn, "eduaiia.com", "/echo")
     finally:
         conn.close()
     assert first.status == 200
@@ -315,6 +316,23 @@ def test_proxy_forwards_host_proto_and_client_address_over_keepalive(nginx):
     # The same upstream connection carried both requests (keepalive in the upstream block).
     reused = int(second.json()["connection_requests"]) - int(echoed["connection_requests"])
     assert reused == 1
+
+
+def test_anonymous_api_reads_come_from_the_edge_cache_for_a_second(nginx):
+    """stack.yml services.nginx.settings.api_cache: 1s (docs/performance.md)."""
+    path = f"/api/cached-{time.time_ns()}"
+    first = https(nginx, "eduaiia.com", path).json()
+    again = https(nginx, "eduaiia.com", path).json()
+    assert again["request_id"] == first["request_id"], "served from the cache"
+    with_token = https(nginx, "eduaiia.com", path, Authorization="Bearer x").json()
+    assert with_token["request_id"] != first["request_id"], "a token bypasses the cache"
+    with_session = https(nginx, "eduaiia.com", path, Cookie="sessionid=abc").json()
+    assert with_session["request_id"] != first["request_id"], "so does a session"
+    time.sleep(2.1)  # nginx counts validity in whole seconds: 1s lasts 1 to 2 s
+    later = https(nginx, "eduaiia.com", path).json()
+    assert later["request_id"] != first["request_id"], "expired"
+    outside = [https(nginx, "eduaiia.com", "/echo").json()["request_id"] for _ in range(2)]
+    assert outside[0] != outside[1], "only /api/ is cached"
 
 
 def test_www_is_served_by_the_prod_vhost(nginx):

@@ -324,8 +324,18 @@ def check_static(domain: str, port: int) -> None:
 # --- wrk --------------------------------------------------------------------------------------
 
 
-def require_wrk() -> str:
+def require_wrk(runner: LocalRunner) -> str:
+    """wrk from the distribution; installed here (root + apt) like provision installs Docker."""
     path = shutil.which("wrk")
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("-> installing wrk (Debian package)", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if not runner.run(["apt-get", "install", "-y", "-qq", "wrk"], check=False, env=env).ok:
+            runner.run(["apt-get", "update", "-qq"], env=env)
+            runner.run(["apt-get", "install", "-y", "-qq", "wrk"], env=env)
+        path = shutil.which("wrk")
     if not path:
         raise OpsError("wrk is not installed; on Debian/Ubuntu: apt-get install wrk")
     return path
@@ -404,8 +414,8 @@ def loadtest(
     threads, timeout = int(threads), int(timeout)
     if not 1 <= duration <= 600 or not 1 <= ceiling_duration <= 600:
         raise OpsError("--duration and --ceiling-duration must be 1 to 600 seconds")
-    require_wrk()
     runner = LocalRunner()
+    require_wrk(runner)
     nginx = model.services.nginx
     for name in (nginx.container, target_env.container):
         info = _inspect(name)
@@ -579,6 +589,12 @@ def print_report(report: dict, scenario_name: str) -> None:
             )
             h, r = lt.container_rows(p)
             print(table(h, r))
+            st = p["statuses"]
+            total = sum(st["by_status"].values())
+            print(
+                f"answers by status {st['by_status']}; {st['answered_by_app']} of {total} "
+                f"reached the app, {st['shed']} shed with a fast 503/429 (nginx log)"
+            )
     for step in report["steps"]:
         if "goals" in step:
             print()
