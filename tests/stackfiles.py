@@ -61,8 +61,9 @@ def isolated_stack(project: str, second_octet: int, port_offset: int) -> dict:
 
 def write_isolated_stack(path: Path, project: str, second_octet: int, port_offset: int) -> Path:
     """Write it (e.g. for `AIIA_STACK=path invoke setup`); prints nothing, returns the path."""
-    path.write_text(yaml.safe_dump(isolated_stack(project, second_octet, port_offset),
-                                   sort_keys=False))
+    path.write_text(
+        yaml.safe_dump(isolated_stack(project, second_octet, port_offset), sort_keys=False)
+    )
     return path
 
 
