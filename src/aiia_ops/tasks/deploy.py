@@ -73,13 +73,46 @@ def make_deploy(
 
 
 def pre_deploy_backup(deploy: Deploy):
-    try:
-        from ..backups import take_backup
-    except ImportError:  # pragma: no cover - the backups module ships with the package
-        return None
-    return lambda: take_backup(
-        deploy.stack, local_state_dir(deploy.stack), deploy.env.name, "pre-deploy", deploy.runner
-    )
+    """The environment's database backed up where it lives: here, or on the SSH host by the
+    host's own checkout (recorded in <state>/host.json by `invoke setup` there)."""
+    from ..backups import take_backup
+
+    runner = deploy.runner.reader if isinstance(deploy.runner, PrintingRunner) else deploy.runner
+    if isinstance(runner, LocalRunner):
+        return lambda: take_backup(
+            deploy.stack,
+            local_state_dir(deploy.stack),
+            deploy.env.name,
+            "pre-deploy",
+            deploy.runner,
+        )
+
+    def remote() -> None:
+        raw = runner.read_file(f"{deploy.state_dir}/host.json")
+        if raw is None:
+            raise OpsError(
+                f"{deploy.state_dir}/host.json is missing on the host: run invoke "
+                "setup there first (it records the checkout that takes backups)"
+            )
+        host = json.loads(raw)
+        deploy.runner.run(
+            [
+                host["python"],
+                "-m",
+                "invoke",
+                "--search-root",
+                host["repo"],
+                "backup",
+                "--env",
+                deploy.env.name,
+                "--kind",
+                "pre-deploy",
+            ],
+            env={"AIIA_STATE_DIR": deploy.state_dir, "AIIA_STACK": host["stack"]},
+            stream=True,
+        )
+
+    return remote
 
 
 def remote_secrets(runner: Runner, state_dir: str, model: Stack):

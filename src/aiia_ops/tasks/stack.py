@@ -7,9 +7,11 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 from invoke import task
 
+from .. import REPO_ROOT
 from .. import commands as cmd
 from ..budget import check_budget, has_errors
 from ..compose import service_key
@@ -278,6 +280,20 @@ def setup(c, env="prod", skip_build=False, stack=None):
     else:  # the first release goes out like every other: invoke deploy's procedure
         release.deploy(None)
     from .schedule import install_schedule
+
+    # What a deploy from elsewhere (over SSH) needs to run tasks here, e.g. its backup.
+    runner.write_file(
+        str(state.root / "host.json"),
+        json.dumps(
+            {
+                "repo": str(REPO_ROOT),
+                "python": sys.executable,
+                "stack": str(Path(model.source).resolve()),
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
     with step("schedule: daily backups, TLS renewal check, monitor (cron on the host)"):
         print(f"   {install_schedule(model, state, runner)}")
