@@ -81,7 +81,7 @@ def test_app_releases_get_the_environments_limits_settings_and_address():
     ) == ("172.20.0.5", "6432", "aiia_prod", "0")
     staging = app.run_release(STACK, STACK.environment("staging"), "/s", "abc", "172.20.0.4", "x")
     assert "REDIS_DB=1" in staging and "DB_USER=aiia_staging" in staging
-    assert staging[staging.index("--memory") + 1] == str(72 * 1024**2)
+    assert staging[staging.index("--memory") + 1] == str(88 * 1024**2)
     for value in SECRETS.values():
         assert value not in " ".join(prod)
 

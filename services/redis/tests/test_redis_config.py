@@ -46,7 +46,7 @@ def one(conf, key: str) -> str:
 def test_figures_come_from_the_stack(stack, conf):
     s = stack.services.redis.settings
     assert one(conf, "port") == str(stack.services.redis.port) == "6379"
-    assert one(conf, "maxmemory") == str(s.maxmemory.bytes) == str(24 * 1024 * 1024)
+    assert one(conf, "maxmemory") == str(s.maxmemory.bytes) == str(22 * 1024 * 1024)
     assert one(conf, "maxmemory-policy") == s.maxmemory_policy == "allkeys-lru"
     assert one(conf, "databases") == str(s.databases) == "2"
     assert one(conf, "appendonly") == "yes"
