@@ -38,7 +38,7 @@ STATIC_FILES = (
 )
 SMALL_STATIC_FILE = "/static/admin/img/icon-yes.svg"
 LIST_PAGES = (1, 2, 3)  # page_size 20: the first three pages of the course list
-SEED_COURSES = 40  # courses the detail reads pick from (created before the run)
+SEED_COURSES = 60  # detail reads pick from these; 3 full pages for the list reads
 SEED_PREFIX = "loadtest-seed-"
 
 
