@@ -58,7 +58,10 @@ def main() -> None:
         with (
             PeakSampler(stack.project) as sampler,
             Load(
-                prod.domains[0], port, clients=args.clients, paths=("/health/", "/api/courses/")
+                prod.domains[0],
+                port,
+                clients=args.clients,
+                paths=("/api/courses/", "/static/admin/css/base.css"),
             ) as load,
         ):
             prod_s = deploy("prod", sha)

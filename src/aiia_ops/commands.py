@@ -23,12 +23,19 @@ def image_of_folder(stack: Stack, folder: str) -> str:
 
 
 def build_image(
-    stack: Stack, folder: str, tag: str, version: str, services_dir: Path = SERVICES_DIR
+    stack: Stack,
+    folder: str,
+    tag: str,
+    version: str,
+    services_dir: Path = SERVICES_DIR,
+    extra_tags: tuple[str, ...] = (),
 ) -> list[str]:
     image = image_of_folder(stack, folder)
+    tags = [
+        x for t in dict.fromkeys((tag, *extra_tags, "latest")) for x in ("--tag", f"{image}:{t}")
+    ]
     return [
-        "docker", "build",
-        "--tag", f"{image}:{tag}", "--tag", f"{image}:latest",
+        "docker", "build", *tags,
         "--build-arg", f"APP_VERSION={version}",
         "--label", f"org.eduaiia.version={version}",
         str(services_dir / folder),

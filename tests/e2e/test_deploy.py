@@ -90,7 +90,8 @@ def load_on_prod(stack, clients: int = 50) -> Load:
         stack.environment("prod").domains[0],
         stack.local_host.published(443),
         clients=clients,
-        paths=("/health/", "/api/courses/"),
+        # What users hit: the API (the app) and a static file (nginx alone).
+        paths=("/api/courses/", "/api/courses/?page=1", "/static/admin/css/base.css"),
     )
 
 

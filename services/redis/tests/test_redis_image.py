@@ -6,10 +6,13 @@ REDISCLI_AUTH in the environment (for the health check), a named volume at /data
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
 import pytest
+
+from aiia_ops.model import load_stack
 from datasvc_testkit import (
     SERVICE_UID,
     dexec,
@@ -55,7 +58,8 @@ def cli(redis, *args: str, check: bool = True, auth: str | None = None, db: int 
 
 def test_becomes_healthy_with_the_stack_healthcheck(redis):
     hc = docker("inspect", "-f", "{{json .Config.Healthcheck.Test}}", redis).stdout.strip()
-    assert hc == '["CMD","redis-cli","ping"]'
+    command = load_stack().services.redis.healthcheck.command
+    assert json.loads(hc) == ["CMD", *command] == ["CMD", "redis-cli", "-e", "ping"]
     assert docker("inspect", "-f", "{{.State.Health.Status}}", redis).stdout.strip() == "healthy"
 
 

@@ -23,7 +23,7 @@ from ..runners import LocalRunner, Runner
 from ..secrets import Secrets, load_secrets
 from ..state import StateDir, local_state_dir
 from ..status import STATUS_HEADERS, stack_status, status_table_rows
-from ..versions import image_tag
+from ..versions import head_version, image_tag
 from .common import user_errors
 
 # Host folders under the state dir that containers write to, owned by the service user.
@@ -124,7 +124,9 @@ def build(c, service=None, stack=None):
         with step(f"building {cmd.image_of_folder(model, folder)}:{tag}"):
             if folder == "django":
                 runner.run(cmd.prepare_wheelhouse(), stream=True)
-            runner.run(cmd.build_image(model, folder, tag, tag), stream=True)
+            # Also tagged with the checkout's commit: every image of one commit by one name.
+            extra = (head_version(),)
+            runner.run(cmd.build_image(model, folder, tag, tag, extra_tags=extra), stream=True)
 
 
 @task(
