@@ -32,7 +32,7 @@ def test_scenario_weights_add_up_to_100():
 
 def test_mixed_scenario_proportions():
     mixed = {m.kind: m.weight for m in lt.SCENARIOS["mixed"].mix}
-    assert mixed == {"list": 40, "detail": 25, "static": 30, "health": 3, "write": 2}
+    assert mixed == {"list": 42, "detail": 25, "static": 30, "health": 1, "write": 2}
     assert lt.SCENARIOS["mixed"].writes and not lt.SCENARIOS["reads"].writes
     assert lt.SCENARIOS["mixed"].app_share == pytest.approx(0.70)
     assert lt.SCENARIOS["static"].app_share == 0
@@ -86,7 +86,7 @@ def test_script_resolves_nothing_first_of_all():
 def test_script_builds_the_mix():
     script = lt.lua_script(lt.SCENARIOS["mixed"], TARGET, "ab12", seed=7)
     assert 'local names = {"list", "detail", "static", "health", "write"}' in script
-    assert "local cumulative = {40, 65, 95, 98, 100}" in script
+    assert "local cumulative = {42, 67, 97, 98, 100}" in script
     assert "local total = 100" in script
     assert 'wrk.format("GET", "/api/courses/?page=3", {["Accept-Encoding"] = "gzip"})' in script
     assert '"/api/courses/loadtest-seed-03/"' in script
