@@ -11,8 +11,6 @@ import time
 import uuid
 
 import pytest
-
-from aiia_ops.model import load_stack
 from datasvc_testkit import (
     SERVICE_UID,
     dexec,
@@ -21,6 +19,8 @@ from datasvc_testkit import (
     process_uids,
     wait_healthy,
 )
+
+from aiia_ops.model import load_stack
 
 pytestmark = pytest.mark.docker
 
