@@ -204,6 +204,27 @@ def seed_course(slug: str) -> dict:
     }
 
 
+WRITE_PREFIX = "lt-"  # slugs of the courses the writes create (lt-<run>-<thread>-<n>)
+# In batches of 200 courses: one delete() of 20,000 courses (and their lessons) took the
+# app container past its memory limit.
+CLEANUP = f"""from courses.models import Course
+mine = Course.objects.filter(slug__startswith={WRITE_PREFIX!r})
+n = 0
+while ids := list(mine.values_list("id", flat=True)[:200]):
+    n += Course.objects.filter(id__in=ids).delete()[0]
+print(n)
+"""
+
+
+def cleanup_argv(container: str) -> list[str]:
+    """Delete what the writes created, through the app's own models (lessons cascade, the
+    list cache is invalidated by its signals): every run starts from the same data."""
+    return [
+        "docker", "exec", container,
+        "/app/venv/bin/python", "/app/code/manage.py", "shell", "--command", CLEANUP,
+    ]  # fmt: skip
+
+
 def wrk_argv(
     users: int, duration: int, script: str, url: str, threads: int = 2, timeout: int = 5
 ) -> list[str]:
@@ -283,6 +304,7 @@ def lua_script(sc: Scenario, target: Target, run_id: str, seed: int = 1) -> str:
             '["Accept-Encoding"] = "gzip", '
             f'["Authorization"] = {lua_str("Bearer " + (target.token or ""))}}}\n'
         )
+    lt_prefix = WRITE_PREFIX
     return f"""-- wrk script of the "{sc.name}" scenario, made by aiia_ops.loadtest; never edit.
 -- First of all: every connection goes to 127.0.0.1. The URL's host name only sets TLS SNI
 -- and the Host header; it is never looked up.
@@ -321,7 +343,7 @@ function request()
     sent[name] = sent[name] + 1
     if name == "write" then
         written = written + 1
-        local slug = string.format("lt-%s-%d-%d", run, id or 1, written)
+        local slug = string.format("{lt_prefix}%s-%d-%d", run, id or 1, written)
         local body = string.format(
             '{{"title":"Load test %s","slug":"%s","summary":"written under load",' ..
             '"lessons":[{{"title":"One","body":"First."}},{{"title":"Two","body":"Second."}}]}}',

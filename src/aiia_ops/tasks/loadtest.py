@@ -321,6 +321,15 @@ def check_static(domain: str, port: int) -> None:
             )
 
 
+def cleanup(runner: LocalRunner, env: Environment) -> None:
+    result = runner.run(lt.cleanup_argv(env.container), check=False, timeout=300)
+    deleted = result.stdout.strip().splitlines()[-1:] if result.ok else []
+    if not result.ok:
+        print(f"   could not delete the load test's courses: {result.stderr.strip()[-300:]}")
+    elif deleted and deleted[0] != "0":
+        print(f"-> deleted {deleted[0]} rows the load test's writes had created", flush=True)
+
+
 # --- wrk --------------------------------------------------------------------------------------
 
 
@@ -436,6 +445,7 @@ def loadtest(
             "Use --scenario reads, or pass the token to the app (docs/performance.md)."
         )
     check_static(domain, port)
+    cleanup(runner, target_env)
     slugs = seed(domain, port, token)
     target = lt.Target(domain=domain, port=port, detail_slugs=slugs, token=token)
     bare_target = lt.Target(domain=lt.BARE_DOMAIN, port=port)
@@ -514,6 +524,7 @@ def loadtest(
         samples = list(sampler.samples)
 
     after = integrity_snapshot(list(running))
+    cleanup(runner, target_env)
     trouble = {
         name: t
         for name in running
