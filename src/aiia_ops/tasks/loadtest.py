@@ -197,7 +197,7 @@ def integrity_report(before: dict, after: dict, app_trouble: dict) -> dict:
             problems.append(f"{name} is no longer running")
         elif a["started_at"] != b["started_at"] or a["restart_count"] != b["restart_count"]:
             problems.append(f"{name} restarted")
-        if a.get("oom_killed"):
+        if a.get("oom_killed") and not b.get("oom_killed"):
             problems.append(f"{name}: the engine reports OOMKilled")
         if (a.get("oom_kills") or 0) > (b.get("oom_kills") or 0):
             problems.append(f"{name}: {a['oom_kills'] - b['oom_kills']} process(es) OOM-killed")
