@@ -1027,7 +1027,11 @@ def render_growth_svg(report: dict, scenario_name: str) -> str:
             for q in report["phases"]:
                 if q["name"] == name and q["users"] == p["users"]:
                     pts.append((i, q["rps"]))
-        if pts:
+        top = max((p["rps"] for p in runs), default=0)
+        if pts and max(y for _, y in pts) > 2.5 * top:  # drawn, it would flatten the runs
+            values = ", ".join(f"{y:,.0f}" for _, y in pts)
+            thr.append(Series(f"ceiling {name} (off the scale): {values}/s", []))
+        elif pts:
             thr.append(Series(f"ceiling {name}", pts, True))
     lat = [
         Series(k, [(i, p["latency_ms"][k]) for i, p in zip(xs, runs, strict=True)])
@@ -1040,7 +1044,8 @@ def render_growth_svg(report: dict, scenario_name: str) -> str:
     mem = [
         Series(
             "whole stack", [(i, p["stack_memory_peak_mb"]) for i, p in zip(xs, runs, strict=True)]
-        )
+        ),
+        Series(f"goal {GOAL_STACK_MB} MB", [(0, GOAL_STACK_MB), (xs[-1], GOAL_STACK_MB)], True),
     ]
     cpu = []
     for service in services:
