@@ -25,19 +25,32 @@ def container_memory(client, container) -> int:
 
 
 def stack_memory(project: str) -> dict[str, int]:
+    """Every container of the stack (a deploy's -next one included), read in parallel."""
+    from concurrent.futures import ThreadPoolExecutor
+
     client = docker.from_env(version="auto")
-    out = {}
-    for c in client.containers.list(filters={"label": f"org.eduaiia.stack={project}"}):
-        if c.labels.get("org.eduaiia.one-off"):
-            continue
-        out[c.name] = container_memory(client, c)
-    return out
+    containers = [
+        c
+        for c in client.containers.list(
+            filters={"label": f"org.eduaiia.stack={project}"}, ignore_removed=True
+        )
+        if not c.labels.get("org.eduaiia.one-off")
+    ]
+
+    def used(c) -> tuple[str, int]:
+        try:
+            return c.name, container_memory(client, c)
+        except Exception:  # removed meanwhile (the old release at the end of a deploy)
+            return c.name, 0
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return dict(pool.map(used, containers))
 
 
 class PeakSampler:
     """Samples the stack's memory in the background; keeps the peak total and per container."""
 
-    def __init__(self, project: str, every: float = 0.5):
+    def __init__(self, project: str, every: float = 0.2):
         self.project, self.every = project, every
         self.peak_total = 0
         self.peak: dict[str, int] = {}

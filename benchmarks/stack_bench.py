@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from aiia_ops.model import load_stack
+from aiia_ops.units import Size
 from aiia_ops.versions import image_tag
 from benchmarks.common import DOCS, ROOT, machine_note, mb, stack_memory, write_section
 
@@ -97,6 +98,7 @@ def main() -> None:
     data["rebuild_code_only_s"] = round(rebuild_after_code_change(), 1)
 
     limits = {c.container: c.memory.limit for c in stack.containers()}
+    total_limit = sum((c.memory.limit for c in stack.containers()), Size(0))
     rows = "\n".join(
         f"| {name} | {mb(used)} | {limits.get(name, '-')} |" for name, used in sorted(idle.items())
     )
@@ -112,7 +114,7 @@ the stack under its stack.yml limits, both environments up, {args.settle:.0f} s 
 | container | idle memory | limit |
 |---|---|---|
 {rows}
-| **whole stack** | **{mb(data["idle_total_bytes"])}** | 444MB |
+| **whole stack** | **{mb(data["idle_total_bytes"])}** | {total_limit} |
 
 | image | size |
 |---|---|
