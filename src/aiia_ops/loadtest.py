@@ -216,13 +216,12 @@ print(n)
 """
 
 
-def cleanup_argv(container: str) -> list[str]:
-    """Delete what the writes created, through the app's own models (lessons cascade, the
-    list cache is invalidated by its signals): every run starts from the same data."""
-    return [
-        "docker", "exec", container,
-        "/app/venv/bin/python", "/app/code/manage.py", "shell", "--command", CLEANUP,
-    ]  # fmt: skip
+def cleanup_args() -> list[str]:
+    """Arguments for a one-off app container (commands.one_off_app) that deletes what the
+    writes created, through the app's own models (lessons cascade, the list cache is
+    invalidated by its signals): every run starts from the same data. Not `docker exec` in
+    the live container: a second Django process there took it past its memory limit."""
+    return ["manage.py", "shell", "--command", CLEANUP]
 
 
 def wrk_argv(

@@ -28,7 +28,7 @@ from invoke import task
 from .. import REPO_ROOT
 from .. import loadtest as lt
 from ..app import inspect_release
-from ..commands import nginx_reload
+from ..commands import nginx_reload, one_off_app
 from ..compose import CONFIG_MOUNT, config_dir_name, service_key
 from ..errors import OpsError
 from ..model import Environment, Stack, load_stack
@@ -321,8 +321,12 @@ def check_static(domain: str, port: int) -> None:
             )
 
 
-def cleanup(runner: LocalRunner, env: Environment) -> None:
-    result = runner.run(lt.cleanup_argv(env.container), check=False, timeout=300)
+def cleanup(runner: LocalRunner, stack: Stack, env: Environment, state: StateDir) -> None:
+    live = inspect_release(runner, stack, env.container)
+    if live is None or not live.release:
+        return
+    argv = one_off_app(stack, env, str(state.root), live.release, lt.cleanup_args())
+    result = runner.run(argv, check=False, timeout=300)
     deleted = result.stdout.strip().splitlines()[-1:] if result.ok else []
     if not result.ok:
         print(f"   could not delete the load test's courses: {result.stderr.strip()[-300:]}")
@@ -445,7 +449,7 @@ def loadtest(
             "Use --scenario reads, or pass the token to the app (docs/performance.md)."
         )
     check_static(domain, port)
-    cleanup(runner, target_env)
+    cleanup(runner, model, target_env, state)
     slugs = seed(domain, port, token)
     target = lt.Target(domain=domain, port=port, detail_slugs=slugs, token=token)
     bare_target = lt.Target(domain=lt.BARE_DOMAIN, port=port)
@@ -524,7 +528,7 @@ def loadtest(
         samples = list(sampler.samples)
 
     after = integrity_snapshot(list(running))
-    cleanup(runner, target_env)
+    cleanup(runner, model, target_env, state)
     trouble = {
         name: t
         for name in running
