@@ -57,15 +57,6 @@ def parse_releases(data: bytes) -> list[dict]:
     return out
 
 
-def record_release(state_dir: Path, env: str, **fields) -> dict:
-    path = releases_file(state_dir, env)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = release_line(env, fields)
-    with path.open("a") as f:
-        f.write(line)
-    return json.loads(line)
-
-
 def read_releases(state_dir: Path, env: str) -> list[dict]:
     path = releases_file(state_dir, env)
     return parse_releases(path.read_bytes()) if path.exists() else []

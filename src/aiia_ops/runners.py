@@ -11,7 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -238,10 +238,6 @@ class RecordingRunner(Runner):
         return self._execute(
             [*local, "|", *remote], input=None, env=None, timeout=None, stream=False
         )
-
-
-def run_all(runner: Runner, commands: Iterable[Argv]) -> list[Result]:
-    return [runner.run(c) for c in commands]
 
 
 def runner_for(host: Host, host_name: str, **ssh_options) -> Runner:
