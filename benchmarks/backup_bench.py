@@ -22,10 +22,10 @@ import subprocess
 import threading
 import time
 
-from aiia_ops import backups as bk
+from aiia_ops.commands import backups as bk
+from aiia_ops.host.runners import LocalRunner
 from aiia_ops.model import load_stack
-from aiia_ops.runners import LocalRunner
-from aiia_ops.state import local_state_dir
+from aiia_ops.model.state import local_state_dir
 from aiia_ops.tasks import backup as tasks
 
 BATCH = 20_000  # lessons per INSERT; one course per 10 lessons
@@ -63,7 +63,7 @@ class MemorySampler(threading.Thread):
         self.container, self.peak, self.stop_flag = container, 0, threading.Event()
 
     def run(self):
-        from aiia_ops.status import _memory_used, docker_client
+        from aiia_ops.flows.status import _memory_used, docker_client
 
         c = docker_client().containers.get(self.container)
         while not self.stop_flag.is_set():

@@ -24,9 +24,9 @@ import docker
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from aiia_ops.host.git import image_tag
 from aiia_ops.model import load_stack
-from aiia_ops.units import Size
-from aiia_ops.versions import image_tag
+from aiia_ops.model.units import Size
 from benchmarks.common import DOCS, ROOT, machine_note, mb, stack_memory, write_section
 
 

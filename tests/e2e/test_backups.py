@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from aiia_ops import backups as bk
-from aiia_ops.runners import LocalRunner
-from aiia_ops.state import StateDir
-from aiia_ops.status import https_get
+from aiia_ops.commands import backups as bk
+from aiia_ops.flows.status import https_get
+from aiia_ops.host.runners import LocalRunner
+from aiia_ops.model.state import StateDir
 from aiia_ops.tasks import backup as tasks
 from tests.conftest import run_invoke
 

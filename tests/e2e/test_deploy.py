@@ -16,8 +16,8 @@ import docker
 import pytest
 
 from aiia_ops import REPO_ROOT
-from aiia_ops.lock import lock_dir
-from aiia_ops.releases import read_releases
+from aiia_ops.host.lock import deploy_lock, lock_dir
+from aiia_ops.host.releases import read_releases
 from tests.conftest import run_invoke
 from tests.e2e.deploys import Load, drop_refs, head_file, make_commit
 
@@ -77,7 +77,7 @@ def container_id(name: str) -> str:
 
 
 def served_version(stack, env: str) -> str:
-    from aiia_ops.status import health_through_nginx
+    from aiia_ops.flows.status import health_through_nginx
 
     data = health_through_nginx(
         stack.environment(env).domains[0], port=stack.local_host.published(443)
@@ -101,7 +101,7 @@ def test_code_change_to_staging_leaves_prod_alone(stack_up, stack, commits):
         proc = deploy("staging", commits["change"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert served_version(stack, "staging") == commits["change"]
-    from aiia_ops.status import https_get
+    from aiia_ops.flows.status import https_get
 
     status, _, body = https_get(
         "staging.eduaiia.com", "/e2e-marker/", port=stack.local_host.published(443)
@@ -188,7 +188,7 @@ def test_a_failing_migration_aborts_before_the_switch_schema_unchanged(
 def lock_held(state, env: str) -> bool:
     from pathlib import Path
 
-    return Path(lock_dir(str(state), env)).exists()
+    return Path(lock_dir(str(state), deploy_lock(env))).exists()
 
 
 def test_two_deploys_at_once_the_second_is_refused_naming_the_holder(

@@ -11,10 +11,10 @@ import time
 import docker
 import pytest
 
-from aiia_ops.compose import service_key
+from aiia_ops.commands.compose import service_key
+from aiia_ops.flows.status import https_get as _https_get
+from aiia_ops.host.secrets import load_secrets
 from aiia_ops.model import load_stack
-from aiia_ops.secrets import load_secrets
-from aiia_ops.status import https_get as _https_get
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 

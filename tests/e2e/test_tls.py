@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aiia_ops import tls
+from aiia_ops.commands import tls
 from tests.conftest import run_invoke
 from tests.e2e.pebble import Pebble
 

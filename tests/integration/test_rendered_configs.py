@@ -13,9 +13,9 @@ import uuid
 
 import pytest
 
+from aiia_ops.host.git import image_tag
+from aiia_ops.host.secrets import load_secrets
 from aiia_ops.model import load_stack
-from aiia_ops.secrets import load_secrets
-from aiia_ops.versions import image_tag
 from tests.conftest import run_invoke
 
 pytestmark = pytest.mark.docker

@@ -12,9 +12,9 @@ import uuid
 import pytest
 
 from aiia_ops.errors import CommandFailed, OpsError
+from aiia_ops.host.ssh import SSHRunner, fingerprint
+from aiia_ops.host.targets import runner_for
 from aiia_ops.model import Host
-from aiia_ops.runners import runner_for
-from aiia_ops.ssh import SSHRunner, fingerprint
 
 pytestmark = pytest.mark.docker
 

@@ -1,4 +1,4 @@
-"""`invoke test --env=ENV`: the exact commands of one run (aiia_ops.apptest), no engine."""
+"""`invoke test --env=ENV`: the exact commands of one run (aiia_ops.commands.apptest), no engine."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from pathlib import PurePosixPath
 
 import pytest
 
-from aiia_ops import DEFAULT_STACK, SERVICES_DIR, apptest
+from aiia_ops import DEFAULT_STACK, SERVICES_DIR
+from aiia_ops.commands import apptest
+from aiia_ops.commands.argv import quote
 from aiia_ops.model import load_stack
-from aiia_ops.runners import quote
 
 STACK = load_stack(DEFAULT_STACK)
 STAGING = STACK.environments["staging"]

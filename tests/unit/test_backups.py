@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from aiia_ops import DEFAULT_STACK
-from aiia_ops import backups as bk
+from aiia_ops.commands import backups as bk
 from aiia_ops.errors import OpsError
 from aiia_ops.model import Retention, load_stack
 
@@ -265,8 +265,8 @@ def test_swap_refuses_new_connections_and_ends_the_old_ones_before_renaming():
 def test_a_dry_run_deploy_s_backup_prints_the_commands_and_writes_nothing(stack, tmp_path):
     import io
 
-    from aiia_ops.runners import PrintingRunner
-    from aiia_ops.state import StateDir
+    from aiia_ops.host.runners import PrintingRunner
+    from aiia_ops.model.state import StateDir
 
     out = io.StringIO()
     record = bk.take_backup(stack, StateDir(tmp_path), "prod", "pre-deploy", PrintingRunner(out))

@@ -1,7 +1,7 @@
 """The budget check: the committed stack fits; the document's own figures do not."""
 
-from aiia_ops.budget import check_budget, has_errors
 from aiia_ops.model import load_stack, stack_from_data
+from aiia_ops.model.budget import check_budget, has_errors
 from tests.conftest import run_invoke
 from tests.stackfiles import FIXTURES, patched_stack
 

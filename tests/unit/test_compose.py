@@ -2,11 +2,11 @@
 
 import yaml
 
-from aiia_ops import app
-from aiia_ops import commands as cmd
-from aiia_ops.compose import compose_data, dump, env_files
+from aiia_ops.commands import app
+from aiia_ops.commands import docker as cmd
+from aiia_ops.commands.compose import compose_data, dump, env_files
 from aiia_ops.model import load_stack
-from aiia_ops.secrets import EnvSecrets, Secrets
+from aiia_ops.model.secrets import EnvSecrets, Secrets
 
 STACK = load_stack()
 TAGS = {"nginx": "n1", "postgresql": "p1", "pgbouncer": "b1", "redis": "r1"}

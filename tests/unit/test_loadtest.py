@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from aiia_ops import loadtest as lt
+from aiia_ops.commands import loadtest as lt
 from aiia_ops.errors import OpsError
 from aiia_ops.model import load_stack
 

@@ -10,12 +10,21 @@ import sqlite3
 import pytest
 
 from aiia_ops import DEFAULT_STACK
-from aiia_ops import monitor as m
+from aiia_ops.commands import monitor as m
+from aiia_ops.commands.monitor import (
+    CRIT,
+    OK,
+    UNKNOWN,
+    WARN,
+    AlertMemory,
+    Check,
+    HttpStats,
+    Thresholds,
+)
+from aiia_ops.commands.statuspage import publish, render, svg_chart
+from aiia_ops.flows.monitor import cgroup_stats, read_new_log
+from aiia_ops.host.monitor_store import Store
 from aiia_ops.model import load_stack
-from aiia_ops.monitor import CRIT, OK, UNKNOWN, WARN, AlertMemory, Check, HttpStats, Thresholds
-from aiia_ops.monitor_collect import cgroup_stats, read_new_log
-from aiia_ops.monitor_store import Store
-from aiia_ops.statuspage import publish, render, svg_chart
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC).timestamp()
 
@@ -416,7 +425,7 @@ def test_svg_chart_draws_lines_gaps_and_thresholds():
 
 
 def test_status_page_renders_every_section_from_data(stack, tmp_path):
-    from aiia_ops.statuspage import build_page_data
+    from aiia_ops.commands.statuspage import build_page_data
 
     report = m.Report(
         NOW,

@@ -7,9 +7,10 @@ from dataclasses import replace
 import pytest
 from invoke import Context, Exit
 
-from aiia_ops import facts as F
-from aiia_ops import provision as P
-from aiia_ops.runners import RecordingRunner, Result
+from aiia_ops.commands import facts as F
+from aiia_ops.commands import provision as P
+from aiia_ops.commands.argv import Result
+from aiia_ops.host.runners import RecordingRunner
 from aiia_ops.tasks import provision as T
 
 CTX = "/repo/services/base"

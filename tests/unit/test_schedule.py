@@ -1,7 +1,7 @@
 import datetime as dt
 
+from aiia_ops.commands.schedule import cron_daemon_commands, cron_file, jobs, utc_to_local
 from aiia_ops.model import load_stack
-from aiia_ops.schedule import cron_daemon_commands, cron_file, jobs, utc_to_local
 
 STACK = load_stack()
 

@@ -4,8 +4,8 @@ import stat
 import pytest
 
 from aiia_ops.errors import OpsError
-from aiia_ops.runners import PrintingRunner
-from aiia_ops.secrets import load_secrets
+from aiia_ops.host.runners import PrintingRunner
+from aiia_ops.host.secrets import load_secrets
 
 
 def test_generated_once_0600_and_stable(tmp_path):

@@ -15,9 +15,8 @@ import paramiko
 import pytest
 
 from aiia_ops.errors import CommandFailed, OpsError
-from aiia_ops.model import Host
-from aiia_ops.runners import LocalRunner, PrintingRunner, RecordingRunner, runner_for
-from aiia_ops.ssh import (
+from aiia_ops.host.runners import LocalRunner, PrintingRunner, RecordingRunner
+from aiia_ops.host.ssh import (
     AcceptNew,
     RefuseUnknown,
     SSHRunner,
@@ -35,6 +34,8 @@ from aiia_ops.ssh import (
     remote_command,
     unknown_host_key_message,
 )
+from aiia_ops.host.targets import runner_for
+from aiia_ops.model import Host
 
 # Two fixed ed25519 public keys and the fingerprints `ssh-keygen -lf` prints for them.
 KEY_A = "AAAAC3NzaC1lZDI1NTE5AAAAIKU8Y2rLb2pe1B7I1qsr3I601O9Tu1zDnGprBjUGjHMB"
@@ -150,7 +151,10 @@ def test_runner_for_picks_the_runner_without_connecting():
 
 
 def test_runners_module_does_not_import_paramiko():
-    code = "import sys, aiia_ops.runners; print('paramiko' in sys.modules, 'fabric' in sys.modules)"
+    code = (
+        "import sys, aiia_ops.host.runners; "
+        "print('paramiko' in sys.modules, 'fabric' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
 
@@ -334,7 +338,7 @@ def test_recording_runner_records_the_pipe():
 
 
 def test_runner_for_spec_is_what_deploy_uses_for_an_address():
-    from aiia_ops.ssh import runner_for_spec
+    from aiia_ops.host.ssh import runner_for_spec
 
     runner = runner_for_spec("deploy@203.0.113.7:2200", known_hosts="/kh", key_filename="/k")
     assert (runner.host, runner.host_name, str(runner.spec)) == (

@@ -8,13 +8,15 @@ import json
 
 import pytest
 
-from aiia_ops import DEFAULT_STACK, tls
-from aiia_ops.budget import check_budget, has_errors
+from aiia_ops import DEFAULT_STACK
+from aiia_ops.commands import tls
+from aiia_ops.commands.argv import Result, quote
+from aiia_ops.host.runners import RecordingRunner, Runner
 from aiia_ops.model import load_stack
-from aiia_ops.runners import RecordingRunner, Result, Runner, quote
-from aiia_ops.state import StateDir
+from aiia_ops.model.budget import check_budget, has_errors
+from aiia_ops.model.state import StateDir
+from aiia_ops.model.units import Duration
 from aiia_ops.tasks import tls as tasks
-from aiia_ops.units import Duration
 
 STACK = load_stack(DEFAULT_STACK)  # the committed stack, whatever $AIIA_STACK says
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)

@@ -1,6 +1,6 @@
 import pytest
 
-from aiia_ops.units import Duration, Size, UnitError
+from aiia_ops.model.units import Duration, Size, UnitError
 
 
 @pytest.mark.parametrize(

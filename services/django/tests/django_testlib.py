@@ -13,9 +13,10 @@ from unittest import mock
 
 import pytest
 
-from aiia_ops import DEFAULT_STACK, render
+from aiia_ops import DEFAULT_STACK
+from aiia_ops.commands import render
 from aiia_ops.model import Stack, load_stack
-from aiia_ops.secrets import EnvSecrets, Secrets
+from aiia_ops.model.secrets import EnvSecrets, Secrets
 
 SERVICE_DIR = Path(__file__).resolve().parents[1]
 APP_DIR = SERVICE_DIR / "app"

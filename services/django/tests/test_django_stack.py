@@ -18,7 +18,7 @@ import pytest
 from datasvc_testkit import image, wait_healthy  # on sys.path through conftest.py
 from django_testlib import django_image, docker, render_gunicorn
 
-from aiia_ops.compose import app_environment, env_files, service_key
+from aiia_ops.commands.compose import app_environment, env_files, service_key
 
 pytestmark = pytest.mark.docker
 

@@ -1,6 +1,6 @@
 """Helpers for the nginx tests: render with the real model and renderer, parse the result.
 
-Only the nginx entries of `aiia_ops.render.TEMPLATES` are rendered, so these tests do not
+Only the nginx entries of `aiia_ops.commands.render.TEMPLATES` are rendered, so these tests do not
 depend on the other services' templates. Secrets are fakes: nginx's templates use none.
 """
 
@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from aiia_ops import DEFAULT_STACK, render
+from aiia_ops import DEFAULT_STACK
+from aiia_ops.commands import render
 from aiia_ops.model import Stack, load_stack
-from aiia_ops.secrets import EnvSecrets, Secrets
+from aiia_ops.model.secrets import EnvSecrets, Secrets
 
 SERVICE_DIR = Path(__file__).resolve().parents[1]
 UPSTREAMS = {"prod": "172.20.0.3:8000", "staging": "172.20.0.4:8001"}

@@ -1,6 +1,6 @@
 """The rendered nginx config says what the architecture asks, for the real deploy/stack.yml.
 
-Pure: renders with aiia_ops.render and parses the text; no engine, no nginx binary.
+Pure: renders with aiia_ops.commands.render and parses the text; no engine, no nginx binary.
 `test_nginx_image.py` runs the real nginx on the same files.
 """
 
@@ -17,8 +17,8 @@ import yaml
 from nginx_testlib import SERVICE_DIR, UPSTREAMS, location, parse_conf, render_nginx, servers
 
 from aiia_ops import DEFAULT_STACK
+from aiia_ops.commands.templating import nginx_size
 from aiia_ops.model import load_stack, stack_from_data
-from aiia_ops.templating import nginx_size
 
 STACK = load_stack(DEFAULT_STACK)
 NGINX = STACK.services.nginx

@@ -1,7 +1,7 @@
 """Test kit for the data services (postgres, pgbouncer, redis): render and run them.
 
 Shared by services/{postgres,pgbouncer,redis}/tests (their conftest.py put this folder on
-sys.path and import the fixtures). Rendering goes through the real `aiia_ops.render`
+sys.path and import the fixtures). Rendering goes through the real `aiia_ops.commands.render`
 (`render_stack` with the real stack model); docker helpers drive the `docker` CLI with argv
 lists. Containers live on a private `--internal` network (never the stack's 172.20.0.0/16)
 whose addresses mirror the stack's: 172.20.0.N becomes <test subnet>.N.
@@ -28,9 +28,9 @@ import pytest
 import yaml
 
 from aiia_ops import DEFAULT_STACK, SERVICES_DIR
+from aiia_ops.commands.render import TEMPLATES, RenderedFile, render_stack, write_rendered
 from aiia_ops.model import Stack, stack_from_data
-from aiia_ops.render import TEMPLATES, RenderedFile, render_stack, write_rendered
-from aiia_ops.secrets import EnvSecrets, Secrets
+from aiia_ops.model.secrets import EnvSecrets, Secrets
 
 # Our template folders and the render dirs they produce (docs/architecture.md).
 OURS = {"postgres": "postgresql", "pgbouncer": "pgbouncer", "redis": "redis"}

@@ -1,6 +1,6 @@
 """postgresql.conf and pg_hba.conf as rendered from deploy/stack.yml; the image's contract.
 
-Pure: no engine. The real model (aiia_ops.model) and renderer (aiia_ops.render).
+Pure: no engine. The real model (aiia_ops.model) and renderer (aiia_ops.commands.render).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from datasvc_testkit import (
     stack_data,
 )
 
-from aiia_ops.render import TEMPLATES
-from aiia_ops.templating import pg_duration, pg_size
+from aiia_ops.commands.render import TEMPLATES
+from aiia_ops.commands.templating import pg_duration, pg_size
 
 HERE = Path(__file__).resolve().parents[1]
 SCRIPTS = HERE / "scripts"

@@ -20,7 +20,7 @@ from datasvc_testkit import (
     wait_healthy,
 )
 
-from aiia_ops.templating import pg_duration, pg_size
+from aiia_ops.commands.templating import pg_duration, pg_size
 
 pytestmark = pytest.mark.docker
 

@@ -1,6 +1,6 @@
 """redis.conf as rendered from deploy/stack.yml; the image's contract.
 
-Pure: no engine. The real model (aiia_ops.model) and renderer (aiia_ops.render).
+Pure: no engine. The real model (aiia_ops.model) and renderer (aiia_ops.commands.render).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from datasvc_testkit import (
     stack_data,
 )
 
-from aiia_ops.render import TEMPLATES
+from aiia_ops.commands.render import TEMPLATES
 
 HERE = Path(__file__).resolve().parents[1]
 

@@ -4,51 +4,51 @@ from invoke import Collection
 
 namespace = Collection()
 
-from . import provision as _provision  # noqa: E402
+from aiia_ops.tasks import provision as _provision  # noqa: E402
 
 namespace.add_task(_provision.provision)
 namespace.add_collection(Collection("engine", _provision.engine_stop))
 
-from . import config as _config  # noqa: E402
+from aiia_ops.tasks import config as _config  # noqa: E402
 
 namespace.add_collection(_config.namespace)
 
-from . import stack as _stack  # noqa: E402
+from aiia_ops.tasks import stack as _stack  # noqa: E402
 
 for _task in (_stack.build, _stack.up, _stack.down, _stack.status, _stack.logs, _stack.setup):
     namespace.add_task(_task)
 
-from . import deploy as _deploy  # noqa: E402
+from aiia_ops.tasks import deploy as _deploy  # noqa: E402
 
 for _task in (_deploy.deploy, _deploy.rollback, _deploy.migrate):
     namespace.add_task(_task)
 namespace.add_collection(_deploy.lock)
 
-from . import backup as _backup  # noqa: E402
+from aiia_ops.tasks import backup as _backup  # noqa: E402
 
 namespace.add_collection(_backup.namespace)
 
-from . import tls as _tls  # noqa: E402
+from aiia_ops.tasks import tls as _tls  # noqa: E402
 
 for _task in (_tls.ssl_renew, _tls.ssl_status):
     namespace.add_task(_task)
 
-from . import monitor as _monitor  # noqa: E402
+from aiia_ops.tasks import monitor as _monitor  # noqa: E402
 
 namespace.add_task(_monitor.monitor)
 
-from . import apptest as _apptest  # noqa: E402
+from aiia_ops.tasks import apptest as _apptest  # noqa: E402
 
 namespace.add_task(_apptest.test)
 
-from . import notify as _notify  # noqa: E402
+from aiia_ops.tasks import notify as _notify  # noqa: E402
 
 namespace.add_task(_notify.notify)
 
-from . import schedule as _schedule  # noqa: E402
+from aiia_ops.tasks import schedule as _schedule  # noqa: E402
 
 namespace.add_collection(_schedule.namespace)
 
-from . import loadtest as _loadtest  # noqa: E402
+from aiia_ops.tasks import loadtest as _loadtest  # noqa: E402
 
 namespace.add_task(_loadtest.loadtest)

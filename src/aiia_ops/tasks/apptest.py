@@ -1,4 +1,4 @@
-"""invoke test --env=ENV: the CI test phase in the built app image (see aiia_ops.apptest)."""
+"""invoke test --env=ENV: the CI test phase in the built app image (commands/apptest.py)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,15 @@ import time
 import uuid
 from pathlib import Path, PurePosixPath
 
-from invoke import Exit, task
+from invoke import Exit
 
-from .. import apptest
-from ..errors import OpsError
-from ..model import load_stack
-from ..output import paint, table
-from ..runners import LocalRunner, quote
-from .common import current_version, user_errors
+from aiia_ops.commands import apptest
+from aiia_ops.commands.argv import quote
+from aiia_ops.errors import OpsError
+from aiia_ops.flows.output import paint, table
+from aiia_ops.host.runners import LocalRunner
+from aiia_ops.model import load_stack
+from aiia_ops.tasks.common import current_version, task
 
 DB_WAIT_SECONDS = 90.0
 PHASE_TIMEOUT_SECONDS = 900.0
@@ -38,10 +39,8 @@ def _write_files(root: Path) -> tuple[Path, Path]:
     help={
         "env": "the environment whose production settings are checked: prod or staging",
         "tag": "image tag to test (default: this commit, as `invoke build` tags it)",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
-@user_errors
 def test(c, env="prod", tag=None, stack=None):
     """The CI test phase in the built app image: checks, migrations, test suite, static files.
 

@@ -1,7 +1,7 @@
 """invoke backup | backup.list | backup.prune | backup.verify | backup.restore | backup.recover
 
 The runner side of backups: reads and writes the backup folders on this machine, runs the
-commands `aiia_ops.backups` builds. `take_backup()` is what a deploy calls for its
+commands `aiia_ops.commands.backups` builds. `take_backup()` is what a deploy calls for its
 pre-deploy backup. See docs/backups.md and docs/disaster-recovery.md.
 """
 
@@ -22,20 +22,20 @@ import tarfile
 import time
 from pathlib import Path
 
-from invoke import Collection, task
+from invoke import Collection
 
-from .. import backups as bk
-from ..compose import service_key
-from ..errors import CommandFailed, OpsError
-from ..model import Environment, Stack, load_stack
-from ..notify import notify
-from ..output import paint, table
-from ..releases import audit, now_iso, who
-from ..runners import LocalRunner, PrintingRunner, Runner
-from ..secrets import load_secrets
-from ..state import StateDir, local_state_dir
-from ..status import health_through_nginx
-from .common import current_version, user_errors
+from aiia_ops.commands import backups as bk
+from aiia_ops.commands.compose import service_key
+from aiia_ops.errors import CommandFailed, OpsError
+from aiia_ops.flows.output import paint, table
+from aiia_ops.flows.status import health_through_nginx
+from aiia_ops.host.notify import notify
+from aiia_ops.host.releases import audit, now_iso, who
+from aiia_ops.host.runners import LocalRunner, PrintingRunner, Runner
+from aiia_ops.host.secrets import load_secrets
+from aiia_ops.model import Environment, Stack, load_stack
+from aiia_ops.model.state import StateDir, local_state_dir
+from aiia_ops.tasks.common import current_version, task
 
 PAUSE_TIMEOUT = 20  # seconds PgBouncer may wait for running transactions before KILL
 HEALTH_TIMEOUT = 90
@@ -747,10 +747,8 @@ def _load(stack_path: str | None) -> tuple[Stack, StateDir]:
     help={
         "env": "environment to back up: prod (default) or staging",
         "kind": "manual (default), daily (the 02:00 UTC cron) or pre-deploy",
-        "stack": "stack file (default: deploy/stack.yml)",
     },
 )
-@user_errors
 def backup(c, env="prod", kind="manual", stack=None):
     """Back up one environment (database, media, configs, manifest) while it serves."""
     model, state = _load(stack)
@@ -778,9 +776,8 @@ def _verified_text(record: bk.BackupRecord) -> str:
 
 @task(
     name="list",
-    help={"env": "only this environment", "json": "print JSON for machines", "stack": "stack file"},
+    help={"env": "only this environment", "json": "print JSON for machines"},
 )
-@user_errors
 def list_(c, env=None, json_=False, stack=None):
     """The backups on this machine: id, kind, environment, size, age, last verified."""
     model, state = _load(stack)
@@ -844,10 +841,8 @@ def list_(c, env=None, json_=False, stack=None):
     help={
         "env": "only this environment (default: all)",
         "dry_run": "show what would be deleted",
-        "stack": "stack file",
     }
 )
-@user_errors
 def prune(c, env=None, dry_run=False, stack=None):
     """Delete backups beyond the retention of stack.yml (never the newest verified one)."""
     model, state = _load(stack)
@@ -868,10 +863,8 @@ def prune(c, env=None, dry_run=False, stack=None):
     help={
         "id": "backup id (default: the newest backup of each environment, or of --env)",
         "env": "with no id: the newest backup of this environment",
-        "stack": "stack file",
     },
 )
-@user_errors
 def verify(c, id=None, env=None, stack=None):
     """Checksums, then a real restore into a scratch database, compared with the source."""
     model, state = _load(stack)
@@ -911,10 +904,8 @@ def verify(c, id=None, env=None, stack=None):
         "allow_other_env": "restore a backup taken of another environment",
         "no_safety_backup": "skip the safety backup (only when the database is beyond saving)",
         "no_media": "restore the database only, not the media",
-        "stack": "stack file",
     }
 )
-@user_errors
 def restore(
     c, env, id, yes=False, allow_other_env=False, no_safety_backup=False, no_media=False, stack=None
 ):

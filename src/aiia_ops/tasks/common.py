@@ -1,17 +1,24 @@
-"""What every task shares: user errors as clean exits, the current version."""
+"""What every task shares, declared once: the `task` decorator (the shared --stack option,
+user errors as one clean exit), loading the stack and the state dir, the current version."""
 
 from __future__ import annotations
 
 import functools
+import inspect
 
+import invoke
 from invoke import Exit
 
-from ..errors import OpsError
-from ..versions import head_version
+from aiia_ops.errors import OpsError
+from aiia_ops.host.git import head_version
+from aiia_ops.model import Stack, load_stack
+from aiia_ops.model.state import StateDir, local_state_dir
+
+STACK_HELP = "stack file (default: $AIIA_STACK, else deploy/stack.yml)"
 
 
 def user_errors(fn):
-    """Turn an OpsError into a message and exit 1: people see what to do, not a traceback."""
+    """Turn an OpsError into `error: <message>` and exit 1: what to do, never a traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -21,6 +28,27 @@ def user_errors(fn):
             raise Exit(f"error: {exc}", code=1) from None
 
     return wrapper
+
+
+def task(*args, help: dict[str, str] | None = None, **kwargs):
+    """`invoke.task` with the project's conventions: every task that takes `stack` documents
+    it the same way, and every user error leaves through `user_errors`."""
+
+    def decorate(fn):
+        merged = dict(help or {})
+        if "stack" in inspect.signature(fn).parameters:
+            merged.setdefault("stack", STACK_HELP)
+        return invoke.task(help=merged, **kwargs)(user_errors(fn))
+
+    if args and callable(args[0]):
+        return decorate(args[0])
+    return decorate
+
+
+def load(stack: str | None) -> tuple[Stack, StateDir]:
+    """The stack file (--stack, $AIIA_STACK, deploy/stack.yml) and this host's state dir."""
+    model = load_stack(stack)
+    return model, local_state_dir(model)
 
 
 def current_version() -> str:

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from invoke import Collection, Exit, task
+from invoke import Collection, Exit
 
-from ..budget import check_budget, has_errors
-from ..compose import compose_data, dump, env_files
-from ..model import Stack, load_stack
-from ..output import table
-from ..render import render_stack, write_rendered
-from ..secrets import load_secrets, write_env_file
-from ..state import local_state_dir
-from ..units import Size
-from ..versions import shared_image_tags
-from .common import user_errors
+from aiia_ops.commands.compose import compose_data, dump, env_files
+from aiia_ops.commands.render import render_stack, write_rendered
+from aiia_ops.flows.output import table
+from aiia_ops.host.git import shared_image_tags
+from aiia_ops.host.secrets import load_secrets, write_env_file
+from aiia_ops.model import Stack, load_stack
+from aiia_ops.model.budget import check_budget, has_errors
+from aiia_ops.model.state import local_state_dir
+from aiia_ops.model.units import Size
+from aiia_ops.tasks.common import task
 
 
-@task(help={"stack": "stack file to check (default: deploy/stack.yml)"})
-@user_errors
+@task
 def check(c, stack=None):
     """Validate the stack and check it fits the machine (memory, CPU, connections, deploys)."""
     model = load_stack(stack)
@@ -38,10 +37,8 @@ def check(c, stack=None):
     help={
         "env": "environment whose per-environment files to render (default: all)",
         "out": "folder to write into (default: the host's state dir)",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
-@user_errors
 def render(c, env=None, out=None, stack=None):
     """Render every service's config and the compose file."""
     model = load_stack(stack)
@@ -91,8 +88,7 @@ def allocation_rows(model: Stack) -> list[list[object]]:
     return rows
 
 
-@task(help={"stack": "stack file (default: deploy/stack.yml)"})
-@user_errors
+@task
 def show(c, stack=None):
     """The allocation tables of the architecture document, regenerated from the model."""
     model = load_stack(stack)

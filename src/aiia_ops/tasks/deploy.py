@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 import sys
 
-from invoke import Collection, Exit, task
+from invoke import Collection, Exit
 
-from .. import commands as cmd
-from .. import lock as locks
-from ..deploy import Deploy, Steps, resolve_ref
-from ..errors import OpsError
-from ..model import Host, Stack, load_stack
-from ..runners import LocalRunner, PrintingRunner, Runner
-from ..secrets import load_secrets
-from ..state import local_state_dir
-from .common import user_errors
+from aiia_ops.commands import docker as cmd
+from aiia_ops.errors import OpsError
+from aiia_ops.flows.deploy import Deploy, resolve_ref
+from aiia_ops.flows.steps import Steps
+from aiia_ops.host import lock as locks
+from aiia_ops.host.runners import LocalRunner, PrintingRunner, Runner
+from aiia_ops.host.secrets import load_secrets
+from aiia_ops.model import Host, Stack, load_stack
+from aiia_ops.model.state import local_state_dir
+from aiia_ops.tasks.common import task
 
 
 def target(
@@ -28,7 +29,7 @@ def target(
     entry = model.hosts.get(name)
     if entry is not None and entry.ssh is None:
         return LocalRunner(host=name), str(local_state_dir(model, name).root), name, entry
-    from ..ssh import runner_for_spec
+    from aiia_ops.host.ssh import runner_for_spec
 
     spec = entry.ssh if entry else name
     state_dir = entry.state_dir if entry else "/var/lib/aiia"
@@ -75,7 +76,7 @@ def make_deploy(
 def pre_deploy_backup(deploy: Deploy):
     """The environment's database backed up where it lives: here, or on the SSH host by the
     host's own checkout (recorded in <state>/host.json by `invoke setup` there)."""
-    from ..backups import take_backup
+    from aiia_ops.commands.backups import take_backup
 
     runner = deploy.runner.reader if isinstance(deploy.runner, PrintingRunner) else deploy.runner
     if isinstance(runner, LocalRunner):
@@ -148,10 +149,8 @@ def remote_secrets(runner: Runner, state_dir: str, model: Stack):
         "dry_run": "print the exact commands, per host, in order; change nothing",
         "accept_new_host_key": "first contact with an SSH host: record its key (a changed "
         "key is still refused)",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
-@user_errors
 def deploy(c, env, host=None, ref=None, dry_run=False, accept_new_host_key=False, stack=None):
     """Zero-downtime, health-gated deploy of a commit, with automatic switch-back."""
     model = load_stack(stack)
@@ -170,10 +169,8 @@ def deploy(c, env, host=None, ref=None, dry_run=False, accept_new_host_key=False
         "to": "commit to return to (default: the previous good release)",
         "host": "host (default: the environment's)",
         "dry_run": "print, change nothing",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
-@user_errors
 def rollback(c, env, to=None, host=None, dry_run=False, stack=None):
     """Back to the previous good release in seconds (the database is not rolled back)."""
     model = load_stack(stack)
@@ -199,8 +196,7 @@ def _run(fn, d: Deploy) -> dict:
         raise
 
 
-@task(help={"env": "environment: prod or staging", "stack": "stack file"})
-@user_errors
+@task(help={"env": "environment: prod or staging"})
 def migrate(c, env, stack=None):
     """Run the live release's migrations in a one-off container, straight to PostgreSQL."""
     model = load_stack(stack)
@@ -214,28 +210,26 @@ def migrate(c, env, stack=None):
     )
 
 
-@task(name="status", help={"env": "environment (default: all)", "stack": "stack file"})
-@user_errors
+@task(name="status", help={"env": "environment (default: all)"})
 def lock_status(c, env=None, stack=None):
     """Who holds each environment's deploy lock, since when, for which version."""
     model = load_stack(stack)
     envs = [model.environment(env).name] if env else list(model.environments)
     for name in envs:
         runner, state_dir, _, _ = target(model, name, None)
-        held = locks.read(runner, state_dir, name)
+        held = locks.read(runner, state_dir, locks.deploy_lock(name))
         print(f"{name}: " + (json.dumps(held) if held else "free"))
 
 
 @task(
     name="release",
-    help={"env": "environment whose lock to clear", "yes": "do not ask", "stack": "stack file"},
+    help={"env": "environment whose lock to clear", "yes": "do not ask"},
 )
-@user_errors
 def lock_release(c, env, yes=False, stack=None):
     """Clear a lock left by a deploy that died (asks first)."""
     model = load_stack(stack)
     runner, state_dir, _, _ = target(model, env, None)
-    held = locks.read(runner, state_dir, model.environment(env).name)
+    held = locks.read(runner, state_dir, locks.deploy_lock(model.environment(env).name))
     if not held:
         print(f"{env}: not locked")
         return
@@ -245,7 +239,7 @@ def lock_release(c, env, yes=False, stack=None):
             raise Exit("error: refusing without confirmation; pass --yes", code=1)
         if input("Release it? Only if that deploy is dead. [y/N] ").strip().lower() != "y":
             raise Exit("not released", code=1)
-    locks.release(runner, state_dir, env)
+    locks.release(runner, state_dir, locks.deploy_lock(env))
     print(f"{env}: released")
 
 

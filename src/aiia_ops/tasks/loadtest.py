@@ -1,7 +1,7 @@
 """invoke loadtest: wrk against the stack on this machine, with ceilings, stats and charts.
 
 The pure part (scenarios, the wrk script, parsing, the report, the charts) is
-aiia_ops.loadtest; this module only runs things: wrk, the engine's stats stream, the bare
+aiia_ops.commands.loadtest; this module only runs things: wrk, the engine's stats stream, the bare
 app of the ceiling, and HTTPS requests that seed the data.
 """
 
@@ -23,20 +23,18 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from invoke import task
-
-from .. import REPO_ROOT
-from .. import loadtest as lt
-from ..app import inspect_release
-from ..commands import nginx_reload, one_off_app
-from ..compose import CONFIG_MOUNT, config_dir_name, service_key
-from ..errors import OpsError
-from ..model import Environment, Stack, load_stack
-from ..output import table
-from ..runners import LocalRunner
-from ..state import StateDir, local_state_dir
-from ..versions import head_version
-from .common import user_errors
+from aiia_ops import REPO_ROOT
+from aiia_ops.commands import loadtest as lt
+from aiia_ops.commands.app import inspect_release
+from aiia_ops.commands.compose import CONFIG_MOUNT, config_dir_name, service_key
+from aiia_ops.commands.docker import nginx_reload, one_off_app
+from aiia_ops.errors import OpsError
+from aiia_ops.flows.output import table
+from aiia_ops.host.git import head_version
+from aiia_ops.host.runners import LocalRunner
+from aiia_ops.model import Environment, Stack, load_stack
+from aiia_ops.model.state import StateDir, local_state_dir
+from aiia_ops.tasks.common import task
 
 BARE_CONF = "zz-loadtest-bare.conf"  # in nginx's conf.d while a run measures the ceiling
 SETTLE_S = 3  # pause between phases: connections close, queues drain
@@ -399,10 +397,8 @@ def prove_no_lookup(port: int) -> None:
         "threads": "wrk threads",
         "timeout": "seconds after which wrk counts a request as timed out",
         "out": "folder for the JSON report and the SVG chart (default docs/loadtest)",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
-@user_errors
 def loadtest(
     c,
     env="prod",

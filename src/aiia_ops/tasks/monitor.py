@@ -11,15 +11,16 @@ import json
 import sys
 import time
 
-from invoke import Exit, task
+from invoke import Exit
 
-from .. import monitor as m
-from ..errors import OpsError
-from ..model import load_stack
-from ..monitor_collect import collect, run_once, store_path
-from ..monitor_store import Store
-from ..output import paint, table
-from ..state import local_state_dir
+from aiia_ops.commands import monitor as m
+from aiia_ops.errors import OpsError
+from aiia_ops.flows.monitor import collect, run_once, store_path
+from aiia_ops.flows.output import paint, table
+from aiia_ops.host.monitor_store import Store
+from aiia_ops.model import load_stack
+from aiia_ops.model.state import local_state_dir
+from aiia_ops.tasks.common import task
 
 UNKNOWN_EXIT = m.EXIT_CODES[m.UNKNOWN]
 
@@ -36,7 +37,6 @@ def _print_report(report: m.Report, out=None) -> None:
         "quiet": "print nothing; only the exit code (what cron runs every minute)",
         "watch": "repeat at the document's intervals with a live display (records nothing)",
         "times": "with --watch: stop after this many refreshes (0 = until Ctrl-C)",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
 def monitor(c, json_=False, quiet=False, watch=False, times=0, stack=None):

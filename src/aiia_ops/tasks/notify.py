@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from invoke import Exit, task
+from invoke import Exit
 
-from .. import notify as _notify
-from ..model import load_stack
-from ..state import local_state_dir
-from .common import user_errors
+from aiia_ops.host import notify as _notify
+from aiia_ops.model import load_stack
+from aiia_ops.model.state import local_state_dir
+from aiia_ops.tasks.common import task
 
 
 @task(
     help={
         "text": "the message (Slack mrkdwn)",
-        "stack": "stack file (default: deploy/stack.yml); its state dir may hold the webhook",
     }
 )
-@user_errors
 def notify(c, text, stack=None):
     """Send TEXT to Slack. The webhook: AIIA_SLACK_WEBHOOK_URL, else the state dir's
     secrets/shared.env; without one, nothing is sent (and that is not an error)."""

@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from invoke import Exit, task
+from invoke import Exit
 
-from .. import facts as _facts
-from .. import provision as _prov
-from ..errors import OpsError
-from ..runners import LocalRunner, Runner, quote
+from aiia_ops.commands import facts as _facts
+from aiia_ops.commands import provision as _prov
+from aiia_ops.commands.argv import quote
+from aiia_ops.errors import OpsError
+from aiia_ops.host.runners import LocalRunner, Runner
+from aiia_ops.tasks.common import task
 
 REPO = Path(__file__).resolve().parents[3]
 BASE_CONTEXT = REPO / "services" / "base"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from invoke import Collection, task
+from invoke import Collection
 
-from .. import REPO_ROOT
-from .. import schedule as sched
-from ..model import Stack, load_stack
-from ..runners import LocalRunner, Runner
-from ..state import StateDir, local_state_dir
-from .common import user_errors
+from aiia_ops import REPO_ROOT
+from aiia_ops.commands import schedule as sched
+from aiia_ops.host.runners import LocalRunner, Runner
+from aiia_ops.model import Stack, load_stack
+from aiia_ops.model.state import StateDir, local_state_dir
+from aiia_ops.tasks.common import task
 
 
 def render(model: Stack, state: StateDir) -> str:
@@ -32,16 +32,14 @@ def install_schedule(model: Stack, state: StateDir, runner: Runner) -> str:
     return path
 
 
-@task(help={"stack": "stack file (default: deploy/stack.yml)"})
-@user_errors
+@task
 def show(c, stack=None):
     """Print the cron file `invoke setup` installs."""
     model = load_stack(stack)
     print(render(model, local_state_dir(model)), end="")
 
 
-@task(help={"stack": "stack file (default: deploy/stack.yml)"})
-@user_errors
+@task
 def install(c, stack=None):
     """Install the cron file (and start cron if it does not run)."""
     model = load_stack(stack)

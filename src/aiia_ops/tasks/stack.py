@@ -9,22 +9,21 @@ import sys
 import time
 from pathlib import Path
 
-from invoke import task
-
-from .. import REPO_ROOT
-from .. import commands as cmd
-from ..budget import check_budget, has_errors
-from ..compose import service_key
-from ..errors import OpsError
-from ..model import Stack, load_stack
-from ..output import paint, table
-from ..render import SERVICE_UID
-from ..runners import LocalRunner, Runner
-from ..secrets import Secrets, load_secrets
-from ..state import StateDir, local_state_dir
-from ..status import STATUS_HEADERS, stack_status, status_table_rows
-from ..versions import head_version, image_tag
-from .common import user_errors
+from aiia_ops import REPO_ROOT
+from aiia_ops.commands import docker as cmd
+from aiia_ops.commands.compose import service_key
+from aiia_ops.commands.render import SERVICE_UID
+from aiia_ops.errors import OpsError
+from aiia_ops.flows.output import paint, table
+from aiia_ops.flows.status import STATUS_HEADERS, stack_status, status_table_rows
+from aiia_ops.host.git import head_version, image_tag
+from aiia_ops.host.runners import LocalRunner, Runner
+from aiia_ops.host.secrets import load_secrets
+from aiia_ops.model import Stack, load_stack
+from aiia_ops.model.budget import check_budget, has_errors
+from aiia_ops.model.secrets import Secrets
+from aiia_ops.model.state import StateDir, local_state_dir
+from aiia_ops.tasks.common import task
 
 # Host folders under the state dir that containers write to, owned by the service user.
 WRITABLE_DIRS = ("logs/nginx", "ssl", "acme", "status")
@@ -63,8 +62,8 @@ def prepare_state(state: StateDir) -> None:
 def write_configs(stack: Stack, state: StateDir, secrets: Secrets) -> bool:
     """Render configs, the compose file and env files into the state dir, with nginx
     pointing at the live releases. True if anything changed."""
-    from ..app import live_upstreams
-    from ..deploy import write_host_files
+    from aiia_ops.commands.app import live_upstreams
+    from aiia_ops.flows.deploy import write_host_files
 
     runner = LocalRunner()
     return bool(
@@ -74,7 +73,7 @@ def write_configs(stack: Stack, state: StateDir, secrets: Secrets) -> bool:
 
 def require_images(model: Stack, runner: Runner) -> None:
     """Say which images are missing and how to get them, before compose tries a registry."""
-    from ..versions import SHARED_FOLDERS, shared_image_tags
+    from aiia_ops.host.git import SHARED_FOLDERS, shared_image_tags
 
     tags = shared_image_tags(model)
     missing = []
@@ -106,10 +105,8 @@ def _load(stack_path: str | None) -> tuple[Stack, StateDir]:
     help={
         "service": "one service folder to build (nginx, postgres, pgbouncer, redis, "
         "django); default all",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
-@user_errors
 def build(c, service=None, stack=None):
     """Build the service images, tagged with the git commit (and :latest)."""
     model = load_stack(stack)
@@ -132,10 +129,8 @@ def build(c, service=None, stack=None):
 @task(
     help={
         "env": "also start this environment's app (default: every environment)",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
-@user_errors
 def up(c, env=None, stack=None):
     """Start the stack (already set up) and wait until it is healthy."""
     model, state = _load(stack)
@@ -157,10 +152,8 @@ def up(c, env=None, stack=None):
     help={
         "volumes": "also delete the data volumes (database, redis, storage): asks first",
         "yes": "do not ask",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
-@user_errors
 def down(c, volumes=False, yes=False, stack=None):
     """Stop and remove the stack's containers (data volumes are kept unless --volumes)."""
     model = load_stack(stack)
@@ -186,8 +179,7 @@ def _confirm(prompt: str, expected: str) -> None:
         raise OpsError("not confirmed; nothing was changed")
 
 
-@task(help={"json": "print JSON for machines", "stack": "stack file (default: deploy/stack.yml)"})
-@user_errors
+@task(help={"json": "print JSON for machines"})
 def status(c, json_=False, stack=None):
     """Each service: state, health, memory used/limit, CPU limit, address."""
     model = load_stack(stack)
@@ -222,7 +214,6 @@ def _print_status(model: Stack) -> None:
         "follow": "keep following",
     }
 )
-@user_errors
 def logs(c, service=None, tail=100, follow=False, stack=None):
     """Show the containers' logs."""
     model = load_stack(stack)
@@ -237,16 +228,14 @@ def logs(c, service=None, tail=100, follow=False, stack=None):
     help={
         "env": "environment to set up: prod or staging",
         "skip_build": "use the images already built for this commit",
-        "stack": "stack file (default: deploy/stack.yml)",
     }
 )
-@user_errors
 def setup(c, env="prod", skip_build=False, stack=None):
     """From nothing to a healthy environment: provision, build, secrets, databases, app."""
     started = time.monotonic()
     model, state = _load(stack)
     target = model.environment(env)
-    from . import provision as provision_task
+    from aiia_ops.tasks import provision as provision_task
 
     with step("provisioning the Docker engine, compose v2 and the base image"):
         provision_task.provision(c)
@@ -270,7 +259,8 @@ def setup(c, env="prod", skip_build=False, stack=None):
             cmd.ensure_database(model, target),
             input=secrets.environments[target.name].db_password + "\n",
         )
-    from ..deploy import Deploy, Steps
+    from aiia_ops.flows.deploy import Deploy
+    from aiia_ops.flows.steps import Steps
 
     release = Deploy(model, target, root, runner, secrets, steps=Steps())
     live = release.live()
@@ -281,7 +271,7 @@ def setup(c, env="prod", skip_build=False, stack=None):
         )
     else:  # the first release goes out like every other: invoke deploy's procedure
         release.deploy(None)
-    from .schedule import install_schedule
+    from aiia_ops.tasks.schedule import install_schedule
 
     # What a deploy from elsewhere (over SSH) needs to run tasks here, e.g. its backup.
     runner.write_file(

@@ -17,19 +17,19 @@ import os
 import time
 from pathlib import Path
 
-from invoke import task
-
-from .. import SERVICES_DIR, tls
-from .. import commands as cmd
-from ..errors import OpsError
-from ..facts import context_sha
-from ..model import Stack, load_stack
-from ..notify import notify
-from ..output import paint, table
-from ..releases import audit
-from ..runners import LocalRunner, Runner, quote
-from ..state import StateDir, local_state_dir
-from .common import user_errors
+from aiia_ops import SERVICES_DIR
+from aiia_ops.commands import docker as cmd
+from aiia_ops.commands import tls
+from aiia_ops.commands.argv import quote
+from aiia_ops.commands.facts import context_sha
+from aiia_ops.errors import OpsError
+from aiia_ops.flows.output import paint, table
+from aiia_ops.host.notify import notify
+from aiia_ops.host.releases import audit
+from aiia_ops.host.runners import LocalRunner, Runner
+from aiia_ops.model import Stack, load_stack
+from aiia_ops.model.state import StateDir, local_state_dir
+from aiia_ops.tasks.common import task
 
 CERTBOT_CONTEXT = SERVICES_DIR / tls.CERTBOT_FOLDER
 CONTEXT_LABEL = "org.aiia.context-sha256"
@@ -185,10 +185,8 @@ def _wait_served(runner: Runner, model: Stack, expected: dict[str, str]) -> dict
         "directory": "ACME directory URL for this run (default: the stack's tls.acme.directory)",
         "ca_bundle": "PEM file of CAs to trust for the ACME server "
         f"(default: ${tls.CA_BUNDLE_ENV})",
-        "stack": "stack file (default: $AIIA_STACK, else deploy/stack.yml)",
     }
 )
-@user_errors
 def ssl_renew(c, force=False, dry_run=False, directory=None, ca_bundle=None, stack=None):
     """Renew the certificates that are due (<= tls.acme.renew_before left), then reload nginx."""
     started = time.monotonic()
@@ -420,12 +418,10 @@ def _report(model, state, decisions, installed, failed, directory, took) -> None
 @task(
     help={
         "json": "print JSON for machines (the monitor reads the same data from "
-        "aiia_ops.tls.certificate_status)",
+        "aiia_ops.commands.tls.certificate_status)",
         "served": "also ask nginx which certificate it presents for each name (default on)",
-        "stack": "stack file (default: $AIIA_STACK, else deploy/stack.yml)",
     }
 )
-@user_errors
 def ssl_status(c, json_=False, served=True, stack=None):
     """Per domain: issuer, expiry date and days left of its certificate."""
     model = load_stack(stack)

@@ -1,0 +1,373 @@
+"""The status page (https://devstatus.eduaiia.com): static HTML with inline SVG charts,
+rendered from data by every monitor run and published atomically into <state_dir>/status
+(nginx serves it read-only from /srv/status). No JavaScript, no external assets: one
+self-contained file, readable on a phone, plus status.json for machines.
+
+`build_page_data()` gathers what the page shows from the report and the history;
+`render()` is pure (data → HTML); `svg_chart()` is pure (points → SVG).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import os
+from pathlib import Path
+
+import jinja2
+
+from aiia_ops.commands import monitor as m
+from aiia_ops.commands.monitor import CRIT, OK, UNKNOWN, WARN, HttpStats, Report
+from aiia_ops.model import Stack
+
+TEMPLATES = Path(__file__).parents[1] / "templates"
+DAY = 86400
+
+_STATE_COLOUR = {OK: "#1a7f37", WARN: "#b7791f", CRIT: "#c62828", UNKNOWN: "#6b7280"}
+
+
+def _utc(ts: float, fmt: str = "%Y-%m-%d %H:%M UTC") -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.UTC).strftime(fmt)
+
+
+# --- charts ------------------------------------------------------------------------------
+
+
+def series(
+    rows: list[tuple[str, int, HttpStats]], vhost: str, start: float, end: float, step: int
+) -> list[tuple[float, HttpStats]]:
+    """Stored minutes of one vhost → one merged HttpStats per `step` seconds."""
+    n = int((end - start) // step) + 1
+    bins = [HttpStats() for _ in range(n)]
+    for v, minute, stats in rows:
+        if v == vhost and start <= minute <= end:
+            i = int((minute - start) // step)
+            bins[i] = bins[i].merge(stats)
+    return [(start + i * step, b) for i, b in enumerate(bins)]
+
+
+def _nice_max(v: float) -> float:
+    if v <= 0:
+        return 1.0
+    for base in (1, 2, 2.5, 5):
+        for exp in range(-2, 7):
+            cand = base * 10**exp
+            if cand >= v:
+                return cand
+    return v  # pragma: no cover
+
+
+def _fmt(v: float) -> str:
+    if v >= 1000:
+        return f"{v / 1000:g}k"
+    return f"{v:g}" if v >= 10 or v == int(v) else f"{v:.1f}"
+
+
+def svg_chart(
+    points: list[tuple[float, float | None]],
+    start: float,
+    end: float,
+    unit: str,
+    thresholds: list[tuple[float, str, str]] = (),
+    ticks: list[tuple[float, str]] = (),
+    colour: str = "#2563eb",
+    title: str = "",
+) -> str:
+    """A small line + area chart. Gaps where a value is None (no requests); threshold
+    lines drawn when they fall inside the scale (else named under the chart)."""
+    w, h, left, right, top, bottom = 520, 210, 58, 10, 22, 28
+    pw, ph = w - left - right, h - top - bottom
+    values = [v for _, v in points if v is not None]
+    peak = max(values) if values else 0
+    ymax = _nice_max(peak * 1.2)
+    for value, _, _ in thresholds:
+        if peak < value <= ymax * 2 and value > ymax:
+            ymax = _nice_max(value * 1.1)
+
+    def x(t: float) -> float:
+        return left + pw * (t - start) / max(1.0, end - start)
+
+    def y(v: float) -> float:
+        return top + ph * (1 - min(v, ymax) / ymax)
+
+    out = [
+        f'<svg viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(title)}" '
+        f'xmlns="http://www.w3.org/2000/svg" class="chart">',
+        f"<title>{html.escape(title)}</title>",
+    ]
+    for i in range(5):  # grid and y labels
+        v = ymax * i / 4
+        out.append(
+            f'<line x1="{left}" x2="{w - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
+        )
+        out.append(
+            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="yl">{_fmt(v)}'
+            f"{' ' + unit if i == 4 else ''}</text>"
+        )
+    for t, label in ticks:
+        out.append(
+            f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{top}" y2="{top + ph}" class="grid"/>'
+        )
+        out.append(f'<text x="{x(t):.1f}" y="{h - 8}" class="xl">{label}</text>')
+    # Runs of consecutive values: one path each, an area under it.
+    runs, cur = [], []
+    for t, v in points:
+        if v is None:
+            if cur:
+                runs.append(cur)
+            cur = []
+        else:
+            cur.append((x(t), y(v)))
+    if cur:
+        runs.append(cur)
+    for run in runs:
+        if len(run) == 1:
+            (px, py) = run[0]
+            out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.2" fill="{colour}"/>')
+            continue
+        line = " ".join(f"{px:.1f},{py:.1f}" for px, py in run)
+        area = f"{run[0][0]:.1f},{top + ph} {line} {run[-1][0]:.1f},{top + ph}"
+        out.append(f'<polygon points="{area}" fill="{colour}" fill-opacity="0.12"/>')
+        out.append(
+            f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.8" '
+            'stroke-linejoin="round"/>'
+        )
+    for value, col, label in thresholds:
+        if value <= ymax:
+            out.append(
+                f'<line x1="{left}" x2="{w - right}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
+                f'stroke="{col}" stroke-dasharray="5 4" stroke-width="1.2"/>'
+            )
+            out.append(
+                f'<text x="{w - right - 4}" y="{y(value) - 4:.1f}" class="th" fill="{col}">'
+                f"{label}</text>"
+            )
+    above = [label for value, _, label in thresholds if value > ymax]
+    if above:
+        out.append(
+            f'<text x="{left + 2}" y="{top - 6}" class="th-above">'
+            f"{html.escape(' · '.join(above))} (above the scale)</text>"
+        )
+    if not values:
+        out.append(
+            f'<text x="{left + pw / 2}" y="{top + ph / 2}" class="empty">no requests yet</text>'
+        )
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>')
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _ticks(start: float, end: float, step: int, fmt: str) -> list[tuple[float, str]]:
+    first = (start // step + 1) * step
+    out, t = [], first
+    while t < end:
+        out.append((t, _utc(t, fmt)))
+        t += step
+    return out
+
+
+SPANS = {  # name: (length, seconds per point, seconds between x labels, label format)
+    "24 hours": (DAY, 300, 6 * 3600, "%H:%M"),
+    "7 days": (7 * DAY, 3600, DAY, "%a %d"),
+}
+
+
+def chart_rows(store, now: float) -> dict[str, list[tuple[str, int, HttpStats]]]:
+    """Per span, the stored minutes already merged into its points (summed in SQL)."""
+    out = {}
+    for name, (length, step, _, _) in SPANS.items():
+        start = (now - length) // step * step
+        out[name] = store.http_binned(start, step) if store else []
+    return out
+
+
+def charts_for(
+    rows: dict[str, list[tuple[str, int, HttpStats]]], vhost: str, now: float, t: m.Thresholds
+) -> dict:
+    out = {}
+    spans = {
+        name: (now - length, step, tick_step, fmt)
+        for name, (length, step, tick_step, fmt) in SPANS.items()
+    }
+    for name, (start, step, tick_step, fmt) in spans.items():
+        start = start // step * step
+        bins = series(rows.get(name, []), vhost, start, now, step)
+        ticks = _ticks(start, now, tick_step, fmt)
+        p95 = [(ts, s.percentile(0.95)) for ts, s in bins]
+        err = [(ts, s.error_percent) for ts, s in bins]
+        total = HttpStats()
+        for _, s in bins:
+            total = total.merge(s)
+        out[name] = {
+            "requests": total.requests,
+            "errors": total.errors,
+            "p95": total.percentile(0.95),
+            "error_percent": total.error_percent,
+            "latency_svg": svg_chart(
+                p95,
+                start,
+                now,
+                "ms",
+                [
+                    (t.p95_ms[0], _STATE_COLOUR[WARN], f"warn {t.p95_ms[0]:g} ms"),
+                    (t.p95_ms[1], _STATE_COLOUR[CRIT], f"crit {t.p95_ms[1]:g} ms"),
+                ],
+                ticks,
+                "#2563eb",
+                f"p95 latency of {vhost}, {name}",
+            ),
+            "errors_svg": svg_chart(
+                err,
+                start,
+                now,
+                "%",
+                [
+                    (t.error_percent[0], _STATE_COLOUR[WARN], f"warn {t.error_percent[0]:g} %"),
+                    (t.error_percent[1], _STATE_COLOUR[CRIT], f"crit {t.error_percent[1]:g} %"),
+                ],
+                ticks,
+                "#9333ea",
+                f"5xx error rate of {vhost}, {name}",
+            ),
+        }
+    return out
+
+
+# --- the page's data ---------------------------------------------------------------------
+
+OVERALL = {
+    OK: "All systems operational",
+    WARN: "Degraded: something needs attention",
+    CRIT: "Outage or critical condition",
+    UNKNOWN: "Partly unknown: some checks could not be read",
+}
+
+
+def build_page_data(stack: Stack, report: Report, store, now: float) -> dict:
+    """Everything the page shows, as plain data (also written as status.json)."""
+    t = m.Thresholds.from_metrics(stack.monitoring.metrics)
+    interval = stack.monitoring.interval.seconds
+    down_24h = store.downtime(now - DAY, now, interval) if store else {}
+    down_7d = store.downtime(now - 7 * DAY, now, interval) if store else {}
+    rows = chart_rows(store, now)
+    by_subject: dict[str, list[m.Check]] = {}
+    for c in report.checks:
+        by_subject.setdefault(c.subject, []).append(c)
+
+    def uptime(subject: str) -> dict:
+        day, week = down_24h.get(subject), down_7d.get(subject)
+        return {
+            "24h": m.availability_percent(day[1], DAY) if day else None,
+            "7d": m.availability_percent(week[1], 7 * DAY) if week else None,
+            "since": _utc(week[2]) if week else None,
+        }
+
+    def card(subject: str, title: str, env: str | None) -> dict:
+        checks = by_subject.get(subject, [])
+        state = m.worst(c.state for c in checks) if checks else UNKNOWN
+        return {
+            "subject": subject,
+            "title": title,
+            "env": env,
+            "state": state,
+            "checks": [c.to_json() for c in m.sort_checks(checks)],
+            "uptime": uptime(subject),
+        }
+
+    envs = []
+    for env in stack.environments.values():
+        domain = env.domains[0]
+        key = f"django_{env.name}"
+        cards = [card(domain, domain, env.name), card(key, f"app ({key})", env.name)]
+        envs.append(
+            {
+                "name": env.name,
+                "domains": env.domains,
+                "state": m.worst(c["state"] for c in cards),
+                "cards": cards,
+                "charts": charts_for(rows, domain, now, t),
+            }
+        )
+    status_domain = stack.status_domain
+    shared = [card(s.name, s.name, None) for s in stack.services.all()]
+    shared.append(card("docker", "docker engine", None))
+    shared.append(card(status_domain, f"status page ({status_domain})", "status"))
+    host = {
+        c.key: c.to_json()
+        for c in report.checks
+        if c.subject == "host" or c.metric == "disk_percent"
+    }
+    certs = [c.to_json() for c in report.checks if c.metric == "cert_days"]
+    return {
+        "generated": _utc(now),
+        "generated_ts": now,
+        "state": report.state,
+        "headline": OVERALL[report.state],
+        "summary": report.summary(),
+        "environments": envs,
+        "shared": shared,
+        "host": list(host.values()),
+        "status_charts": charts_for(rows, status_domain, now, t),
+        "status_domain": status_domain,
+        "certificates": certs,
+        "deploys": [
+            {
+                k: d.get(k)
+                for k in ("time", "env", "action", "commit", "result", "duration_s", "detail")
+            }
+            for d in report.info.get("deploys", [])
+        ],
+        "backups": report.info.get("backups", {}),
+        "checks": [c.to_json() for c in report.checks],
+        "run": report.info.get("run", {}),
+        "interval_s": interval,
+        "http_window_min": m.HTTP_WINDOW_S // 60,
+    }
+
+
+# --- rendering and publishing ------------------------------------------------------------
+
+
+def _env() -> jinja2.Environment:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.globals["colour"] = _STATE_COLOUR
+    env.filters["pct"] = lambda v: "–" if v is None else f"{v:.3f} %".replace(".000 %", " %")
+    env.filters["ms"] = lambda v: "–" if v is None else f"{v:.0f} ms"
+    return env
+
+
+def render(page: dict) -> str:
+    """Data → the whole HTML page (charts are pre-rendered SVG strings, marked safe)."""
+    return _env().get_template("status.html.j2").render(page=page, safe=jinja2.utils.markupsafe)
+
+
+def publish(directory: Path, page: dict) -> Path:
+    """Write index.html and status.json atomically (rename over the old ones), world-
+    readable: nginx reads them as UID 10001."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = {
+        "index.html": render(page),
+        "status.json": json.dumps(
+            {k: v for k, v in page.items() if k not in ("environments", "status_charts")}
+            | {
+                "environments": [
+                    {k: v for k, v in e.items() if k != "charts"} for e in page["environments"]
+                ]
+            },
+            indent=1,
+            default=str,
+        ),
+    }
+    for name, text in files.items():
+        tmp = directory / f".{name}.tmp"
+        tmp.write_text(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, directory / name)
+    return directory / "index.html"

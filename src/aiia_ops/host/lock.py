@@ -1,0 +1,140 @@
+"""The one lock: an atomic `mkdir` on the target host, holding who, when, what and which pid.
+
+Used by every operation that must not overlap: `deploy-<env>` (deploy, rollback, migrate),
+`backup-<env>` (backup, restore, verify, prune), `renew` (ssl-renew), `monitor` (one run at
+a time). It works through any runner, so a lock on a remote host is taken over SSH.
+
+A lock whose holder ran on this machine and whose process is gone is stale: it is reported
+and taken over. Any other held lock is refused with its holder and the exact command that
+clears it (`invoke lock.release --name NAME`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from aiia_ops.errors import OpsError
+from aiia_ops.host.releases import now_iso, who
+from aiia_ops.host.runners import Runner
+
+
+class LockHeld(OpsError):
+    pass
+
+
+def locks_dir(state_dir: str) -> str:
+    return f"{str(state_dir).rstrip('/')}/locks"
+
+
+def lock_dir(state_dir: str, name: str) -> str:
+    return f"{locks_dir(state_dir)}/{name}"
+
+
+def deploy_lock(env: str) -> str:
+    return f"deploy-{env}"
+
+
+def backup_lock(env: str) -> str:
+    return f"backup-{env}"
+
+
+def holder_alive(held: dict) -> bool | None:
+    """True/False when the holder ran on this machine (its pid is checked); None otherwise."""
+    if held.get("from") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return None
+    if held["pid"] == os.getpid():
+        return True
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe(held: dict) -> str:
+    return (
+        f"{held.get('holder', 'someone')} since {held.get('since', '?')} "
+        f"({held.get('action', '?')} of {held.get('version') or '-'}, pid "
+        f"{held.get('pid', '?')} on {held.get('from', '?')})"
+    )
+
+
+def acquire(
+    runner: Runner,
+    state_dir: str,
+    name: str,
+    *,
+    version: str = "",
+    action: str = "",
+    wait: float = 0.0,
+    release_hint: str | None = None,
+    out=print,
+) -> dict:
+    """Take lock `name` or raise LockHeld; waits up to `wait` seconds for a live holder."""
+    path = lock_dir(state_dir, name)
+    runner.run(["mkdir", "-p", locks_dir(state_dir)])
+    info = {
+        "name": name,
+        "holder": who(),
+        "since": now_iso(),
+        "version": version,
+        "action": action,
+        "pid": os.getpid(),
+        "from": socket.gethostname(),
+    }
+    deadline = time.monotonic() + wait
+    while not runner.run(["mkdir", path], check=False).ok:
+        held = read(runner, state_dir, name) or {}
+        if holder_alive(held) is False:
+            out(f"   taking over a stale lock {name}: {describe(held)} is no longer running")
+            runner.run(["rm", "-rf", path])
+            continue
+        if time.monotonic() < deadline:
+            time.sleep(0.5)
+            continue
+        hint = release_hint or f"invoke lock.release --name {name}"
+        raise LockHeld(
+            f"{name} is locked by {describe(held)}; wait for it to finish, or if it died: {hint}"
+        )
+    runner.write_file(f"{path}/holder.json", json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def read(runner: Runner, state_dir: str, name: str) -> dict | None:
+    data = runner.read_file(f"{lock_dir(state_dir, name)}/holder.json")
+    if data is None:
+        # mkdir done, holder.json not yet written (or lost): still held
+        exists = runner.query(["test", "-d", lock_dir(state_dir, name)]).ok
+        return {"holder": "unknown (no holder.json yet)"} if exists else None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return {"holder": "unknown (unreadable holder.json)"}
+
+
+def held_locks(runner: Runner, state_dir: str) -> dict[str, dict]:
+    """Every lock held on the host, by name."""
+    listing = runner.query(["ls", "-1", locks_dir(state_dir)])
+    names = listing.stdout.split() if listing.ok else []
+    return {n: h for n in sorted(names) if (h := read(runner, state_dir, n)) is not None}
+
+
+def release(runner: Runner, state_dir: str, name: str) -> None:
+    runner.run(["rm", "-rf", lock_dir(state_dir, name)])
+
+
+@contextmanager
+def holding(runner: Runner, state_dir: str, name: str, **kw) -> Iterator[dict]:
+    """`with holding(...)`: the lock for the block, released on any outcome."""
+    info = acquire(runner, state_dir, name, **kw)
+    try:
+        yield info
+    finally:
+        release(runner, state_dir, name)

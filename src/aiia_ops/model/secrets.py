@@ -1,0 +1,40 @@
+"""The stack's secrets as values: which keys exist, and types that never show them.
+
+`host/secrets.py` generates and stores them; rendering and compose take these types.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SHARED_KEYS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "PGBOUNCER_ADMIN_PASSWORD")
+ENV_KEYS = ("DB_PASSWORD", "SECRET_KEY", "API_WRITE_TOKEN")
+
+
+@dataclass(frozen=True, repr=False)
+class EnvSecrets:
+    db_password: str
+    secret_key: str
+    api_write_token: str = ""  # bearer token of the app's write API
+
+    def __repr__(self) -> str:
+        return "EnvSecrets(********)"
+
+
+@dataclass(frozen=True, repr=False)
+class Secrets:
+    postgres_password: str
+    redis_password: str
+    pgbouncer_admin_password: str
+    environments: dict[str, EnvSecrets] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Secrets(******** for {', '.join(self.environments) or 'no environment'})"
+
+    __str__ = __repr__
+
+    def values(self) -> list[str]:
+        out = [self.postgres_password, self.redis_password, self.pgbouncer_admin_password]
+        for env in self.environments.values():
+            out += [env.db_password, env.secret_key, env.api_write_token]
+        return out

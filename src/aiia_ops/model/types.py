@@ -1,0 +1,379 @@
+"""The stack model's types: deploy/stack.yml as typed data (loading is in model/load.py).
+
+Every problem comes back at once, one line each, as a `StackError`; nothing runs on a
+stack that has one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Literal
+
+from aiia_ops.errors import OpsError
+from aiia_ops.model.schema import field_key
+from aiia_ops.model.units import Duration, Size
+
+IPv4 = ipaddress.IPv4Address
+
+
+class StackError(OpsError):
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        noun = "problem" if len(problems) == 1 else "problems"
+        body = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} {noun}\n{body}")
+
+
+# --- building blocks -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Memory:
+    limit: Size
+    reservation: Size
+
+
+@dataclass(frozen=True)
+class Cpu:
+    limit: float
+    reservation: float
+
+
+@dataclass(frozen=True)
+class Healthcheck:
+    interval: Duration
+    timeout: Duration
+    retries: int
+    http: str | None = None  # a path probed over HTTP inside the container
+    command: list[str] | None = None  # or a command run inside the container
+
+
+@dataclass(frozen=True)
+class Machine:
+    memory: Size
+    cpus: float
+    disk: Size
+    os_reserve: Size
+
+    @property
+    def available_memory(self) -> Size:
+        return self.memory - self.os_reserve
+
+
+@dataclass(frozen=True)
+class Host:
+    ssh: str | None = None  # user@address[:port]; None = this machine's engine
+    state_dir: str = "/var/lib/aiia"
+    publish_address: ipaddress.IPv4Address = ipaddress.IPv4Address("0.0.0.0")
+    # Published port = container port + offset. 0 in production; a second stack on one
+    # machine (tests beside a running stack) publishes 80/443 elsewhere.
+    port_offset: int = 0
+
+    def published(self, port: int) -> int:
+        return port + self.port_offset
+
+    @property
+    def is_local(self) -> bool:
+        return self.ssh is None
+
+
+@dataclass(frozen=True)
+class Network:
+    name: str
+    subnet: ipaddress.IPv4Network
+
+
+@dataclass(frozen=True)
+class Acme:
+    directory: str
+    email: str
+    renew_before: Duration
+    webroot: str
+
+
+@dataclass(frozen=True)
+class Tls:
+    protocols: list[Literal["TLSv1.2", "TLSv1.3"]]
+    ciphers: str
+    hsts_max_age: int
+    session_timeout: Duration
+    session_cache_size: Size
+    session_tickets: bool
+    acme: Acme
+
+
+# --- shared services -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NginxSettings:
+    worker_processes: Literal["auto"] | int
+    worker_connections: int
+    gzip_level: int
+    static_max_age: Duration
+    access_log_buffer: Size
+    access_log_flush: Duration
+    client_max_body_size: Size
+    keepalive_timeout: Duration
+    upstream_keepalive: int
+    # Anonymous GET /api/ answers kept by nginx this long (0s = off); see docs/performance.md.
+    api_cache: Duration = Duration(0)
+    # Requests in flight to an environment's app per gunicorn thread before nginx answers
+    # 503 at once (0 = no limit): the queue in front of the app stays bounded.
+    app_inflight_per_thread: int = 0
+
+
+@dataclass(frozen=True)
+class PgbouncerSettings:
+    pool_mode: Literal["session", "transaction", "statement"]
+    max_client_conn: int
+    default_pool_size: int
+    reserve_pool_size: int
+    server_idle_timeout: Duration
+
+
+@dataclass(frozen=True)
+class PostgresSettings:
+    superuser: str
+    max_connections: int
+    shared_buffers: Size
+    effective_cache_size: Size
+    work_mem: Size
+    maintenance_work_mem: Size
+    autovacuum_naptime: Duration
+    default_statistics_target: int
+
+
+RedisPolicy = Literal[
+    "noeviction",
+    "allkeys-lru",
+    "allkeys-lfu",
+    "allkeys-random",
+    "volatile-lru",
+    "volatile-lfu",
+    "volatile-random",
+    "volatile-ttl",
+]
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    maxmemory: Size
+    maxmemory_policy: RedisPolicy
+    databases: int
+    appendonly: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class Service:
+    container: str
+    image: str
+    address: IPv4
+    memory: Memory
+    cpu: Cpu
+    healthcheck: Healthcheck
+    port: int | None = None
+    publish: list[int] = field(default_factory=list)
+    volumes: dict[str, str] = field(default_factory=dict)
+    domains: list[str] = field(default_factory=list)
+    name: str = field(default="", init=False)  # its key in `services`
+
+
+@dataclass(frozen=True, kw_only=True)
+class NginxService(Service):
+    settings: NginxSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class PgbouncerService(Service):
+    port: int  # required: others connect to it
+    settings: PgbouncerSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class PostgresService(Service):
+    port: int  # required: others connect to it
+    settings: PostgresSettings
+
+
+@dataclass(frozen=True, kw_only=True)
+class RedisService(Service):
+    port: int  # required: others connect to it
+    settings: RedisSettings
+
+
+@dataclass(frozen=True)
+class Services:
+    nginx: NginxService
+    pgbouncer: PgbouncerService
+    postgresql: PostgresService
+    redis: RedisService
+
+    def all(self) -> list[Service]:
+        return [self.nginx, self.pgbouncer, self.postgresql, self.redis]
+
+
+# --- the app, per environment ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gunicorn:
+    workers: int
+    threads: int
+    worker_class: Literal["sync", "gthread", "gevent", "eventlet", "tornado"]
+    timeout: Duration
+    max_requests: int
+    keepalive: Duration
+    max_requests_jitter: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Environment:
+    """The app in one environment: the `app` block merged with `environments.<name>`."""
+
+    container: str
+    address: IPv4
+    standby_address: IPv4
+    port: int
+    domains: list[str]
+    database: str
+    redis_db: int
+    image: str
+    memory: Memory
+    cpu: Cpu
+    healthcheck: Healthcheck
+    gunicorn: Gunicorn
+    hosts: list[str]
+    volumes: dict[str, str] = field(default_factory=dict)
+    name: str = field(default="", init=False)  # its key in `environments`
+
+    @property
+    def db_user(self) -> str:
+        return self.database
+
+    @property
+    def storage_volume(self) -> str:
+        return f"storage_{self.name}"
+
+
+# --- policies ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DeployPolicy:
+    keep_releases: int = 5
+    health_timeout: Duration = Duration(60)
+    drain_timeout: Duration = Duration(30)
+
+
+@dataclass(frozen=True)
+class Retention:
+    pre_deploy: int = field_key("pre-deploy")
+    daily: int = 7
+    manual: int = 3
+    media: int = 1
+    config: int = 1
+
+
+@dataclass(frozen=True)
+class Backups:
+    daily_at: str
+    retention: Retention
+
+
+@dataclass(frozen=True)
+class PercentMetric:
+    warning: float
+    critical: float
+    every: Duration
+
+
+@dataclass(frozen=True)
+class SizeMetric:
+    warning: Size
+    critical: Size
+    every: Duration
+
+
+@dataclass(frozen=True)
+class LatencyMetric:
+    warning: Duration
+    critical: Duration
+    every: Duration
+
+
+@dataclass(frozen=True)
+class CountMetric:
+    warning: int
+    critical: int
+    every: Duration
+
+
+@dataclass(frozen=True)
+class AvailabilityMetric:
+    critical_below: float
+    every: Duration
+
+
+@dataclass(frozen=True)
+class Metrics:
+    cpu_percent: PercentMetric
+    memory_percent: PercentMetric
+    disk_percent: PercentMetric
+    db_connections: CountMetric
+    cache_memory: SizeMetric
+    http_error_percent: PercentMetric
+    http_latency_p95: LatencyMetric
+    availability: AvailabilityMetric
+
+
+@dataclass(frozen=True)
+class Probe:
+    interval: Duration
+    timeout: Duration
+    retries: int
+
+
+@dataclass(frozen=True)
+class Monitoring:
+    interval: Duration
+    metrics: Metrics
+    docker_ps: Probe
+
+
+# --- the stack ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stack:
+    project: str
+    machine: Machine
+    runtime: Literal["compose"]
+    hosts: dict[str, Host]
+    network: Network
+    tls: Tls
+    services: Services
+    environments: dict[str, Environment]
+    deploy: DeployPolicy
+    backups: Backups
+    monitoring: Monitoring
+    source: str = ""
+
+    @property
+    def local_host(self) -> Host:
+        """The host this machine's engine serves (level 1: the only one)."""
+        return next(iter(self.hosts.values()))
+
+    def environment(self, name: str) -> Environment:
+        if name not in self.environments:
+            known = ", ".join(self.environments)
+            raise OpsError(f"unknown environment {name!r}; expected one of: {known}")
+        return self.environments[name]
+
+    def containers(self) -> list[Service | Environment]:
+        return [*self.services.all(), *self.environments.values()]
+
+    @property
+    def status_domain(self) -> str:
+        return self.services.nginx.domains[0]
