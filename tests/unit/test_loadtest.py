@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import pytest
 
 from aiia_ops.commands import loadtest as lt
+from aiia_ops.commands.accesslog import AccessLine, parse_line, parse_lines
 from aiia_ops.errors import OpsError
 from aiia_ops.model import load_stack
 
@@ -177,8 +178,8 @@ def _log(t: str, status="200", rt="0.010", vhost="eduaiia.com", up="172.20.0.3:8
 
 
 def test_access_log_line():
-    line = lt.parse_access_line(_log("2026-11-26T16:00:01+00:00", "503", "0.001", up=""))
-    assert line == lt.LogLine(
+    line = parse_line(_log("2026-11-26T16:00:01+00:00", "503", "0.001", up=""))
+    assert line == AccessLine(
         t=datetime(2026, 11, 26, 16, 0, 1, tzinfo=UTC).timestamp(),
         vhost="eduaiia.com",
         status=503,
@@ -186,8 +187,8 @@ def test_access_log_line():
         uri="/x",
         upstream=False,
     )
-    assert lt.parse_access_line("not json") is None
-    assert lt.parse_access_line('{"time": "x"}') is None
+    assert parse_line("not json") is None
+    assert parse_line('{"time": "x"}') is None
 
 
 def test_timeseries_per_second():
@@ -199,7 +200,7 @@ def test_timeseries_per_second():
         _log("2026-11-26T16:00:01+00:00", "201", "0.050"),
         _log("2026-11-26T16:00:01+00:00", vhost="_"),  # another vhost: not counted
     ]
-    lines = [lt.parse_access_line(x) for x in raw]
+    lines = list(parse_lines(raw))
     secs = lt.timeseries(lines, start + 0.4, start + 1.9, {"eduaiia.com"})
     assert [(s.t, s.requests, s.errors, s.shed) for s in secs] == [(0, 2, 0, 0), (1, 2, 1, 1)]
     assert (secs[0].p50_ms, secs[0].p95_ms) == (10.0, 30.0)

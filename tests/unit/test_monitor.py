@@ -11,6 +11,7 @@ import pytest
 
 from aiia_ops import DEFAULT_STACK
 from aiia_ops.commands import monitor as m
+from aiia_ops.commands.accesslog import parse_line
 from aiia_ops.commands.monitor import (
     CRIT,
     OK,
@@ -211,13 +212,22 @@ def line(vhost="eduaiia.com", status=200, seconds=0.012, when=NOW, ua="curl/8"):
 
 
 def test_access_line_parsing_skips_what_is_not_site_traffic():
-    parsed = m.parse_access_line(line(status=502, seconds=0.25, when=NOW + 30))
-    assert parsed == m.LogLine("eduaiia.com", int(NOW), 502, 250.0)
-    assert m.parse_access_line(line(vhost="_")) is None  # scanners on the catch-all
-    assert m.parse_access_line(line(ua=m.MONITOR_USER_AGENT + " probe")) is None
-    assert m.parse_access_line(line(status="000")) is None
-    assert m.parse_access_line("not json") is None
-    assert m.parse_access_line('{"vhost": "eduaiia.com"}') is None
+    parsed = parse_line(line(status=502, seconds=0.25, when=NOW + 30))
+    assert (parsed.vhost, parsed.minute, parsed.status, parsed.request_time_ms) == (
+        "eduaiia.com",
+        int(NOW),
+        502,
+        250.0,
+    )
+    assert m.counted(parsed)
+    assert not m.counted(parse_line(line(vhost="_")))  # scanners on the catch-all
+    assert not m.counted(parse_line(line(ua=m.MONITOR_USER_AGENT + " probe")))
+    assert not m.counted(parse_line(line(status="000")))
+    assert parse_line("not json") is None
+    assert parse_line('{"vhost": "eduaiia.com"}') is None
+    # What the monitor does not count never reaches its minutes.
+    skipped = [line(vhost="_"), line(ua=m.MONITOR_USER_AGENT), line(status="000"), "not json"]
+    assert m.aggregate(skipped) == {}
 
 
 def test_error_rate_and_p95_per_vhost_over_the_window(t):

@@ -24,6 +24,9 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 
+from aiia_ops.commands.accesslog import AccessLine
+from aiia_ops.commands.charts import Chart, Series, document, panel
+
 # --- scenarios -----------------------------------------------------------------------
 
 # Request kinds the Lua script knows how to build.
@@ -434,32 +437,6 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[rank - 1]
 
 
-@dataclass(frozen=True)
-class LogLine:
-    t: float  # epoch seconds (nginx logs whole seconds)
-    vhost: str
-    status: int
-    request_time_ms: float
-    uri: str
-    upstream: bool = False  # answered by the app (False: by nginx alone: file, cache, 503)
-
-
-def parse_access_line(line: str) -> LogLine | None:
-    """One line of nginx's `aiia` JSON access log (services/nginx/README.md)."""
-    try:
-        data = json.loads(line)
-        return LogLine(
-            t=datetime.fromisoformat(data["time"]).timestamp(),
-            vhost=data["vhost"],
-            status=int(data["status"]),
-            request_time_ms=float(data["request_time"]) * 1000,
-            uri=data["uri"],
-            upstream=bool(data.get("upstream_addr")),
-        )
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 SHED_STATUSES = (429, 503)
 
 
@@ -474,9 +451,9 @@ class Second:
     p99_ms: float
 
 
-def timeseries(lines: list[LogLine], start: float, end: float, vhosts: set[str]) -> list[Second]:
+def timeseries(lines: list[AccessLine], start: float, end: float, vhosts: set[str]) -> list[Second]:
     """Per second of a phase: requests, errors and latency percentiles, as nginx saw them."""
-    buckets: dict[int, list[LogLine]] = defaultdict(list)
+    buckets: dict[int, list[AccessLine]] = defaultdict(list)
     for line in lines:
         if line.vhost in vhosts and start - 1 <= line.t <= end + 1:
             buckets[max(0, int(line.t - int(start)))].append(line)
@@ -498,7 +475,7 @@ def timeseries(lines: list[LogLine], start: float, end: float, vhosts: set[str])
     return out
 
 
-def status_counts(lines: list[LogLine], start: float, end: float, vhosts: set[str]) -> dict:
+def status_counts(lines: list[AccessLine], start: float, end: float, vhosts: set[str]) -> dict:
     counts: dict[str, int] = defaultdict(int)
     shed_times = []
     by_app = 0
@@ -825,128 +802,12 @@ def first_to_give(phase: dict) -> str:
     return text
 
 
-# --- charts: plain SVG, no script, no web font ---------------------------------------
-
-COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+# --- charts (the one chart engine, commands/charts.py) -----------------------------------
 
 
-def _esc(text: str) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _nice_max(value: float) -> float:
-    if value <= 0:
-        return 1.0
-    exp = 10 ** math.floor(math.log10(value))
-    for step in (1, 2, 2.5, 5, 10):
-        if value <= step * exp:
-            return step * exp
-    return 10 * exp
-
-
-@dataclass(frozen=True)
-class Series:
-    label: str
-    points: list[tuple[float, float]]
-    dashed: bool = False
-
-
-def _panel(
-    x0: float,
-    y0: float,
-    width: float,
-    height: float,
-    title: str,
-    series: list[Series],
-    y_label: str,
-    x_label: str,
-    x_ticks: list[tuple[float, str]] | None = None,
-) -> list[str]:
-    xs = [x for s in series for x, _ in s.points] or [0.0, 1.0]
-    ys = [y for s in series for _, y in s.points] or [1.0]
-    x_min, x_max = min(xs), max(xs)
-    if x_max == x_min:
-        x_max = x_min + 1
-    y_max = _nice_max(max(ys) * 1.05)
-    left, bottom = x0 + 60, y0 + height - 30
-    plot_w, plot_h = width - 340, height - 60
-
-    def px(x: float) -> float:
-        return left + (x - x_min) / (x_max - x_min) * plot_w
-
-    def py(y: float) -> float:
-        return bottom - y / y_max * plot_h
-
-    out = [
-        f'<text x="{x0 + 10}" y="{y0 + 16}" class="title">{_esc(title)}</text>',
-        f'<line x1="{left}" y1="{bottom}" x2="{left + plot_w}" y2="{bottom}" class="axis"/>',
-        f'<line x1="{left}" y1="{bottom}" x2="{left}" y2="{bottom - plot_h}" class="axis"/>',
-        f'<text x="{left + plot_w / 2}" y="{bottom + 26}" class="label" text-anchor="middle">'
-        f"{_esc(x_label)}</text>",
-        f'<text x="{x0 + 12}" y="{bottom - plot_h / 2}" class="label" text-anchor="middle" '
-        f'transform="rotate(-90 {x0 + 12} {bottom - plot_h / 2})">{_esc(y_label)}</text>',
-    ]
-    for i in range(5):
-        y = y_max * i / 4
-        out.append(
-            f'<line x1="{left}" y1="{py(y):.1f}" x2="{left + plot_w}" y2="{py(y):.1f}" '
-            f'class="grid"/><text x="{left - 6}" y="{py(y) + 4:.1f}" class="tick" '
-            f'text-anchor="end">{y:g}</text>'
-        )
-    if x_ticks is None:
-        step = _nice_max((x_max - x_min) / 6)
-        first = math.ceil(x_min / step) * step
-        x_ticks = [(first + step * i, "") for i in range(int((x_max - first) / step) + 1)]
-    ticks = x_ticks
-    for x, text in ticks:
-        label = text or f"{x:g}"
-        out.append(
-            f'<text x="{px(x):.1f}" y="{bottom + 14}" class="tick" text-anchor="middle">'
-            f"{_esc(label)}</text>"
-        )
-    for i, s in enumerate(series):
-        colour = COLOURS[i % len(COLOURS)]
-        dash = ' stroke-dasharray="6 4"' if s.dashed else ""
-        if s.points:
-            path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in s.points)
-            out.append(
-                f'<polyline points="{path}" fill="none" stroke="{colour}" '
-                f'stroke-width="1.6"{dash}/>'
-            )
-            if len(s.points) <= 12:
-                out += [
-                    f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.5" fill="{colour}"/>'
-                    for x, y in s.points
-                ]
-        ly = y0 + 34 + 16 * i
-        lx = left + plot_w + 14
-        out.append(
-            f'<line x1="{lx}" y1="{ly - 4}" x2="{lx + 18}" y2="{ly - 4}" stroke="{colour}" '
-            f'stroke-width="2"{dash}/><text x="{lx + 24}" y="{ly}" class="legend">'
-            f"{_esc(s.label)}</text>"
-        )
-    return out
-
-
-_STYLE = (
-    "<style>text{font-family:sans-serif;fill:#222}.title{font-size:14px;font-weight:bold}"
-    ".label{font-size:11px}.tick{font-size:10px;fill:#555}.legend{font-size:11px}"
-    ".axis{stroke:#333}.grid{stroke:#ddd}.note{font-size:11px;fill:#555}</style>"
-)
-
-
-def _svg(width: int, height: int, title: str, notes: list[str], body: list[str]) -> str:
-    head = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}">',
-        _STYLE,
-        f'<rect width="{width}" height="{height}" fill="white"/>',
-        f'<text x="10" y="22" class="title" style="font-size:16px">{_esc(title)}</text>',
-    ]
-    head += [
-        f'<text x="10" y="{40 + 14 * i}" class="note">{_esc(n)}</text>' for i, n in enumerate(notes)
-    ]
-    return "\n".join([*head, *body, "</svg>"]) + "\n"
+def _flat(label: str, value: float, x_end: float) -> Series:
+    """A goal or a ceiling: a dashed horizontal line across the run."""
+    return Series(label, [(0, value), (x_end, value)], dashed=True)
 
 
 def render_run_svg(report: dict, phase_name: str, users: int) -> str:
@@ -964,9 +825,9 @@ def render_run_svg(report: dict, phase_name: str, users: int) -> str:
         if c["rps"] > 2.5 * top:  # drawn, it would flatten the run's own line
             thr.append(Series(label + " (off the scale)", []))
         else:
-            thr.append(Series(label, [(0, c["rps"]), (end, c["rps"])], True))
+            thr.append(_flat(label, c["rps"], end))
     lat = [Series(k, [(s["t"], s[f"{k}_ms"]) for s in secs]) for k in ("p50", "p95", "p99")]
-    lat.append(Series(f"goal p95 {GOAL_P95_MS} ms", [(0, GOAL_P95_MS), (end, GOAL_P95_MS)], True))
+    lat.append(_flat(f"goal p95 {GOAL_P95_MS} ms", GOAL_P95_MS, end))
     mem = [
         Series(
             f"{service} (limit {_limit_of(p, service)})",
@@ -982,18 +843,17 @@ def render_run_svg(report: dict, phase_name: str, users: int) -> str:
         f"{p['stack_memory_peak_mb']:.0f} MB; load average before {p['loadavg_before'][0]:.1f}",
         report["conditions"],
     ]
+    panels = (
+        ("Throughput (nginx access log, per second)", thr, "requests/s"),
+        ("Latency inside nginx (request_time, per second)", lat, "ms"),
+        ("Memory per container (engine stats)", mem, "MB"),
+    )
     body = []
-    body += _panel(
-        0, 90, 1000, 260, "Throughput (nginx access log, per second)", thr, "requests/s", "seconds"
-    )
-    body += _panel(
-        0, 360, 1000, 260, "Latency inside nginx (request_time, per second)", lat, "ms", "seconds"
-    )
-    body += _panel(0, 630, 1000, 260, "Memory per container (engine stats)", mem, "MB",
-                   "seconds")  # fmt: skip
-    return _svg(
-        1000, 900, f"Load test: {phase_name}, {users} users ({report['environment']})", notes, body
-    )
+    for i, (title, series, unit) in enumerate(panels):
+        chart = Chart(series, title=title, y_label=unit, x_label="seconds")
+        body += panel(chart, 0, 90 + 270 * i, 1000, 260)
+    title = f"Load test: {phase_name}, {users} users ({report['environment']})"
+    return document(1000, 900, title, notes, body)
 
 
 def _limit_of(phase: dict, service: str) -> str:
@@ -1031,20 +891,18 @@ def render_growth_svg(report: dict, scenario_name: str) -> str:
             values = ", ".join(f"{y:,.0f}" for _, y in pts)
             thr.append(Series(f"ceiling {name} (off the scale): {values}/s", []))
         elif pts:
-            thr.append(Series(f"ceiling {name}", pts, True))
+            thr.append(Series(f"ceiling {name}", pts, dashed=True))
     lat = [
         Series(k, [(i, p["latency_ms"][k]) for i, p in zip(xs, runs, strict=True)])
         for k in ("p50", "p95", "p99")
     ]
-    lat.append(
-        Series(f"goal p95 {GOAL_P95_MS} ms", [(0, GOAL_P95_MS), (xs[-1], GOAL_P95_MS)], True)
-    )
+    lat.append(_flat(f"goal p95 {GOAL_P95_MS} ms", GOAL_P95_MS, xs[-1]))
     services = sorted({c["service"] for p in runs for c in p["containers"]})
     mem = [
         Series(
             "whole stack", [(i, p["stack_memory_peak_mb"]) for i, p in zip(xs, runs, strict=True)]
         ),
-        Series(f"goal {GOAL_STACK_MB} MB", [(0, GOAL_STACK_MB), (xs[-1], GOAL_STACK_MB)], True),
+        _flat(f"goal {GOAL_STACK_MB} MB", GOAL_STACK_MB, xs[-1]),
     ]
     cpu = []
     for service in services:
@@ -1057,12 +915,17 @@ def render_growth_svg(report: dict, scenario_name: str) -> str:
         mem.append(Series(service, m_pts))
         cpu.append(Series(f"{service} (limit {_cpu_limit_of(runs, service)})", c_pts))
     notes = [report["command"], report["conditions"]]
+    panels = (
+        ("Throughput", thr, "requests/s"),
+        ("Latency (wrk)", lat, "ms"),
+        ("CPU per container (mean)", cpu, "cores"),
+        ("Memory (peak)", mem, "MB"),
+    )
     body = []
-    body += _panel(0, 70, 1000, 250, "Throughput", thr, "requests/s", "users", ticks)
-    body += _panel(0, 330, 1000, 250, "Latency (wrk)", lat, "ms", "users", ticks)
-    body += _panel(0, 590, 1000, 250, "CPU per container (mean)", cpu, "cores", "users", ticks)
-    body += _panel(0, 850, 1000, 250, "Memory (peak)", mem, "MB", "users", ticks)
-    return _svg(1000, 1110, f"Growth: {scenario_name} ({report['environment']})", notes, body)
+    for i, (title, series, unit) in enumerate(panels):
+        chart = Chart(series, title=title, y_label=unit, x_label="users", x_ticks=ticks)
+        body += panel(chart, 0, 70 + 260 * i, 1000, 250)
+    return document(1000, 1110, f"Growth: {scenario_name} ({report['environment']})", notes, body)
 
 
 def _cpu_limit_of(runs: list[dict], service: str) -> str:

@@ -23,6 +23,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from aiia_ops.commands import accesslog
+from aiia_ops.commands.accesslog import AccessLine
 from aiia_ops.model import Metrics
 
 OK, WARN, CRIT, UNKNOWN = "OK", "WARN", "CRIT", "UNKNOWN"
@@ -383,40 +385,25 @@ def percentile(hist: list[int], q: float) -> float | None:
     return None  # pragma: no cover
 
 
-@dataclass(frozen=True)
-class LogLine:
-    vhost: str
-    minute: int  # epoch seconds at the start of its minute (UTC)
-    status: int
-    ms: float
-
-
-def parse_access_line(line: str) -> LogLine | None:
-    """One JSON line of nginx's `aiia` format → LogLine; None for what is not counted:
-    unparsable lines, the catch-all servers (vhost "_"), no status, and our own probes."""
-    try:
-        d = json.loads(line)
-        vhost = d.get("vhost", "")
-        if not vhost or vhost == "_" or d.get("user_agent", "").startswith(MONITOR_USER_AGENT):
-            return None
-        status = int(d["status"])
-        if status == 0:
-            return None
-        ms = float(d["request_time"]) * 1000.0
-        when = _dt.datetime.fromisoformat(d["time"]).timestamp()
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
-    return LogLine(vhost, int(when // 60 * 60), status, ms)
+def counted(line: AccessLine) -> bool:
+    """Site traffic the monitor counts: not the catch-all servers (vhost "_", scanners),
+    not a line without a status, not the monitor's own probes."""
+    return (
+        bool(line.vhost)
+        and line.vhost != "_"
+        and line.status != 0
+        and not line.user_agent.startswith(MONITOR_USER_AGENT)
+    )
 
 
 def aggregate(lines: Iterable[str]) -> dict[tuple[str, int], HttpStats]:
     """Access log lines → {(vhost, minute): HttpStats}. Streams: memory is per minute."""
     out: dict[tuple[str, int], HttpStats] = {}
-    for raw in lines:
-        parsed = parse_access_line(raw)
-        if parsed is None:
-            continue
-        out.setdefault((parsed.vhost, parsed.minute), HttpStats()).add(parsed.status, parsed.ms)
+    for line in accesslog.parse_lines(lines):
+        if counted(line):
+            out.setdefault((line.vhost, line.minute), HttpStats()).add(
+                line.status, line.request_time_ms
+            )
     return out
 
 

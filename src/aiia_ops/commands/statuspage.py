@@ -10,13 +10,13 @@ self-contained file, readable on a phone, plus status.json for machines.
 from __future__ import annotations
 
 import datetime as _dt
-import html
 import json
 import os
 from pathlib import Path
 
 import jinja2
 
+from aiia_ops.commands import charts
 from aiia_ops.commands import monitor as m
 from aiia_ops.commands.monitor import CRIT, OK, UNKNOWN, WARN, HttpStats, Report
 from aiia_ops.model import Stack
@@ -47,23 +47,6 @@ def series(
     return [(start + i * step, b) for i, b in enumerate(bins)]
 
 
-def _nice_max(v: float) -> float:
-    if v <= 0:
-        return 1.0
-    for base in (1, 2, 2.5, 5):
-        for exp in range(-2, 7):
-            cand = base * 10**exp
-            if cand >= v:
-                return cand
-    return v  # pragma: no cover
-
-
-def _fmt(v: float) -> str:
-    if v >= 1000:
-        return f"{v / 1000:g}k"
-    return f"{v:g}" if v >= 10 or v == int(v) else f"{v:.1f}"
-
-
 def svg_chart(
     points: list[tuple[float, float | None]],
     start: float,
@@ -74,97 +57,24 @@ def svg_chart(
     colour: str = "#2563eb",
     title: str = "",
 ) -> str:
-    """A small line + area chart. Gaps where a value is None (no requests); threshold
-    lines drawn when they fall inside the scale (else named under the chart)."""
-    w, h, left, right, top, bottom = 520, 210, 58, 10, 22, 28
-    pw, ph = w - left - right, h - top - bottom
-    values = [v for _, v in points if v is not None]
-    peak = max(values) if values else 0
-    ymax = _nice_max(peak * 1.2)
-    for value, _, _ in thresholds:
-        if peak < value <= ymax * 2 and value > ymax:
-            ymax = _nice_max(value * 1.1)
-
-    def x(t: float) -> float:
-        return left + pw * (t - start) / max(1.0, end - start)
-
-    def y(v: float) -> float:
-        return top + ph * (1 - min(v, ymax) / ymax)
-
-    out = [
-        f'<svg viewBox="0 0 {w} {h}" role="img" aria-label="{html.escape(title)}" '
-        f'xmlns="http://www.w3.org/2000/svg" class="chart">',
-        f"<title>{html.escape(title)}</title>",
-    ]
-    for i in range(5):  # grid and y labels
-        v = ymax * i / 4
-        out.append(
-            f'<line x1="{left}" x2="{w - right}" y1="{y(v):.1f}" y2="{y(v):.1f}" class="grid"/>'
-        )
-        out.append(
-            f'<text x="{left - 6}" y="{y(v) + 4:.1f}" class="yl">{_fmt(v)}'
-            f"{' ' + unit if i == 4 else ''}</text>"
-        )
-    for t, label in ticks:
-        out.append(
-            f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{top}" y2="{top + ph}" class="grid"/>'
-        )
-        out.append(f'<text x="{x(t):.1f}" y="{h - 8}" class="xl">{label}</text>')
-    # Runs of consecutive values: one path each, an area under it.
-    runs, cur = [], []
-    for t, v in points:
-        if v is None:
-            if cur:
-                runs.append(cur)
-            cur = []
-        else:
-            cur.append((x(t), y(v)))
-    if cur:
-        runs.append(cur)
-    for run in runs:
-        if len(run) == 1:
-            (px, py) = run[0]
-            out.append(f'<circle cx="{px:.1f}" cy="{py:.1f}" r="2.2" fill="{colour}"/>')
-            continue
-        line = " ".join(f"{px:.1f},{py:.1f}" for px, py in run)
-        area = f"{run[0][0]:.1f},{top + ph} {line} {run[-1][0]:.1f},{top + ph}"
-        out.append(f'<polygon points="{area}" fill="{colour}" fill-opacity="0.12"/>')
-        out.append(
-            f'<polyline points="{line}" fill="none" stroke="{colour}" stroke-width="1.8" '
-            'stroke-linejoin="round"/>'
-        )
-    for value, col, label in thresholds:
-        if value <= ymax:
-            out.append(
-                f'<line x1="{left}" x2="{w - right}" y1="{y(value):.1f}" y2="{y(value):.1f}" '
-                f'stroke="{col}" stroke-dasharray="5 4" stroke-width="1.2"/>'
-            )
-            out.append(
-                f'<text x="{w - right - 4}" y="{y(value) - 4:.1f}" class="th" fill="{col}">'
-                f"{label}</text>"
-            )
-    above = [label for value, _, label in thresholds if value > ymax]
-    if above:
-        out.append(
-            f'<text x="{left + 2}" y="{top - 6}" class="th-above">'
-            f"{html.escape(' · '.join(above))} (above the scale)</text>"
-        )
-    if not values:
-        out.append(
-            f'<text x="{left + pw / 2}" y="{top + ph / 2}" class="empty">no requests yet</text>'
-        )
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" class="frame"/>')
-    out.append("</svg>")
-    return "".join(out)
-
-
-def _ticks(start: float, end: float, step: int, fmt: str) -> list[tuple[float, str]]:
-    first = (start // step + 1) * step
-    out, t = [], first
-    while t < end:
-        out.append((t, _utc(t, fmt)))
-        t += step
-    return out
+    """A small line + area chart (the chart engine, styled by the page's CSS). Gaps where a
+    value is None (no requests); threshold lines drawn when they fall inside the scale (else
+    named above the chart)."""
+    chart = charts.Chart(
+        series=[charts.Series(title, points, colour=colour, area=True)],
+        title=title,
+        unit=unit,
+        x_range=(start, end),
+        x_ticks=list(ticks),
+        x_grid=True,
+        thresholds=[charts.Threshold(value, label, col) for value, col, label in thresholds],
+        headroom=1.2,
+        legend=False,
+        markers=0,
+        empty="no requests yet",
+        framed=True,
+    )
+    return charts.chart_svg(chart)
 
 
 SPANS = {  # name: (length, seconds per point, seconds between x labels, label format)
@@ -193,7 +103,7 @@ def charts_for(
     for name, (start, step, tick_step, fmt) in spans.items():
         start = start // step * step
         bins = series(rows.get(name, []), vhost, start, now, step)
-        ticks = _ticks(start, now, tick_step, fmt)
+        ticks = charts.time_ticks(start, now, tick_step, fmt)
         p95 = [(ts, s.percentile(0.95)) for ts, s in bins]
         err = [(ts, s.error_percent) for ts, s in bins]
         total = HttpStats()
