@@ -79,7 +79,7 @@ def test_inspect_parsed_into_containers():
         name="aiia-nginx", id=ID_A, state="running", health="healthy", running=True,
         started_at="2026-12-01T10:00:00.1Z", restart_count=1, oom_killed=False,
         image="aiia/nginx:abc", memory_limit=64 * 2**20, cpu_limit=0.25,
-        addresses={"aiia": "172.30.0.2"},
+        addresses={"aiia": "172.30.0.2"}, labels={},
     )  # fmt: skip
     redis = cmd.Container.from_inspect(found["aiia-redis"])
     assert (redis.health, redis.memory_limit, redis.cpu_limit, redis.oom_killed) == (
@@ -171,3 +171,70 @@ def test_cgroup_files_read_from_a_real_tree(tmp_path):
     (cpu / "cpuacct.usage").write_text("985472941\n")
     u = Engine(LocalRunner(), cgroup_root=str(tmp_path)).usage({"c": cid})["c"]
     assert (u.memory_used, u.cpu_ns) == (4161536 - 8192, 985472941)
+
+
+# --- invoke status over any runner ---------------------------------------------------------
+
+
+def _attrs(name, cid, running=True, project="aiia", memory=0):
+    return {
+        "Id": cid,
+        "Name": f"/{name}",
+        "State": {"Status": "running" if running else "exited", "Running": running,
+                  "Health": {"Status": "healthy"}},
+        "HostConfig": {"Memory": memory, "NanoCpus": 500_000_000},
+        "Config": {"Image": f"img/{name}:1", "Labels": {"org.eduaiia.stack": project}},
+        "NetworkSettings": {"Networks": {"aiia_network": {"IPAddress": "172.30.0.9"}}},
+    }  # fmt: skip
+
+
+def test_stack_status_over_a_recorded_ssh_target():
+    from aiia_ops import DEFAULT_STACK
+    from aiia_ops.flows.status import stack_status, status_json, status_table_rows
+    from aiia_ops.model import load_stack
+    from aiia_ops.model.units import Size
+
+    stack = load_stack(DEFAULT_STACK)
+    inspect = [
+        _attrs("aiia_nginx", ID_A, memory=64 * 2**20),
+        _attrs("aiia_redis", ID_B, running=False),
+        _attrs("aiia_pgbouncer", "c" * 64, project="other"),  # same name, another stack
+    ]
+    runner = RecordingRunner(
+        {
+            "docker info": '{"ServerVersion":"28.2.2"}',
+            "docker inspect": Result([], 1, json.dumps(inspect), "No such container"),
+            "grep -sH": Result([], 2, V1_GREP, ""),
+        },
+        host="web1",
+    )
+    rows = {r.service: r for r in stack_status(stack, runner)}
+    assert runner.commands[0] == cmd.info()
+    assert runner.commands[1] == cmd.inspect([c.container for c in stack.containers()])
+    assert runner.commands[2] == cmd.read_cgroups([ID_A])  # only the running one
+    assert len(runner.commands) == 3
+    nginx = rows["nginx"]
+    assert (nginx.state, nginx.health, nginx.address, nginx.image) == (
+        "running", "healthy", "172.30.0.9", "img/aiia_nginx:1",
+    )  # fmt: skip
+    assert nginx.memory_used == Size(4161536 - 8192)
+    assert (nginx.memory_limit, nginx.cpu_limit) == (Size(64 * 2**20), 0.5)
+    assert (rows["redis"].state, rows["redis"].memory_used) == ("exited", None)
+    assert rows["pgbouncer"].state == "absent" and rows["django_prod"].state == "absent"
+    table = {r[0]: r for r in status_table_rows(list(rows.values()))}
+    assert table["nginx"][3] == "4.0MB / 64MB"
+    assert table["pgbouncer"][1:] == ["absent", "-", "- / -", "-", "-", "-"]
+    data = {d["service"]: d for d in status_json(list(rows.values()))}
+    assert data["nginx"]["memory_used"] == 4161536 - 8192
+    assert data["redis"]["memory_limit"] is None
+
+
+def test_stack_status_refuses_when_the_engine_does_not_answer():
+    from aiia_ops import DEFAULT_STACK
+    from aiia_ops.flows.status import stack_status
+    from aiia_ops.model import load_stack
+
+    runner = RecordingRunner({"docker info": Result([], 1, "", "Cannot connect")}, host="web1")
+    with pytest.raises(EngineError, match="Cannot connect"):
+        stack_status(load_stack(DEFAULT_STACK), runner)
+    assert len(runner.commands) == 1

@@ -132,6 +132,7 @@ class Container:
     memory_limit: int | None  # bytes, from HostConfig.Memory
     cpu_limit: float | None  # CPUs, from HostConfig.NanoCpus
     addresses: dict[str, str]  # network name → IP address
+    labels: dict[str, str]
 
     @classmethod
     def from_inspect(cls, attrs: dict) -> Container:
@@ -150,6 +151,7 @@ class Container:
             memory_limit=host.get("Memory") or None,
             cpu_limit=host["NanoCpus"] / 1e9 if host.get("NanoCpus") else None,
             addresses={n: v.get("IPAddress") or "" for n, v in networks.items()},
+            labels=dict((attrs.get("Config") or {}).get("Labels") or {}),
         )
 
 
