@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 from aiia_ops.commands import accesslog
 from aiia_ops.commands.accesslog import AccessLine
+from aiia_ops.commands.engine import memory_used
 from aiia_ops.model import Metrics
 
 OK, WARN, CRIT, UNKNOWN = "OK", "WARN", "CRIT", "UNKNOWN"
@@ -247,12 +248,10 @@ def parse_meminfo(text: str) -> tuple[int, int]:
 def container_memory_used(stats: dict) -> int | None:
     """Docker stats → bytes used, like `docker stats`: reclaimable page cache not counted."""
     mem = stats.get("memory_stats") or {}
-    usage = mem.get("usage")
-    if usage is None:
-        return None
     extra = mem.get("stats") or {}
-    cache = extra.get("total_inactive_file", extra.get("inactive_file", 0))
-    return max(0, usage - cache)
+    return memory_used(
+        mem.get("usage"), extra.get("total_inactive_file", extra.get("inactive_file"))
+    )
 
 
 def container_cpu_ns(stats: dict) -> int | None:

@@ -1,16 +1,18 @@
-"""What is running: containers of the stack as the engine reports them (Python SDK)."""
+"""What is running: the stack's containers as the engine reports them, through a runner
+(this machine's engine or a remote one over SSH), with memory by the one formula."""
 
 from __future__ import annotations
 
-import concurrent.futures
-import http.client
-import json
-import socket
-import ssl
 from dataclasses import dataclass
 
 from aiia_ops.commands.compose import service_key
-from aiia_ops.errors import OpsError
+from aiia_ops.commands.engine import STACK_LABEL
+from aiia_ops.host.engine import Engine
+
+# Socket I/O lives in host/http.py; these names stay importable from here for their callers.
+from aiia_ops.host.http import health_through_nginx, https_get
+from aiia_ops.host.runners import LocalRunner, Runner
+from aiia_ops.host.targets import runner_for
 from aiia_ops.model import Stack
 from aiia_ops.model.units import Size
 
@@ -28,75 +30,50 @@ class ContainerStatus:
     image: str
 
 
-def docker_client():
-    import docker
+def status_runner(stack: Stack, host: str | None = None) -> Runner:
+    """The runner for `--host`: a host of the stack (local for `ssh: null`, else SSH), or
+    `user@address[:port]`; without one, the stack's first host."""
+    if host is None:
+        name = next(iter(stack.hosts))
+        return runner_for(stack.hosts[name], name)
+    if host in stack.hosts:
+        return runner_for(stack.hosts[host], host)
+    from aiia_ops.host.ssh import runner_for_spec
 
-    try:
-        client = docker.from_env(version="auto", timeout=30)
-        client.ping()
-    except Exception as exc:
-        raise OpsError(
-            f"the Docker engine does not answer ({exc.__class__.__name__}); "
-            "run `invoke provision` to install and start it"
-        ) from None
-    return client
-
-
-def _memory_used(container) -> Size | None:
-    try:
-        stats = container.stats(stream=False, one_shot=True)
-    except Exception:
-        return None
-    mem = stats.get("memory_stats") or {}
-    usage = mem.get("usage")
-    if usage is None:
-        return None
-    # Like `docker stats`: page cache the kernel can drop is not "used".
-    extra = mem.get("stats") or {}
-    cache = extra.get("total_inactive_file", extra.get("inactive_file", 0))
-    return Size(max(0, usage - cache))
+    return runner_for_spec(host, host=host)
 
 
-def stack_status(stack: Stack, client=None) -> list[ContainerStatus]:
-    client = client or docker_client()
+def stack_status(stack: Stack, runner: Runner | None = None) -> list[ContainerStatus]:
+    """One row per container of the stack: `docker info` (is the engine there?), one
+    `docker inspect` of them all, one read of the running ones' cgroup counters."""
+    engine = Engine(runner or LocalRunner())
+    engine.ping()
     expected = {c.container: service_key(c) for c in stack.containers()}
-    # Every container of the stack carries its label; one removed meanwhile is skipped.
-    listed = client.containers.list(
-        all=True, ignore_removed=True, filters={"label": f"org.eduaiia.stack={stack.project}"}
-    )
-    found = {c.name: c for c in listed if c.name in expected}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        used = dict(
-            zip(
-                found,
-                pool.map(
-                    lambda c: _memory_used(c) if c.status == "running" else None, found.values()
-                ),
-                strict=True,
-            )
-        )
+    # Only containers of this stack count: one of the same name from elsewhere is absent.
+    found = {
+        name: c
+        for name, c in engine.inspect(list(expected)).items()
+        if name in expected and c.labels.get(STACK_LABEL) == stack.project
+    }
+    usage = engine.usage({n: c.id for n, c in found.items() if c.running})
     rows = []
     for name, key in expected.items():
         c = found.get(name)
         if c is None:
             rows.append(ContainerStatus(key, name, "absent", "-", None, None, None, "-", "-"))
             continue
-        attrs = c.attrs
-        host = attrs["HostConfig"]
-        networks = attrs["NetworkSettings"]["Networks"]
-        address = networks.get(stack.network.name, {}).get("IPAddress") or "-"
-        health = (attrs["State"].get("Health") or {}).get("Status", "none")
+        used = usage.get(name)
         rows.append(
             ContainerStatus(
                 key,
                 name,
-                c.status,
-                health,
-                used.get(name),
-                Size(host["Memory"]) if host.get("Memory") else None,
-                host["NanoCpus"] / 1e9 if host.get("NanoCpus") else None,
-                address,
-                attrs["Config"]["Image"],
+                c.state,
+                c.health,
+                Size(used.memory_used) if used and used.memory_used is not None else None,
+                Size(c.memory_limit) if c.memory_limit else None,
+                c.cpu_limit,
+                c.addresses.get(stack.network.name) or "-",
+                c.image,
             )
         )
     return rows
@@ -131,38 +108,25 @@ STATUS_HEADERS = [
 ]
 
 
-def https_get(
-    host_header: str,
-    path: str,
-    address: str = "127.0.0.1",
-    port: int = 443,
-    timeout: float = 10,
-    extra_headers: dict | None = None,
-) -> tuple[int, dict, bytes]:
-    """GET over HTTPS to `address` with SNI and Host set to `host_header` (like curl
-    --resolve). The certificate is not verified: it may still be the self-signed one."""
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    raw = socket.create_connection((address, port), timeout=timeout)
-    conn = http.client.HTTPSConnection(address, port, timeout=timeout, context=context)
-    conn.sock = context.wrap_socket(raw, server_hostname=host_header)  # SNI = the domain
-    try:
-        conn.request("GET", path, headers={"Host": host_header, **(extra_headers or {})})
-        resp = conn.getresponse()
-        headers: dict[str, str] = {}
-        for name, value in resp.getheaders():  # repeated headers combine, as RFC 9110 says
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        return resp.status, headers, resp.read()
-    finally:
-        conn.close()
+def status_json(rows: list[ContainerStatus]) -> list[dict]:
+    """`invoke status --json`: sizes in bytes."""
+    return [
+        {
+            **vars(r),
+            "memory_used": r.memory_used and r.memory_used.bytes,
+            "memory_limit": r.memory_limit and r.memory_limit.bytes,
+        }
+        for r in rows
+    ]
 
 
-def health_through_nginx(domain: str, address: str = "127.0.0.1", port: int = 443) -> dict:
-    status, _, body = https_get(domain, "/health/", address, port)
-    try:
-        data = json.loads(body)
-    except ValueError:
-        data = {"raw": body[:200].decode(errors="replace")}
-    data["http_status"] = status
-    return data
+__all__ = [
+    "STATUS_HEADERS",
+    "ContainerStatus",
+    "health_through_nginx",
+    "https_get",
+    "stack_status",
+    "status_json",
+    "status_runner",
+    "status_table_rows",
+]

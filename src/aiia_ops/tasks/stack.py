@@ -15,7 +15,13 @@ from aiia_ops.commands.compose import service_key
 from aiia_ops.commands.render import SERVICE_UID
 from aiia_ops.errors import OpsError
 from aiia_ops.flows.output import paint, table
-from aiia_ops.flows.status import STATUS_HEADERS, stack_status, status_table_rows
+from aiia_ops.flows.status import (
+    STATUS_HEADERS,
+    stack_status,
+    status_json,
+    status_runner,
+    status_table_rows,
+)
 from aiia_ops.host.git import head_version, image_tag
 from aiia_ops.host.runners import LocalRunner, Runner
 from aiia_ops.host.secrets import load_secrets
@@ -179,31 +185,24 @@ def _confirm(prompt: str, expected: str) -> None:
         raise OpsError("not confirmed; nothing was changed")
 
 
-@task(help={"json": "print JSON for machines"})
-def status(c, json_=False, stack=None):
+@task(
+    help={
+        "json": "print JSON for machines",
+        "host": "a host of the stack, or user@address[:port] over SSH (default: this machine)",
+    }
+)
+def status(c, json_=False, host=None, stack=None):
     """Each service: state, health, memory used/limit, CPU limit, address."""
     model = load_stack(stack)
+    runner = status_runner(model, host)
     if json_:
-        rows = stack_status(model)
-        print(
-            json.dumps(
-                [
-                    {
-                        **vars(r),
-                        "memory_used": r.memory_used and r.memory_used.bytes,
-                        "memory_limit": r.memory_limit and r.memory_limit.bytes,
-                    }
-                    for r in rows
-                ],
-                indent=2,
-            )
-        )
+        print(json.dumps(status_json(stack_status(model, runner)), indent=2))
         return
-    _print_status(model)
+    _print_status(model, runner)
 
 
-def _print_status(model: Stack) -> None:
-    print(table(STATUS_HEADERS, status_table_rows(stack_status(model))))
+def _print_status(model: Stack, runner: Runner | None = None) -> None:
+    print(table(STATUS_HEADERS, status_table_rows(stack_status(model, runner))))
 
 
 @task(
