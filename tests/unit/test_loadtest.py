@@ -10,6 +10,8 @@ import pytest
 
 from aiia_ops.commands import loadtest as lt
 from aiia_ops.commands.accesslog import AccessLine, parse_line, parse_lines
+from aiia_ops.commands.engine import Usage as Counters
+from aiia_ops.commands.engine import parse_cgroups
 from aiia_ops.errors import OpsError
 from aiia_ops.model import load_stack
 
@@ -213,27 +215,38 @@ def test_timeseries_per_second():
     }
 
 
-def _stats(total, pre_total, system, pre_system, usage, inactive=0, cpus=2):
-    return {
-        "cpu_stats": {
-            "cpu_usage": {"total_usage": total},
-            "system_cpu_usage": system,
-            "online_cpus": cpus,
-        },
-        "precpu_stats": {"cpu_usage": {"total_usage": pre_total}, "system_cpu_usage": pre_system},
-        "memory_stats": {"usage": usage, "stats": {"total_inactive_file": inactive}},
-    }
+def _counters(cpu_ns, usage, inactive=0):
+    """What host/engine.Engine.usage reads of one container (its cgroup files)."""
+    return Counters(usage, inactive, None, None, cpu_ns, 0, "cgroup v1")
 
 
-def test_engine_stats_entry():
-    # half of the machine's 2 x 1e9 ns of CPU time in a second = 1 core
-    s = lt.parse_stats("c", _stats(2e9, 1e9, 4e9, 2e9, 100 * lt.MB, 20 * lt.MB), 10.0)
+def test_engine_counters_make_a_sample():
+    # 1e9 ns of CPU time more than a second ago = 1 core; page cache the kernel can drop
+    # is not used memory (THE formula, commands/engine.memory_used)
+    s = lt.sample("c", (9.0, 1e9), _counters(2e9, 100 * lt.MB, 20 * lt.MB), 10.0)
     assert s == lt.Sample(t=10.0, container="c", cpu=1.0, memory=80 * lt.MB)
+    half = lt.sample("c", (8.0, 1e9), _counters(2e9, 10), 10.0)
+    assert half.cpu == 0.5
 
 
-def test_first_stats_entry_has_no_cpu_delta():
-    assert lt.parse_stats("c", _stats(5, 0, 10, 0, 1), 1.0) is None
-    assert lt.parse_stats("c", {"read": "x"}, 1.0) is None
+def test_first_reading_has_no_cpu_difference():
+    assert lt.sample("c", None, _counters(5, 1), 1.0) is None
+    assert lt.sample("c", (0.5, 0), None, 1.0) is None  # nothing could be read
+    assert lt.sample("c", (0.5, 0), _counters(None, 1), 1.0) is None  # no CPU counter
+    assert lt.sample("c", (0.5, 10**9), _counters(5, 1), 1.0) is None  # restarted meanwhile
+
+
+def test_a_sample_from_the_cgroup_files():
+    cid = "f" * 64
+    base = f"/sys/fs/cgroup/memory/docker/{cid}"
+    grep = (
+        f"{base}/memory.usage_in_bytes:{100 * lt.MB}\n"
+        f"{base}/memory.stat:total_inactive_file {30 * lt.MB}\n"
+        f"/sys/fs/cgroup/cpuacct/docker/{cid}/cpuacct.usage:3000000000\n"
+    )
+    counters = parse_cgroups(grep, [cid])[cid]
+    s = lt.sample("c", (1.0, 2 * 10**9), counters, 3.0)
+    assert (s.cpu, s.memory) == (0.5, 70 * lt.MB)
 
 
 def test_usage_and_stack_peak():

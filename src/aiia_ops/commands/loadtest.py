@@ -1,7 +1,7 @@
 """Load tests as data: scenarios, the wrk command and its Lua script, parsers, the report.
 
-Nothing here runs a process or opens a socket; `tasks/loadtest.py` does, and passes what it
-saw (wrk's output, the engine's stats samples, nginx's access log lines) back in here.
+Nothing here runs a process or opens a socket; `flows/loadtest.py` does, and passes what it
+saw (wrk's output, the engine's counters, nginx's access log lines) back in here.
 
 The load tool is wrk (Debian's `wrk`, C + LuaJIT, epoll): on a 2-core machine the load
 generator's own CPU is taken from the stack under test, and wrk costs a few percent of a
@@ -13,7 +13,7 @@ a harsher model than people browsing.
 
 Every connection goes to 127.0.0.1: the script replaces wrk's name resolution, so the
 URL's host name (eduaiia.com) only sets TLS SNI and the Host header and is never looked
-up. The task proves that first with a probe whose host name cannot resolve (.invalid).
+up. The flow proves that first with a probe whose host name cannot resolve (.invalid).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from datetime import datetime
 
 from aiia_ops.commands.accesslog import AccessLine
 from aiia_ops.commands.charts import Chart, Series, document, panel
+from aiia_ops.commands.compose import CONFIG_MOUNT, config_dir_name
+from aiia_ops.commands.engine import Container
+from aiia_ops.commands.engine import Usage as Counters
 
 # --- scenarios -----------------------------------------------------------------------
 
@@ -504,22 +507,19 @@ class Sample:
     memory: int  # bytes, page cache the kernel can drop not counted (like `docker stats`)
 
 
-def parse_stats(container: str, raw: dict, t: float) -> Sample | None:
-    """One entry of the engine's stats stream (GET /containers/<id>/stats)."""
-    try:
-        cpu, pre = raw["cpu_stats"], raw["precpu_stats"]
-        cpu_delta = cpu["cpu_usage"]["total_usage"] - pre["cpu_usage"]["total_usage"]
-        sys_delta = cpu["system_cpu_usage"] - pre.get("system_cpu_usage", 0)
-        online = cpu.get("online_cpus") or len(cpu["cpu_usage"].get("percpu_usage") or [1])
-        mem = raw["memory_stats"]
-        extra = mem.get("stats") or {}
-        cache = extra.get("total_inactive_file", extra.get("inactive_file", 0))
-        used = max(0, mem["usage"] - cache)
-    except (KeyError, TypeError):
+def sample(
+    container: str, previous: tuple[float, int] | None, counters: Counters | None, t: float
+) -> Sample | None:
+    """The engine's counters of one container at `t` (host/engine.Engine.usage) → a Sample:
+    CPU in cores since the `previous` reading (time, cumulative ns), memory by THE formula
+    (commands/engine.memory_used). None for the first reading, which has nothing to compare
+    with, and for a container whose counters could not be read."""
+    if counters is None or counters.cpu_ns is None or counters.memory_used is None:
         return None
-    if not pre.get("system_cpu_usage") or sys_delta <= 0:
-        return None  # the first entry of a stream has no previous reading
-    return Sample(t=t, container=container, cpu=cpu_delta / sys_delta * online, memory=used)
+    if previous is None or t <= previous[0] or counters.cpu_ns < previous[1]:
+        return None  # the first reading, or the container restarted in between
+    cores = (counters.cpu_ns - previous[1]) / 1e9 / (t - previous[0])
+    return Sample(t=t, container=container, cpu=cores, memory=counters.memory_used)
 
 
 @dataclass(frozen=True)
@@ -976,3 +976,128 @@ server {{
     }}
 }}
 """
+
+
+# --- the ceiling's bare app -----------------------------------------------------------------
+
+
+def bare_address(stack) -> str:
+    """A fixed free address in the stack's subnet for the bare app (x.y.0.30)."""
+    return str(stack.network.subnet.network_address + 30)
+
+
+def bare_container_name(stack) -> str:
+    return f"{stack.project}_loadtest_bare"
+
+
+BARE_CONF = "zz-loadtest-bare.conf"  # in nginx's conf.d while a run measures the ceiling
+
+
+def bare_run_argv(stack, env, config_dir: str, image: str, app_dir: str) -> list[str]:
+    """The bare app with the environment's gunicorn config, limits and network.
+    `config_dir`: the state dir's config folder (rendered configs, mounted read-only)."""
+    return [
+        "docker", "run", "--detach", "--rm", "--name", bare_container_name(stack),
+        "--network", stack.network.name, "--ip", bare_address(stack),
+        "--memory", str(env.memory.limit.bytes),
+        "--memory-swap", str(env.memory.limit.bytes),
+        "--cpus", f"{env.cpu.limit:g}",
+        "--cpu-shares", str(max(2, round(1024 * env.cpu.reservation))),
+        "--no-healthcheck",
+        "--label", f"org.eduaiia.stack={stack.project}",
+        "--label", "org.eduaiia.service=loadtest_bare",
+        "--mount", f"type=bind,source={app_dir},target=/loadtest,readonly",
+        "--mount", f"type=bind,source={config_dir}/{config_dir_name(env)},"
+        f"target={CONFIG_MOUNT},readonly",
+        image,
+        "gunicorn", "-c", f"{CONFIG_MOUNT}/gunicorn.conf.py", "--pythonpath", "/loadtest",
+        "bare:application",
+    ]  # fmt: skip
+
+
+def remove_container(name: str) -> list[str]:
+    return ["docker", "rm", "--force", name]
+
+
+# --- facts the run reads ----------------------------------------------------------------------
+
+
+def token_from_env_file(text: str) -> str | None:
+    """API_WRITE_TOKEN from an env file (KEY=value lines), if it has a non-empty one."""
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "API_WRITE_TOKEN" and value.strip():
+            return value.strip()
+    return None
+
+
+def parse_loadavg(text: str) -> tuple[float, float, float]:
+    """/proc/loadavg → the 1, 5 and 15 minute load averages."""
+    a, b, c = (round(float(x), 2) for x in text.split()[:3])
+    return (a, b, c)
+
+
+def wrk_version_argv() -> list[str]:
+    return ["wrk", "--version"]
+
+
+def first_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def app_logs_since(container: str, since: float) -> list[str]:
+    return ["docker", "logs", "--since", str(int(since)), container]
+
+
+WORKER_TROUBLE = ("WORKER TIMEOUT", "was sent SIGKILL", "out of memory", "Worker failed to boot")
+
+
+def log_trouble(text: str) -> dict[str, int]:
+    """What in an app container's log says a gunicorn worker died or hung."""
+    return {p: text.count(p) for p in WORKER_TROUBLE if p in text}
+
+
+# --- integrity: nothing restarted, nothing OOM-killed -------------------------------------------
+
+
+def integrity_snapshot(
+    names: list[str], containers: dict[str, Container], counters: dict[str, Counters | None]
+) -> dict:
+    """Per container, what a restart or an OOM kill changes (engine.inspect and .usage)."""
+    out = {}
+    for name in names:
+        c = containers.get(name)
+        if c is None:
+            out[name] = {"present": False}
+            continue
+        usage = counters.get(name)
+        out[name] = {
+            "present": True,
+            "running": c.running,
+            "started_at": c.started_at,
+            "restart_count": c.restart_count,
+            "oom_killed": c.oom_killed,
+            "oom_kills": usage.oom_kills if usage else None,
+        }
+    return out
+
+
+def integrity_report(before: dict, after: dict, app_trouble: dict) -> dict:
+    problems = []
+    for name, b in before.items():
+        a = after.get(name, {"present": False})
+        if not b.get("present"):
+            continue
+        if not a.get("present") or not a.get("running"):
+            problems.append(f"{name} is no longer running")
+        elif a["started_at"] != b["started_at"] or a["restart_count"] != b["restart_count"]:
+            problems.append(f"{name} restarted")
+        if a.get("oom_killed") and not b.get("oom_killed"):
+            problems.append(f"{name}: the engine reports OOMKilled")
+        if (a.get("oom_kills") or 0) > (b.get("oom_kills") or 0):
+            problems.append(f"{name}: {a['oom_kills'] - b['oom_kills']} process(es) OOM-killed")
+    for name, trouble in app_trouble.items():
+        for what, n in trouble.items():
+            problems.append(f"{name} log: {what!r} x{n}")
+    return {"ok": not problems, "problems": problems, "before": before, "after": after}

@@ -43,3 +43,29 @@ def health_through_nginx(domain: str, address: str = "127.0.0.1", port: int = 44
         data = {"raw": body[:200].decode(errors="replace")}
     data["http_status"] = status
     return data
+
+
+def https_request(
+    domain: str,
+    port: int,
+    path: str,
+    method: str = "GET",
+    body: bytes | None = None,
+    headers: dict | None = None,
+    timeout: float = 10,
+    address: str = "127.0.0.1",
+) -> tuple[int, bytes]:
+    """Any method over HTTPS to `address` with SNI and Host set to `domain` (the load test
+    seeds its data with POSTs); certificate not verified, as https_get."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the certificate may be the self-signed placeholder
+    raw = socket.create_connection((address, port), timeout=timeout)
+    conn = http.client.HTTPSConnection(address, port, timeout=timeout, context=context)
+    conn.sock = context.wrap_socket(raw, server_hostname=domain)
+    try:
+        conn.request(method, path, body=body, headers={"Host": domain, **(headers or {})})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
