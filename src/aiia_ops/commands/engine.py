@@ -48,6 +48,10 @@ def exec_in(container: str, argv: Argv, timeout_s: float | None = None) -> list[
     return ["docker", "exec", container, *bound, *argv]
 
 
+def image_inspect(images: Argv) -> list[str]:
+    return ["docker", "image", "inspect", *images]
+
+
 def stats(names: Argv) -> list[str]:
     return ["docker", "stats", "--no-stream", "--no-trunc", "--format", "{{json .}}", *names]
 
@@ -114,6 +118,21 @@ def parse_inspect(text: str) -> dict[str, dict]:
     except ValueError:
         return {}
     return {i["Name"].lstrip("/"): i for i in items if isinstance(i, dict) and "Name" in i}
+
+
+def parse_ps_labels(text: str) -> dict[str, str]:
+    """`docker ps` JSON's Labels field: "k=v,k=v"."""
+    pairs = (item.partition("=") for item in (text or "").split(",") if item)
+    return {k: v for k, _, v in pairs}
+
+
+def parse_image_sizes(text: str) -> dict[str, int]:
+    """`docker image inspect` JSON → {repo:tag: bytes}; missing images are left out."""
+    try:
+        items = json.loads(text or "[]")
+    except ValueError:
+        return {}
+    return {tag: i["Size"] for i in items if isinstance(i, dict) for tag in i.get("RepoTags") or []}
 
 
 @dataclass(frozen=True)

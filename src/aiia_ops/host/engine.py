@@ -14,6 +14,7 @@ API:
         # `docker stats --no-stream` for those without readable cgroup files (no CPU then).
         # Usage.memory_used is THE memory formula (usage - inactive_file, as docker stats).
     engine.exec(name, argv, timeout_s=None) -> Result   # `docker exec`, never raises
+    engine.image_sizes(images) -> {repo:tag: bytes}      # missing images left out
 
 Container and Usage are the dataclasses of commands/engine.py.
 """
@@ -73,6 +74,12 @@ class Engine:
             stats = self.runner.query(cmd.stats(missing), timeout=self.timeout)
             out.update({n: u for n, u in cmd.parse_stats(stats.stdout).items() if n in out})
         return out
+
+    def image_sizes(self, images: Sequence[str]) -> dict[str, int]:
+        if not images:
+            return {}
+        result = self.runner.query(cmd.image_inspect(images), timeout=self.timeout)
+        return cmd.parse_image_sizes(result.stdout)
 
     def exec(self, name: str, argv: Sequence[str], timeout_s: float | None = None) -> Result:
         wait = None if timeout_s is None else timeout_s + self.timeout
