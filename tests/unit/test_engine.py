@@ -155,11 +155,16 @@ def test_engine_reads_through_any_runner():
 
 def test_an_unreachable_engine_says_what_to_do():
     runner = RecordingRunner(
-        {"docker info": Result([], 1, '{"ServerErrors":["Cannot connect"]}', "Cannot connect")},
+        {
+            "docker info": Result([], 1, '{"ServerErrors":["Cannot connect"]}', "Cannot connect"),
+            "docker version": Result([], 1, '{"Server":null}', "Cannot connect"),
+        },
         host="web1",
     )
     with pytest.raises(EngineError, match=r"on web1 does not answer .*invoke provision"):
         Engine(runner).info()
+    with pytest.raises(EngineError, match=r"on web1 does not answer \(Cannot connect\)"):
+        Engine(runner).ping()
 
 
 def test_cgroup_files_read_from_a_real_tree(tmp_path):
@@ -203,14 +208,14 @@ def test_stack_status_over_a_recorded_ssh_target():
     ]
     runner = RecordingRunner(
         {
-            "docker info": '{"ServerVersion":"28.2.2"}',
+            "docker version": '{"Client":{},"Server":{"Version":"28.2.2"}}',
             "docker inspect": Result([], 1, json.dumps(inspect), "No such container"),
             "grep -sH": Result([], 2, V1_GREP, ""),
         },
         host="web1",
     )
     rows = {r.service: r for r in stack_status(stack, runner)}
-    assert runner.commands[0] == cmd.info()
+    assert runner.commands[0] == cmd.version()
     assert runner.commands[1] == cmd.inspect([c.container for c in stack.containers()])
     assert runner.commands[2] == cmd.read_cgroups([ID_A])  # only the running one
     assert len(runner.commands) == 3
@@ -235,7 +240,9 @@ def test_stack_status_refuses_when_the_engine_does_not_answer():
     from aiia_ops.flows.status import stack_status
     from aiia_ops.model import load_stack
 
-    runner = RecordingRunner({"docker info": Result([], 1, "", "Cannot connect")}, host="web1")
+    runner = RecordingRunner(
+        {"docker version": Result([], 1, '{"Server":null}', "Cannot connect")}, host="web1"
+    )
     with pytest.raises(EngineError, match="Cannot connect"):
         stack_status(load_stack(DEFAULT_STACK), runner)
     assert len(runner.commands) == 1

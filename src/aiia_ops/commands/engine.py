@@ -28,7 +28,14 @@ _NO_LIMIT = 2**62
 
 
 def info() -> list[str]:
+    """Everything about the engine (DockerRootDir, ...). The CLI also asks its plugins
+    (compose, buildx) for their metadata here: ~43 MB resident for 0.1 s."""
     return ["docker", "info", "--format", "{{json .}}"]
+
+
+def version() -> list[str]:
+    """Is the engine there? Half the cost of `docker info` (~24 MB, no plugins run)."""
+    return ["docker", "version", "--format", "{{json .}}"]
 
 
 def ps(project: str | None = None) -> list[str]:
@@ -109,6 +116,16 @@ def parse_info(text: str) -> dict | None:
     if not isinstance(data, dict) or data.get("ServerErrors") or not data.get("ServerVersion"):
         return None
     return data
+
+
+def parse_version(text: str) -> dict | None:
+    """`docker version` JSON → the server's part, or None when no engine answered."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    server = data.get("Server") if isinstance(data, dict) else None
+    return server if isinstance(server, dict) and server.get("Version") else None
 
 
 def parse_inspect(text: str) -> dict[str, dict]:

@@ -337,8 +337,14 @@ def collect(
     docker_root = None
     try:
         reader = Engine(runner or LocalRunner(), timeout=stack.monitoring.docker_ps.timeout.seconds)
-        docker_root = reader.info().get("DockerRootDir")
+        reader.ping()
         client = reader  # it answers
+        # The engine's data dir (for the disk check) hardly ever moves: `docker info` costs
+        # twice `docker version`'s memory, so it is asked once and kept with the counters.
+        docker_root = (previous or {}).get("docker_root")
+        if not docker_root:
+            with contextlib.suppress(OpsError):
+                docker_root = reader.info().get("DockerRootDir")
         facts = containers(stack, client)
         present = sum(f.state == "running" for f in facts)
         state_ = OK if present == len(facts) else CRIT
@@ -392,6 +398,8 @@ def collect(
             read_usage(client, facts)  # health was read above; only the counters again
     counters["containers"] = {f.key: list(f.cpu) for f in facts if f.cpu}
     counters["starts"] = {f.key: f.started for f in facts}
+    if docker_root:
+        counters["docker_root"] = docker_root
     counters["time"] = time.time()
 
     host_pct = m.cpu_percent_between(prev_host, host_cpu)
