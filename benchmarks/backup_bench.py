@@ -63,13 +63,14 @@ class MemorySampler(threading.Thread):
         self.container, self.peak, self.stop_flag = container, 0, threading.Event()
 
     def run(self):
-        from aiia_ops.flows.status import _memory_used, docker_client
+        from aiia_ops.host.engine import Engine
 
-        c = docker_client().containers.get(self.container)
+        engine = Engine(LocalRunner())
+        c = engine.inspect([self.container])[self.container]
         while not self.stop_flag.is_set():
-            used = _memory_used(c)
-            if used is not None:
-                self.peak = max(self.peak, used.bytes)
+            used = engine.usage({c.name: c.id}).get(c.name)
+            if used is not None and used.memory_used is not None:
+                self.peak = max(self.peak, used.memory_used)
             time.sleep(1)
 
     def stop(self) -> int:

@@ -9,42 +9,26 @@ import threading
 import time
 from pathlib import Path
 
-import docker
-
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-def container_memory(client, container) -> int:
-    """Bytes used, as `docker stats` counts them (page cache the kernel can drop excluded)."""
-    stats = container.stats(stream=False, one_shot=True)
-    mem = stats.get("memory_stats") or {}
-    extra = mem.get("stats") or {}
-    cache = extra.get("total_inactive_file", extra.get("inactive_file", 0))
-    return max(0, mem.get("usage", 0) - cache)
-
-
 def stack_memory(project: str) -> dict[str, int]:
-    """Every container of the stack (a deploy's -next one included), read in parallel."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Every running container of the stack (a deploy's -next one included): bytes used by
+    the one memory formula (commands/engine.py, as `docker stats`), one read for all."""
+    from aiia_ops.commands.engine import parse_ps_labels
+    from aiia_ops.host.engine import Engine
+    from aiia_ops.host.runners import LocalRunner
 
-    client = docker.from_env(version="auto")
-    containers = [
-        c
-        for c in client.containers.list(
-            filters={"label": f"org.eduaiia.stack={project}"}, ignore_removed=True
-        )
-        if not c.labels.get("org.eduaiia.one-off")
-    ]
-
-    def used(c) -> tuple[str, int]:
-        try:
-            return c.name, container_memory(client, c)
-        except Exception:  # removed meanwhile (the old release at the end of a deploy)
-            return c.name, 0
-
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        return dict(pool.map(used, containers))
+    engine = Engine(LocalRunner())
+    running = {
+        row["Names"]: row["ID"]
+        for row in engine.containers(project)
+        if row.get("State") == "running"
+        and not parse_ps_labels(row.get("Labels", "")).get("org.eduaiia.one-off")
+    }
+    # one removed meanwhile (the old release at the end of a deploy) counts 0
+    return {n: (u.memory_used or 0) if u else 0 for n, u in engine.usage(running).items()}
 
 
 class PeakSampler:

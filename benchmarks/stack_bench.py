@@ -19,12 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import docker
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from aiia_ops.host.engine import Engine
 from aiia_ops.host.git import image_tag
+from aiia_ops.host.runners import LocalRunner
 from aiia_ops.model import load_stack
 from aiia_ops.model.units import Size
 from benchmarks.common import DOCS, ROOT, machine_note, mb, stack_memory, write_section
@@ -65,7 +65,6 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=60, help="seconds idle before measuring")
     args = parser.parse_args()
     stack = load_stack()
-    client = docker.from_env(version="auto")
     data: dict = {"when": machine_note()}
 
     if args.cold:
@@ -81,14 +80,12 @@ def main() -> None:
             for env in ("prod", "staging")
         }
 
-    sizes = {}
-    for folder in ("nginx", "postgres", "pgbouncer", "redis", "django"):
-        image = f"aiia/{folder}:{image_tag(folder)}"
-        try:
-            sizes[image] = client.images.get(image).attrs["Size"]
-        except docker.errors.ImageNotFound:
-            sizes[image] = None
-    sizes["aiia/base:trixie"] = client.images.get("aiia/base:trixie").attrs["Size"]
+    images = [f"aiia/{f}:{image_tag(f)}" for f in ("nginx", "postgres", "pgbouncer", "redis",
+                                                     "django")] + ["aiia/base:trixie"]  # fmt: skip
+    found = Engine(LocalRunner()).image_sizes(images)
+    sizes = {image: found.get(image) for image in images}  # None: not built
+    if sizes["aiia/base:trixie"] is None:
+        raise SystemExit("aiia/base:trixie is not built: run invoke provision")
     data["image_bytes"] = sizes
 
     time.sleep(args.settle)

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from aiia_ops.commands import monitor as m
-from aiia_ops.flows.status import https_get
+from aiia_ops.host.http import https_get
 from tests.conftest import run_invoke
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]

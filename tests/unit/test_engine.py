@@ -9,6 +9,7 @@ import pytest
 from aiia_ops.commands import engine as cmd
 from aiia_ops.commands import monitor as m
 from aiia_ops.commands.argv import Result
+from aiia_ops.errors import OpsError
 from aiia_ops.host.engine import Engine, EngineError
 from aiia_ops.host.runners import LocalRunner, RecordingRunner
 
@@ -154,11 +155,16 @@ def test_engine_reads_through_any_runner():
 
 def test_an_unreachable_engine_says_what_to_do():
     runner = RecordingRunner(
-        {"docker info": Result([], 1, '{"ServerErrors":["Cannot connect"]}', "Cannot connect")},
+        {
+            "docker info": Result([], 1, '{"ServerErrors":["Cannot connect"]}', "Cannot connect"),
+            "docker version": Result([], 1, '{"Server":null}', "Cannot connect"),
+        },
         host="web1",
     )
     with pytest.raises(EngineError, match=r"on web1 does not answer .*invoke provision"):
         Engine(runner).info()
+    with pytest.raises(EngineError, match=r"on web1 does not answer \(Cannot connect\)"):
+        Engine(runner).ping()
 
 
 def test_cgroup_files_read_from_a_real_tree(tmp_path):
@@ -202,14 +208,14 @@ def test_stack_status_over_a_recorded_ssh_target():
     ]
     runner = RecordingRunner(
         {
-            "docker info": '{"ServerVersion":"28.2.2"}',
+            "docker version": '{"Client":{},"Server":{"Version":"28.2.2"}}',
             "docker inspect": Result([], 1, json.dumps(inspect), "No such container"),
             "grep -sH": Result([], 2, V1_GREP, ""),
         },
         host="web1",
     )
     rows = {r.service: r for r in stack_status(stack, runner)}
-    assert runner.commands[0] == cmd.info()
+    assert runner.commands[0] == cmd.version()
     assert runner.commands[1] == cmd.inspect([c.container for c in stack.containers()])
     assert runner.commands[2] == cmd.read_cgroups([ID_A])  # only the running one
     assert len(runner.commands) == 3
@@ -234,7 +240,55 @@ def test_stack_status_refuses_when_the_engine_does_not_answer():
     from aiia_ops.flows.status import stack_status
     from aiia_ops.model import load_stack
 
-    runner = RecordingRunner({"docker info": Result([], 1, "", "Cannot connect")}, host="web1")
+    runner = RecordingRunner(
+        {"docker version": Result([], 1, '{"Server":null}', "Cannot connect")}, host="web1"
+    )
     with pytest.raises(EngineError, match="Cannot connect"):
         stack_status(load_stack(DEFAULT_STACK), runner)
     assert len(runner.commands) == 1
+
+
+# --- the monitor's engine facts ------------------------------------------------------------
+
+
+def test_monitor_reads_every_container_in_two_commands_and_resamples_in_one():
+    from aiia_ops import DEFAULT_STACK
+    from aiia_ops.flows.monitor import containers, exec_in, read_usage
+    from aiia_ops.model import load_stack
+
+    stack = load_stack(DEFAULT_STACK)
+    runner = RecordingRunner(
+        {
+            "docker inspect": json.dumps([_attrs("aiia_nginx", ID_A, memory=64 * 2**20)]),
+            "grep -sH": Result([], 2, V1_GREP, ""),
+            "docker exec aiia_redis timeout 5 redis-cli": "used_memory:1\n",
+            "docker exec aiia_postgresql": Result([], 2, "", "psql: connection refused"),
+        }
+    )
+    engine = Engine(runner)
+    facts = {f.key: f for f in containers(stack, engine)}
+    assert [c[:2] for c in runner.commands] == [["docker", "inspect"], ["grep", "-sH"]]
+    nginx = facts["nginx"]
+    assert (nginx.state, nginx.health, nginx.memory_limit, nginx.cpu_limit) == (
+        "running", "healthy", 64 * 2**20, 0.5,
+    )  # fmt: skip
+    assert nginx.memory_used == 4161536 - 8192 and nginx.cpu[1] == 985472941
+    assert facts["redis"].state == "absent" and facts["redis"].cpu is None
+    read_usage(engine, list(facts.values()))
+    assert runner.commands[-1] == cmd.read_cgroups([ID_A])
+    assert exec_in(engine, "aiia_redis", ["redis-cli", "INFO", "memory"]) == "used_memory:1\n"
+    with pytest.raises(OpsError, match=r"psql in aiia_postgresql failed \(2\): .*refused"):
+        exec_in(engine, "aiia_postgresql", ["psql", "-c", "select 1"])
+
+
+def test_one_monitor_run_at_a_time_through_the_one_lock(tmp_path):
+    from aiia_ops.flows.monitor import RUN_LOCK, run_lock
+    from aiia_ops.host import lock as locks
+    from aiia_ops.model.state import StateDir
+
+    state = StateDir(tmp_path)
+    with run_lock(state, wait_s=0):
+        assert locks.read(LocalRunner(), str(tmp_path), RUN_LOCK)["action"] == "monitor run"
+        with pytest.raises(locks.LockHeld, match="monitor is locked by"), run_lock(state, 0.6):
+            pass
+    assert locks.read(LocalRunner(), str(tmp_path), RUN_LOCK) is None

@@ -10,6 +10,7 @@ import sqlite3
 import pytest
 
 from aiia_ops import DEFAULT_STACK
+from aiia_ops.commands import engine as cgroups
 from aiia_ops.commands import monitor as m
 from aiia_ops.commands.accesslog import parse_line
 from aiia_ops.commands.monitor import (
@@ -22,9 +23,11 @@ from aiia_ops.commands.monitor import (
     HttpStats,
     Thresholds,
 )
-from aiia_ops.commands.statuspage import publish, render, svg_chart
-from aiia_ops.flows.monitor import cgroup_stats, read_new_log
+from aiia_ops.commands.statuspage import render, svg_chart
+from aiia_ops.flows.monitor import publish, read_new_log
+from aiia_ops.host.engine import Engine
 from aiia_ops.host.monitor_store import Store
+from aiia_ops.host.runners import LocalRunner
 from aiia_ops.model import load_stack
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC).timestamp()
@@ -138,7 +141,10 @@ def test_container_memory_like_docker_stats_and_cpu_against_its_own_limit():
     assert m.container_cpu_percent((0.0, 10), (1.0, 5), 1.0) is None  # restarted
 
 
-def test_cgroup_v1_and_v2_counters_in_dockers_shape(tmp_path):
+def test_cgroup_v1_and_v2_counters_like_docker_stats(tmp_path):
+    def cgroup_stats(cid, root):  # what the engine client reads of one container, or None
+        return Engine(LocalRunner(), cgroup_root=str(root)).usage({"c": cid})["c"]
+
     cid = "abc123"
     mem, cpu = tmp_path / "memory/docker" / cid, tmp_path / "cpuacct/docker" / cid
     mem.mkdir(parents=True)
@@ -147,8 +153,8 @@ def test_cgroup_v1_and_v2_counters_in_dockers_shape(tmp_path):
     (mem / "memory.stat").write_text("cache 8192\ntotal_inactive_file 8192\n")
     (cpu / "cpuacct.usage").write_text("985472941\n")
     s = cgroup_stats(cid, tmp_path)
-    assert m.container_memory_used(s) == 4161536 - 8192
-    assert m.container_cpu_ns(s) == 985472941
+    assert s.memory_used == 4161536 - 8192
+    assert s.cpu_ns == 985472941
 
     v2 = tmp_path / "v2" / "system.slice" / f"docker-{cid}.scope"
     v2.mkdir(parents=True)
@@ -156,9 +162,11 @@ def test_cgroup_v1_and_v2_counters_in_dockers_shape(tmp_path):
     (v2 / "memory.stat").write_text("anon 1\ninactive_file 1000000\n")
     (v2 / "cpu.stat").write_text("usage_usec 1500\nuser_usec 1000\n")
     s2 = cgroup_stats(cid, tmp_path / "v2")
-    assert m.container_memory_used(s2) == 1000000
-    assert m.container_cpu_ns(s2) == 1_500_000
-    assert cgroup_stats("missing", tmp_path) is None
+    assert s2.memory_used == 1000000
+    assert s2.cpu_ns == 1_500_000
+    # not found: no cgroup file (the engine client then asks `docker stats`)
+    read = LocalRunner().query(cgroups.read_cgroups(["missing"], str(tmp_path)))
+    assert cgroups.parse_cgroups(read.stdout, ["missing"], str(tmp_path))["missing"] is None
 
 
 def test_redis_info_and_postgres_connections():

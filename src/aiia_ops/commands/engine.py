@@ -28,7 +28,14 @@ _NO_LIMIT = 2**62
 
 
 def info() -> list[str]:
+    """Everything about the engine (DockerRootDir, ...). The CLI also asks its plugins
+    (compose, buildx) for their metadata here: ~43 MB resident for 0.1 s."""
     return ["docker", "info", "--format", "{{json .}}"]
+
+
+def version() -> list[str]:
+    """Is the engine there? Half the cost of `docker info` (~24 MB, no plugins run)."""
+    return ["docker", "version", "--format", "{{json .}}"]
 
 
 def ps(project: str | None = None) -> list[str]:
@@ -46,6 +53,10 @@ def exec_in(container: str, argv: Argv, timeout_s: float | None = None) -> list[
     """`docker exec`, the command bounded inside the container by coreutils' `timeout`."""
     bound = ["timeout", f"{timeout_s:g}"] if timeout_s else []
     return ["docker", "exec", container, *bound, *argv]
+
+
+def image_inspect(images: Argv) -> list[str]:
+    return ["docker", "image", "inspect", *images]
 
 
 def stats(names: Argv) -> list[str]:
@@ -107,6 +118,16 @@ def parse_info(text: str) -> dict | None:
     return data
 
 
+def parse_version(text: str) -> dict | None:
+    """`docker version` JSON → the server's part, or None when no engine answered."""
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    server = data.get("Server") if isinstance(data, dict) else None
+    return server if isinstance(server, dict) and server.get("Version") else None
+
+
 def parse_inspect(text: str) -> dict[str, dict]:
     """`docker inspect` JSON → {container name: its attributes}."""
     try:
@@ -114,6 +135,21 @@ def parse_inspect(text: str) -> dict[str, dict]:
     except ValueError:
         return {}
     return {i["Name"].lstrip("/"): i for i in items if isinstance(i, dict) and "Name" in i}
+
+
+def parse_ps_labels(text: str) -> dict[str, str]:
+    """`docker ps` JSON's Labels field: "k=v,k=v"."""
+    pairs = (item.partition("=") for item in (text or "").split(",") if item)
+    return {k: v for k, _, v in pairs}
+
+
+def parse_image_sizes(text: str) -> dict[str, int]:
+    """`docker image inspect` JSON → {repo:tag: bytes}; missing images are left out."""
+    try:
+        items = json.loads(text or "[]")
+    except ValueError:
+        return {}
+    return {tag: i["Size"] for i in items if isinstance(i, dict) for tag in i.get("RepoTags") or []}
 
 
 @dataclass(frozen=True)

@@ -304,6 +304,10 @@ def db_connections(rows: list[list[str]]) -> tuple[int, int, dict[str, int]]:
     return sum(per_db.values()), sum(int(r[2]) for r in rows), per_db
 
 
+def openssl_enddate(pem: str) -> list[str]:
+    return ["openssl", "x509", "-enddate", "-noout", "-in", pem]
+
+
 def parse_enddate(text: str) -> _dt.datetime:
     """`openssl x509 -enddate -noout` → 'notAfter=Feb 24 14:17:02 2027 GMT' → aware UTC."""
     value = text.strip().split("=", 1)[-1]

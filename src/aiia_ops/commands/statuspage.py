@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 from pathlib import Path
 
 import jinja2
@@ -258,11 +257,10 @@ def render(page: dict) -> str:
     return _env().get_template("status.html.j2").render(page=page, safe=jinja2.utils.markupsafe)
 
 
-def publish(directory: Path, page: dict) -> Path:
-    """Write index.html and status.json atomically (rename over the old ones), world-
-    readable: nginx reads them as UID 10001."""
-    directory.mkdir(parents=True, exist_ok=True)
-    files = {
+def page_files(page: dict) -> dict[str, str]:
+    """What is published into <state_dir>/status: index.html and status.json (flows/monitor
+    writes them)."""
+    return {
         "index.html": render(page),
         "status.json": json.dumps(
             {k: v for k, v in page.items() if k not in ("environments", "status_charts")}
@@ -275,9 +273,3 @@ def publish(directory: Path, page: dict) -> Path:
             default=str,
         ),
     }
-    for name, text in files.items():
-        tmp = directory / f".{name}.tmp"
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, directory / name)
-    return directory / "index.html"

@@ -12,27 +12,26 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import datetime as _dt
-import fcntl
-import http.client
 import json
 import os
 import resource
 import socket
-import struct
-import subprocess
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from aiia_ops.commands import monitor as m
+from aiia_ops.commands import statuspage
 from aiia_ops.commands.compose import service_key
 from aiia_ops.commands.monitor import CRIT, OK, UNKNOWN, WARN, Check, Report, Thresholds
 from aiia_ops.errors import OpsError
-from aiia_ops.flows.status import https_get
+from aiia_ops.host import lock as locks
+from aiia_ops.host.engine import Engine
+from aiia_ops.host.http import https_get
 from aiia_ops.host.monitor_store import Store
 from aiia_ops.host.releases import read_releases
+from aiia_ops.host.runners import LocalRunner, Runner
 from aiia_ops.model import Environment, Stack
 from aiia_ops.model.state import StateDir
 
@@ -40,6 +39,8 @@ EXEC_TIMEOUT_S = 5  # the document's timeout for pg_isready / redis-cli
 PROBE_TIMEOUT_S = 10  # ... and for the HTTP health checks
 RESAMPLE_S = 1.0  # CPU: when there is no recent sample to compare with, wait this long
 MAX_LOG_READ = 64 * 1024**2  # a first run reads at most the last 64 MB of the access log
+RUN_LOCK = "monitor"  # host/lock's name for one recording run at a time
+RUN_LOCK_WAIT_S = 50  # cron starts one a minute: wait for a slow one, not for a stuck one
 
 
 def store_path(state: StateDir) -> Path:
@@ -88,18 +89,12 @@ def disk_usage(paths: dict[str, Path]) -> list[tuple[str, int, int, str]]:
     return out
 
 
-def cert_end_date(pem: Path) -> _dt.datetime:
-    """Expiry of a certificate file via `openssl x509 -enddate` (temporary: the TLS task's
-    module, src/aiia_ops/tls.py, will own certificate facts; swap this for it then)."""
-    proc = subprocess.run(
-        ["openssl", "x509", "-enddate", "-noout", "-in", str(pem)],
-        capture_output=True,
-        text=True,
-        timeout=10,
-    )
-    if proc.returncode != 0:
-        raise OpsError(f"openssl cannot read {pem}: {proc.stderr.strip()}")
-    return m.parse_enddate(proc.stdout)
+def cert_end_date(pem: Path, runner: Runner | None = None) -> _dt.datetime:
+    """Expiry of a certificate file via `openssl x509 -enddate`."""
+    result = (runner or LocalRunner()).query(m.openssl_enddate(str(pem)), timeout=10)
+    if not result.ok:
+        raise OpsError(f"openssl cannot read {pem}: {result.stderr.strip()}")
+    return m.parse_enddate(result.stdout)
 
 
 def certificates(state: StateDir, now: float) -> list[tuple[str, str, float | None, str]]:
@@ -112,7 +107,7 @@ def certificates(state: StateDir, now: float) -> list[tuple[str, str, float | No
             end = cert_end_date(pem)
             days = m.days_left(end, now)
             detail = f"until {end:%Y-%m-%d}" + (" (self-signed placeholder)" if placeholder else "")
-        except (OpsError, ValueError, OSError, subprocess.SubprocessError) as exc:
+        except (OpsError, ValueError, OSError) as exc:
             days, detail = None, str(exc)[:120]
         checks.append(("cert_days", name, days, detail))
     return checks
@@ -168,96 +163,9 @@ def deploys_info(state: StateDir, envs: list[str], limit: int = 8) -> list[dict]
 
 
 # --- the engine --------------------------------------------------------------------------
-# The monitor's own minimal Engine API client over the Unix socket: the Docker SDK costs
-# ~18 MB of resident memory per run (requests, urllib3, paramiko), this costs none, and the
-# monitor only reads a handful of endpoints. See docs/monitoring.md (budget).
-
-
-class EngineError(OpsError):
-    """The engine did not answer or refused."""
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
-
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.path)
-        self.sock = sock
-
-
-def demux(data: bytes) -> tuple[bytes, bytes]:
-    """Docker's multiplexed stream (8-byte frame headers: stream, 0, 0, 0, size) → (out, err)."""
-    out, err, i = [], [], 0
-    while i + 8 <= len(data):
-        kind, size = data[i], struct.unpack(">I", data[i + 4 : i + 8])[0]
-        (err if kind == 2 else out).append(data[i + 8 : i + 8 + size])
-        i += 8 + size
-    return b"".join(out), b"".join(err)
-
-
-class Engine:
-    def __init__(self, socket_path: str | None = None, timeout: float = 10):
-        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        if socket_path is None:
-            if not host.startswith("unix://"):
-                raise EngineError(f"DOCKER_HOST={host}: only a local unix socket is supported")
-            socket_path = host[len("unix://") :]
-        self.path, self.timeout = socket_path, timeout
-
-    def _request(self, method: str, url: str, body: dict | None = None, raw: bool = False):
-        conn = _UnixConnection(self.path, self.timeout)
-        try:
-            payload = None if body is None else json.dumps(body).encode()
-            headers = {"Content-Type": "application/json"} if payload is not None else {}
-            conn.request(method, url, body=payload, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-        except OSError as exc:
-            raise EngineError(f"{method} {url}: {exc.__class__.__name__}: {exc}") from None
-        finally:
-            conn.close()
-        if resp.status >= 400:
-            raise EngineError(f"{method} {url}: HTTP {resp.status} {data[:200]!r}")
-        return data if raw else (json.loads(data) if data else None)
-
-    def ping(self) -> None:
-        self._request("GET", "/_ping", raw=True)
-
-    def info(self) -> dict:
-        return self._request("GET", "/info")
-
-    def containers(self) -> list[dict]:
-        return self._request("GET", "/containers/json?all=1")
-
-    def inspect(self, ident: str) -> dict:
-        return self._request("GET", f"/containers/{urllib.parse.quote(ident)}/json")
-
-    def stats(self, ident: str) -> dict:
-        return self._request(
-            "GET", f"/containers/{urllib.parse.quote(ident)}/stats?stream=false&one-shot=true"
-        )
-
-    def exec(self, ident: str, argv: list[str]) -> tuple[int, bytes, bytes]:
-        created = self._request(
-            "POST",
-            f"/containers/{urllib.parse.quote(ident)}/exec",
-            {"AttachStdout": True, "AttachStderr": True, "Tty": False, "Cmd": argv},
-        )
-        start = {"Detach": False, "Tty": False}
-        raw = self._request("POST", f"/exec/{created['Id']}/start", start, raw=True)
-        out, err = demux(raw)
-        code = self._request("GET", f"/exec/{created['Id']}/json")["ExitCode"]
-        return code, out, err
-
-
-def engine(timeout: float = 10) -> Engine:
-    client = Engine(timeout=timeout)
-    client.ping()
-    return client
+# Through the one engine client (host/engine.py): the docker CLI via a runner, no SDK (which
+# cost ~18 MB of resident memory per run). Per run: one `docker info`, one `docker inspect`
+# of every container, one `grep` of their cgroup counters (two when CPU is resampled).
 
 
 @dataclass
@@ -272,100 +180,45 @@ class ContainerFacts:
     memory_limit: int | None = None
     cpu_limit: float | None = None
     cpu: tuple[float, int] | None = None  # (time, cumulative ns)
+    id: str = ""
 
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
+def read_usage(engine: Engine, facts: list[ContainerFacts]) -> None:
+    """The running containers' memory (the one formula) and CPU counters, in place."""
+    running = {f.container: f.id for f in facts if f.state == "running" and f.id}
+    usage = engine.usage(running)
+    now = time.time()
+    for f in facts:
+        u = usage.get(f.container)
+        f.memory_used = u.memory_used if u else None
+        f.cpu = (now, u.cpu_ns) if u and u.cpu_ns is not None else None
 
 
-def cgroup_stats(container_id: str, root: Path = CGROUP_ROOT) -> dict | None:
-    """The container's memory and CPU counters straight from its cgroup on this host, in
-    the shape of Docker's stats (microseconds instead of Docker's ~0.5 s per container).
-    cgroup v1 (cgroupfs or systemd driver) and v2; None when not found."""
-    v1 = [("docker", container_id), ("system.slice", f"docker-{container_id}.scope")]
-    for parent, leaf in v1:
-        mem, cpu = root / "memory" / parent / leaf, root / "cpuacct" / parent / leaf
-        if (mem / "memory.usage_in_bytes").exists() and (cpu / "cpuacct.usage").exists():
-            stat = m.parse_redis_info((mem / "memory.stat").read_text().replace(" ", ":"))
-            return {
-                "memory_stats": {
-                    "usage": int((mem / "memory.usage_in_bytes").read_text()),
-                    "stats": {"total_inactive_file": int(stat.get("total_inactive_file", 0))},
-                },
-                "cpu_stats": {
-                    "cpu_usage": {"total_usage": int((cpu / "cpuacct.usage").read_text())}
-                },
-            }
-    for leaf in (f"system.slice/docker-{container_id}.scope", f"docker/{container_id}"):
-        d = root / leaf
-        if (d / "memory.current").exists() and (d / "cpu.stat").exists():
-            stat = m.parse_redis_info((d / "memory.stat").read_text().replace(" ", ":"))
-            cpu = m.parse_redis_info((d / "cpu.stat").read_text().replace(" ", ":"))
-            return {
-                "memory_stats": {
-                    "usage": int((d / "memory.current").read_text()),
-                    "stats": {"inactive_file": int(stat.get("inactive_file", 0))},
-                },
-                "cpu_stats": {"cpu_usage": {"total_usage": int(cpu["usage_usec"]) * 1000}},
-            }
-    return None
-
-
-def _stats(client: Engine, ident: str) -> dict:
-    try:
-        found = cgroup_stats(ident)
-    except (OSError, ValueError, KeyError):
-        found = None
-    if found is not None:
-        return found
-    try:
-        return client.stats(ident)
-    except OpsError:
-        return {}
-
-
-def containers(stack: Stack, client: Engine) -> list[ContainerFacts]:
+def containers(stack: Stack, engine: Engine) -> list[ContainerFacts]:
     wanted = {
         item.container: ContainerFacts(
             service_key(item), item.container, item.name if isinstance(item, Environment) else None
         )
         for item in stack.containers()
     }
-    found = {}
-    for c in client.containers():
-        name = (c.get("Names") or ["/"])[0].lstrip("/")
-        if name in wanted:
-            found[name] = c["Id"]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=6) as pool:
-        attrs = dict(zip(found, pool.map(client.inspect, found.values()), strict=True))
-        running = [n for n, a in attrs.items() if a["State"].get("Running")]
-        stats = dict(
-            zip(running, pool.map(lambda n: _stats(client, found[n]), running), strict=True)
-        )
-    now = time.time()
-    for name, facts in wanted.items():
-        a = attrs.get(name)
-        if a is None:
+    for name, c in engine.inspect(list(wanted)).items():
+        facts = wanted.get(name)
+        if facts is None:
             continue
-        facts.state = a["State"].get("Status", "unknown")
-        facts.health = (a["State"].get("Health") or {}).get("Status", "none")
-        facts.started = a["State"].get("StartedAt", "")
-        host = a["HostConfig"]
-        facts.memory_limit = host.get("Memory") or None
-        facts.cpu_limit = host["NanoCpus"] / 1e9 if host.get("NanoCpus") else None
-        st = stats.get(name) or {}
-        facts.memory_used = m.container_memory_used(st)
-        ns = m.container_cpu_ns(st)
-        facts.cpu = None if ns is None else (now, ns)
-    return list(wanted.values())
+        facts.id, facts.state, facts.health, facts.started = c.id, c.state, c.health, c.started_at
+        facts.memory_limit, facts.cpu_limit = c.memory_limit, c.cpu_limit
+    found = list(wanted.values())
+    read_usage(engine, found)
+    return found
 
 
-def exec_in(client: Engine, container: str, argv: list[str]) -> str:
+def exec_in(engine: Engine, container: str, argv: list[str]) -> str:
     """Run argv inside a container (bounded by `timeout`), return stdout; OpsError if it fails."""
-    code, out, err = client.exec(container, ["timeout", str(EXEC_TIMEOUT_S), *argv])
-    if code != 0:
-        why = (err or out or b"").decode(errors="replace").strip().splitlines()
-        raise OpsError(f"{argv[0]} in {container} failed ({code}): {why[-1] if why else ''}")
-    return out.decode(errors="replace")
+    result = engine.exec(container, argv, EXEC_TIMEOUT_S)
+    if not result.ok:
+        why = (result.stderr or result.stdout or "").strip().splitlines()
+        raise OpsError(f"{argv[0]} in {container} failed ({result.code}): {why[-1] if why else ''}")
+    return result.stdout
 
 
 def probe(domain: str, path: str, port: int, expect_env: str | None) -> tuple[str, str]:
@@ -459,8 +312,10 @@ def collect(
     store: Store | None,
     previous: dict | None = None,
     now: float | None = None,
+    runner: Runner | None = None,
 ) -> Collected:
-    """Every fact → checks. Reads the store (history) but writes nothing."""
+    """Every fact → checks. Reads the store (history) but writes nothing. `runner`: the
+    engine's host (default this machine's)."""
     now = now or time.time()
     t = Thresholds.from_metrics(stack.monitoring.metrics)
     checks: list[Check] = []
@@ -477,9 +332,19 @@ def collect(
     }  # fmt: skip
 
     # The engine (the document's `docker ps` check).
-    client, facts = None, []
+    client: Engine | None = None
+    facts: list[ContainerFacts] = []
+    docker_root = None
     try:
-        client = engine(stack.monitoring.docker_ps.timeout.seconds)
+        reader = Engine(runner or LocalRunner(), timeout=stack.monitoring.docker_ps.timeout.seconds)
+        reader.ping()
+        client = reader  # it answers
+        # The engine's data dir (for the disk check) hardly ever moves: `docker info` costs
+        # twice `docker version`'s memory, so it is asked once and kept with the counters.
+        docker_root = (previous or {}).get("docker_root")
+        if not docker_root:
+            with contextlib.suppress(OpsError):
+                docker_root = reader.info().get("DockerRootDir")
         facts = containers(stack, client)
         present = sum(f.state == "running" for f in facts)
         state_ = OK if present == len(facts) else CRIT
@@ -529,11 +394,12 @@ def collect(
         time.sleep(RESAMPLE_S)
         host_cpu = read_host_cpu()
         counters["host"] = list(host_cpu)
-        if client is not None:
-            facts = containers(stack, client) if facts else facts
-            # health was read above; only the counters are taken from the second read
+        if client is not None and facts:
+            read_usage(client, facts)  # health was read above; only the counters again
     counters["containers"] = {f.key: list(f.cpu) for f in facts if f.cpu}
     counters["starts"] = {f.key: f.started for f in facts}
+    if docker_root:
+        counters["docker_root"] = docker_root
     counters["time"] = time.time()
 
     host_pct = m.cpu_percent_between(prev_host, host_cpu)
@@ -562,9 +428,8 @@ def collect(
         )
     )
     paths = {"state dir": state.root}
-    if client is not None:
-        with contextlib.suppress(Exception):
-            paths["docker"] = Path(client.info()["DockerRootDir"])
+    if docker_root:
+        paths["docker"] = Path(docker_root)
     for mount, used_b, total_b, what in disk_usage(paths):
         checks.append(
             m.percent_check(
@@ -719,33 +584,27 @@ def peak_rss_kb() -> int:
     return max(own, kids)
 
 
-@contextlib.contextmanager
-def run_lock(state: StateDir, wait_s: float = 50):
-    """One recording run at a time (a slow run must not overlap the next cron start)."""
-    path = state.root / "monitor" / "run.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise OpsError(
-                        f"another monitor run still holds {path} after {wait_s:.0f}s"
-                    ) from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def run_lock(state: StateDir, wait_s: float = RUN_LOCK_WAIT_S, runner: Runner | None = None):
+    """One recording run at a time (a slow run must not overlap the next cron start): the
+    one lock (host/lock.py), `monitor`, waited for up to `wait_s`, then LockHeld (an
+    OpsError: `invoke monitor` exits UNKNOWN saying who holds it)."""
+    return locks.holding(
+        runner or LocalRunner(), str(state.root), RUN_LOCK, action="monitor run", wait=wait_s
+    )
+
+
+def publish(directory: Path, page: dict, runner: Runner | None = None) -> Path:
+    """Write index.html and status.json atomically (the one atomic write, through the
+    runner), world-readable: nginx reads them as UID 10001."""
+    writer = runner or LocalRunner()
+    for name, text in statuspage.page_files(page).items():
+        writer.write_file(str(directory / name), text, mode=0o644)
+    return directory / "index.html"
 
 
 def run_once(stack: Stack, state: StateDir, page_url: str | None = None) -> tuple[Report, dict]:
     """Collect, record history, publish the status page, send alerts. Returns the report
     and what happened (alerts sent, page path, store size)."""
-    from aiia_ops.commands import statuspage
     from aiia_ops.host.notify import notify
 
     started = time.monotonic()
@@ -774,7 +633,7 @@ def run_once(stack: Stack, state: StateDir, page_url: str | None = None) -> tupl
         rss = peak_rss_kb()
         report.info["run"] = {"duration_ms": duration_ms, "peak_rss_kb": rss}
         page = statuspage.build_page_data(stack, report, store, now)
-        outcome["page"] = str(statuspage.publish(status_dir(state), page))
+        outcome["page"] = str(publish(status_dir(state), page))
         duration_ms = round((time.monotonic() - started) * 1000)
         report.info["run"] = {"duration_ms": duration_ms, "peak_rss_kb": peak_rss_kb()}
         store.add_run(now, report.state, duration_ms, report.info["run"]["peak_rss_kb"])

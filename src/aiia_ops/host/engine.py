@@ -4,8 +4,9 @@ one (SSHRunner). No SDK, no socket of its own. Every method is a read (`runner.q
 
 API:
     engine = Engine(runner)               # cgroup_root="/sys/fs/cgroup", timeout=30
-    engine.info() -> dict                 # `docker info`; raises EngineError if unreachable
-    engine.ping() -> None                 # the same check, result dropped
+    engine.ping() -> dict                 # `docker version`'s Server part; EngineError if
+                                          # no engine answers (cheap: no CLI plugins run)
+    engine.info() -> dict                 # `docker info` (DockerRootDir, ...); EngineError too
     engine.containers(project=None) -> list[dict]   # `docker ps -a` rows (Names, ID, State)
     engine.inspect(names) -> {name: Container}      # one `docker inspect` for all; missing
                                                     # ones are left out
@@ -14,6 +15,7 @@ API:
         # `docker stats --no-stream` for those without readable cgroup files (no CPU then).
         # Usage.memory_used is THE memory formula (usage - inactive_file, as docker stats).
     engine.exec(name, argv, timeout_s=None) -> Result   # `docker exec`, never raises
+    engine.image_sizes(images) -> {repo:tag: bytes}      # missing images left out
 
 Container and Usage are the dataclasses of commands/engine.py.
 """
@@ -37,19 +39,26 @@ class Engine:
     def __init__(self, runner: Runner, cgroup_root: str = cmd.CGROUP_ROOT, timeout: float = 30):
         self.runner, self.cgroup_root, self.timeout = runner, cgroup_root, timeout
 
+    def _unreachable(self, result: Result) -> EngineError:
+        why = (result.stderr.strip().splitlines() or ["no answer"])[-1][:200]
+        return EngineError(
+            f"the Docker engine on {self.runner.host} does not answer ({why}); "
+            "run `invoke provision` to install and start it"
+        )
+
+    def ping(self) -> dict:
+        result = self.runner.query(cmd.version(), timeout=self.timeout)
+        server = cmd.parse_version(result.stdout)
+        if server is None:
+            raise self._unreachable(result)
+        return server
+
     def info(self) -> dict:
         result = self.runner.query(cmd.info(), timeout=self.timeout)
         data = cmd.parse_info(result.stdout)
         if data is None:
-            why = (result.stderr.strip().splitlines() or ["no answer"])[-1][:200]
-            raise EngineError(
-                f"the Docker engine on {self.runner.host} does not answer ({why}); "
-                "run `invoke provision` to install and start it"
-            )
+            raise self._unreachable(result)
         return data
-
-    def ping(self) -> None:
-        self.info()
 
     def containers(self, project: str | None = None) -> list[dict]:
         return cmd.parse_json_lines(self.runner.query(cmd.ps(project), timeout=self.timeout).stdout)
@@ -73,6 +82,12 @@ class Engine:
             stats = self.runner.query(cmd.stats(missing), timeout=self.timeout)
             out.update({n: u for n, u in cmd.parse_stats(stats.stdout).items() if n in out})
         return out
+
+    def image_sizes(self, images: Sequence[str]) -> dict[str, int]:
+        if not images:
+            return {}
+        result = self.runner.query(cmd.image_inspect(images), timeout=self.timeout)
+        return cmd.parse_image_sizes(result.stdout)
 
     def exec(self, name: str, argv: Sequence[str], timeout_s: float | None = None) -> Result:
         wait = None if timeout_s is None else timeout_s + self.timeout

@@ -15,13 +15,7 @@ from aiia_ops.commands.compose import service_key
 from aiia_ops.commands.render import SERVICE_UID
 from aiia_ops.errors import OpsError
 from aiia_ops.flows.output import paint, table
-from aiia_ops.flows.status import (
-    STATUS_HEADERS,
-    stack_status,
-    status_json,
-    status_runner,
-    status_table_rows,
-)
+from aiia_ops.flows.status import STATUS_HEADERS, stack_status, status_table_rows
 from aiia_ops.host.git import head_version, image_tag
 from aiia_ops.host.runners import LocalRunner, Runner
 from aiia_ops.host.secrets import load_secrets
@@ -193,6 +187,8 @@ def _confirm(prompt: str, expected: str) -> None:
 )
 def status(c, json_=False, host=None, stack=None):
     """Each service: state, health, memory used/limit, CPU limit, address."""
+    from aiia_ops.flows.status import status_json, status_runner
+
     model = load_stack(stack)
     runner = status_runner(model, host)
     if json_:
