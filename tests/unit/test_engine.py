@@ -145,6 +145,7 @@ def test_engine_reads_through_any_runner():
     assert engine.info()["DockerRootDir"] == "/var/lib/docker"
     found = engine.inspect(["aiia-nginx", "aiia-redis", "aiia-gone"])
     assert sorted(found) == ["aiia-nginx", "aiia-redis"]
+    assert engine.inspect_raw(["aiia-nginx"])["aiia-nginx"]["HostConfig"]["NanoCpus"] == 250_000_000
     usage = engine.usage({"aiia-nginx": ID_A, "aiia-redis": ID_B})
     assert usage["aiia-nginx"].source == "cgroup v1"
     assert usage["aiia-redis"].source == "docker stats"

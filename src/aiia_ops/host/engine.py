@@ -10,6 +10,7 @@ API:
     engine.containers(project=None) -> list[dict]   # `docker ps -a` rows (Names, ID, State)
     engine.inspect(names) -> {name: Container}      # one `docker inspect` for all; missing
                                                     # ones are left out
+    engine.inspect_raw(names) -> {name: dict}       # the same, the engine's JSON as is
     engine.usage({name: container_id}) -> {name: Usage | None}
         # memory/CPU counters from the cgroup files, ONE command for all containers;
         # `docker stats --no-stream` for those without readable cgroup files (no CPU then).
@@ -63,11 +64,13 @@ class Engine:
     def containers(self, project: str | None = None) -> list[dict]:
         return cmd.parse_json_lines(self.runner.query(cmd.ps(project), timeout=self.timeout).stdout)
 
-    def inspect(self, names: Sequence[str]) -> dict[str, Container]:
+    def inspect_raw(self, names: Sequence[str]) -> dict[str, dict]:
         if not names:
             return {}
-        result = self.runner.query(cmd.inspect(names), timeout=self.timeout)
-        return {n: Container.from_inspect(a) for n, a in cmd.parse_inspect(result.stdout).items()}
+        return cmd.parse_inspect(self.runner.query(cmd.inspect(names), timeout=self.timeout).stdout)
+
+    def inspect(self, names: Sequence[str]) -> dict[str, Container]:
+        return {n: Container.from_inspect(a) for n, a in self.inspect_raw(names).items()}
 
     def usage(self, containers: Mapping[str, str]) -> dict[str, Usage | None]:
         """{name: container id} → {name: Usage}; None for a container nothing could read."""
