@@ -25,10 +25,10 @@ from pathlib import Path
 
 from aiia_ops import REPO_ROOT
 from aiia_ops.commands import loadtest as lt
-from aiia_ops.commands.app import inspect_release
 from aiia_ops.commands.compose import CONFIG_MOUNT, config_dir_name, service_key
 from aiia_ops.commands.docker import nginx_reload, one_off_app
 from aiia_ops.errors import OpsError
+from aiia_ops.flows.deploy import inspect_release
 from aiia_ops.flows.output import table
 from aiia_ops.host.git import head_version
 from aiia_ops.host.runners import LocalRunner
