@@ -406,7 +406,7 @@ def prepare(
     acts through printing runners that read from the real host and this machine."""
     env = model.environment(env_name)
     where = target(model, env_name, host, accept_new_host_key)
-    secrets = target_secrets(model, where)
+    secrets = target_secrets(model, where, create=not dry_run)  # a dry run writes nothing
     runner: Runner = where.runner
     local: Runner = LocalRunner()
     if dry_run:

@@ -52,11 +52,12 @@ def host_target(model: Stack, name: str, accept_new_host_key: bool = False) -> T
     return Target(runner, state_dir, name, entry)
 
 
-def target_secrets(model: Stack, where: Target) -> Secrets:
-    """This machine's secrets for a local host; the host's own, read over SSH, otherwise.
-    Every value is registered with the runner so it never reaches printed output."""
+def target_secrets(model: Stack, where: Target, create: bool = True) -> Secrets:
+    """This machine's secrets for a local host (generated once when missing and `create`);
+    the host's own, read over SSH, otherwise. Every value is registered with the runner so
+    it never reaches printed output."""
     if where.is_local:
-        secrets = load_secrets(local_state_dir(model).root, list(model.environments))
+        secrets = load_secrets(local_state_dir(model).root, list(model.environments), create)
     else:
         secrets = remote_secrets(where.runner, where.state_dir, model)
     where.runner.redact(*secrets.values())

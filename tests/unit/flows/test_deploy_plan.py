@@ -422,3 +422,19 @@ def test_a_failure_after_the_switch_points_nginx_back_at_the_live_release(stack,
     assert f"{env.standby_address}:{env.port}" not in text
     last = json.loads(host.files[f"{STATE}/releases/prod.jsonl"].splitlines()[-1])
     assert last["result"] == "bad"
+
+
+def test_a_dry_run_on_a_fresh_machine_generates_no_secrets(state_dir):
+    with pytest.raises(OpsError, match="are not set: run `invoke setup`"):
+        flow.prepare(load_stack(), "staging", dry_run=True)
+    assert not state_dir.exists()
+
+
+def test_a_dry_run_prepares_printing_runners_that_read_the_real_ones(state_dir):
+    d = flow.prepare(load_stack(), "staging", dry_run=False, backup=False)  # makes secrets
+    dry = flow.prepare(load_stack(), "staging", dry_run=True, backup=False)
+    assert not d.dry_run and dry.dry_run and not dry.ships_images
+    assert isinstance(dry.local, PrintingRunner) and dry.local.reader is not None
+    assert dry.runner.host == "local" and dry.local.host == "build"
+    secrets = set(dry.secrets.values())  # redacted from both printers' output
+    assert secrets <= dry.runner.secrets and secrets <= dry.local.secrets
