@@ -264,6 +264,15 @@ def test_the_same_deploy_over_ssh_to_a_real_openssh_server(
         "AIIA_SSH_KEY": str(sshd_host.key_path),
         "AIIA_SSH_KNOWN_HOSTS": str(sshd_host.known_hosts_path),
     }
+    # The dry run over SSH first: the host's facts, read over the connection; nothing changed.
+    releases = read_releases(e2e_state, "staging")
+    dry = run_invoke(
+        "deploy", "--env=staging", "--host=sshbox", f"--ref={head}", "--dry-run", env=env
+    )
+    assert dry.returncode == 0, dry.stdout + dry.stderr
+    assert "[sshbox] docker run --detach --name aiia_django_staging-next" in dry.stdout
+    assert "[sshbox] docker exec aiia_nginx nginx -s reload" in dry.stdout
+    assert read_releases(e2e_state, "staging") == releases
     with load_on_prod(stack, clients=10) as load:
         proc = run_invoke(
             "deploy", "--env=staging", "--host=sshbox", f"--ref={head}", env=env, timeout=900

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
+from aiia_ops import SERVICES_DIR
 from aiia_ops.commands.compose import (
     CONFIG_MOUNT,
     LOGGING,
@@ -19,7 +20,8 @@ from aiia_ops.commands.compose import (
     config_dir_name,
     service_key,
 )
-from aiia_ops.host.runners import Runner
+from aiia_ops.commands.docker import build_image, prepare_wheelhouse
+from aiia_ops.errors import OpsError
 from aiia_ops.model import Environment, Stack
 
 RELEASE_LABEL = "org.eduaiia.release"
@@ -78,14 +80,9 @@ class Running:
     health: str
 
 
-def inspect_release(runner: Runner, stack: Stack, name: str) -> Running | None:
-    fmt = "{{json .}}"
-    result = runner.run(
-        ["docker", "inspect", "--type", "container", "--format", fmt, name], check=False
-    )
-    if not result.ok or not result.stdout.strip():
-        return None
-    return parse_inspect(result.stdout, stack.network.name)
+def inspect_container(name: str) -> list[str]:
+    """The engine's whole record of one container, as JSON (parsed by `parse_inspect`)."""
+    return ["docker", "inspect", "--type", "container", "--format", "{{json .}}", name]
 
 
 def parse_inspect(text: str, network: str) -> Running:
@@ -116,11 +113,163 @@ def health_probe(name: str) -> list[str]:
     return ["docker", "exec", name, "/usr/bin/python3", "-I", "/app/bin/healthcheck"]
 
 
-def live_upstreams(runner: Runner, stack: Stack) -> dict[str, str]:
+def upstreams(stack: Stack, lives: dict[str, Running | None]) -> dict[str, str]:
     """Where nginx should send each environment: the live release's address, if any."""
     out = {}
     for env in stack.environments.values():
-        live = inspect_release(runner, stack, env.container)
+        live = lives.get(env.name)
         if live and live.running and live.address:
             out[env.name] = f"{live.address}:{env.port}"
     return out
+
+
+# -- facts a deploy reads (argv + a pure parser of the answer) ---------------------------
+
+MIN_FREE_DISK = 2 * 1024**3  # an image, a backup and logs on a 20 GB disk
+
+
+def engine_version() -> list[str]:
+    return ["docker", "info", "--format", "{{.ServerVersion}}"]
+
+
+def image_inspect(image: str) -> list[str]:
+    """Exits 0 when the engine has `image`."""
+    return ["docker", "image", "inspect", "--format", "{{.Id}}", image]
+
+
+def free_disk(path: str) -> list[str]:
+    return ["df", "--output=avail", "-B1", path]
+
+
+def parse_free_disk(text: str) -> int | None:
+    """Bytes available, from `df --output=avail -B1` (None when unreadable)."""
+    words = text.split()
+    return int(words[-1]) if words and words[-1].isdigit() else None
+
+
+def disk_problem(avail: int | None, state_dir: str) -> str | None:
+    if avail is None or avail >= MIN_FREE_DISK:
+        return None
+    return (
+        f"only {avail // 1024**2} MB free under {state_dir}; a deploy needs "
+        f"{MIN_FREE_DISK // 1024**2} MB (prune old backups or images: invoke backup.prune, "
+        "docker image prune)"
+    )
+
+
+def is_running(name: str) -> list[str]:
+    """Prints `true` while container `name` runs."""
+    return ["docker", "inspect", "--format", "{{.State.Running}}", name]
+
+
+def container_status(name: str) -> list[str]:
+    """created, running, restarting, exited, dead ..."""
+    return ["docker", "inspect", "--format", "{{.State.Status}}", name]
+
+
+def container_logs(name: str, tail: int = 40) -> list[str]:
+    return ["docker", "logs", "--tail", str(tail), name]
+
+
+def nginx_processes(stack: Stack) -> list[str]:
+    return ["docker", "top", stack.services.nginx.container, "-eo", "pid,args"]
+
+
+def parse_workers(text: str) -> set[str]:
+    """The pids of nginx worker processes in `docker top ... -eo pid,args` output."""
+    return {line.split()[0] for line in text.splitlines()[1:] if "worker process" in line}
+
+
+# -- changes -------------------------------------------------------------------------------
+
+
+def remove_container(name: str) -> list[str]:
+    return ["docker", "rm", "--force", name]
+
+
+def stop_container(name: str, seconds: int) -> list[str]:
+    return ["docker", "stop", "--time", str(seconds), name]
+
+
+def remove_stopped(name: str) -> list[str]:
+    return ["docker", "rm", name]
+
+
+def rename_container(name: str, new_name: str) -> list[str]:
+    return ["docker", "rename", name, new_name]
+
+
+def remove_image(image: str) -> list[str]:
+    return ["docker", "image", "rm", image]
+
+
+def save_image(image: str) -> list[str]:
+    """Piped into `load_image()` on another host: an image shipped without a registry."""
+    return ["docker", "save", image]
+
+
+def load_image() -> list[str]:
+    return ["docker", "load"]
+
+
+# -- decisions -----------------------------------------------------------------------------
+
+
+def release_tags(history: list[dict]) -> list[str]:
+    return [r["commit"][:12] for r in history if r.get("commit")]
+
+
+def rollback_candidates(
+    env_name: str, history: list[dict], current: str | None, to: str | None
+) -> list[str]:
+    """Good earlier releases, newest first: never a bad one, never the live one; `to`
+    narrows them to those whose commit starts with it."""
+    bad = {r["commit"][:12] for r in history if r.get("result") == "bad"}
+    good = [r["commit"][:12] for r in reversed(history) if r.get("result") == "good"]
+    candidates = [c for c in dict.fromkeys(good) if c != current and c not in bad]
+    if to:
+        matches = [c for c in candidates if c.startswith(to[:12])]
+        if not matches:
+            known = ", ".join(candidates) or "none"
+            raise OpsError(
+                f"{to} is not a good earlier release of {env_name}; rollback targets: {known}"
+            )
+        candidates = matches
+    return candidates
+
+
+def no_rollback_target(env_name: str, keep_releases: int) -> OpsError:
+    return OpsError(
+        f"no earlier good release of {env_name} whose image is still on the host "
+        f"(releases kept: {keep_releases}); deploy a commit instead: "
+        f"invoke deploy --env={env_name} --ref COMMIT"
+    )
+
+
+def images_to_prune(
+    current: str,
+    histories: dict[str, list[dict]],
+    live_releases: set[str],
+    keep_releases: int,
+) -> list[str]:
+    """Release tags this host deployed that are neither live, nor `current`, nor among an
+    environment's last `keep_releases`. Images it never deployed are not ours to remove."""
+    keep, seen = {current} | live_releases, set()
+    for history in histories.values():
+        tags = release_tags(history)
+        keep |= set(list(dict.fromkeys(reversed(tags)))[:keep_releases])
+        seen |= set(tags)
+    return sorted(seen - keep)
+
+
+def release_build(stack: Stack, checkout: str, tag: str) -> list[list[str]]:
+    """Build the app image from `checkout` (a git worktree of the release's commit). This
+    checkout's wheelhouse seeds the release's, whose build-wheelhouse then only fetches
+    what its own pins add."""
+    django = f"{checkout}/services/django"
+    return [
+        prepare_wheelhouse(),
+        ["cp", "-a", "-T", str(SERVICES_DIR / "django" / "wheelhouse"), f"{django}/wheelhouse"],
+        [f"{django}/build-wheelhouse"],
+        build_image(stack, "django", tag, tag, services_dir=Path(checkout) / "services"),
+    ]

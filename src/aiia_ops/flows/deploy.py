@@ -6,95 +6,95 @@ over SSH when the host is remote) -> migrations (straight to PostgreSQL) -> coll
 with a graceful reload -> health through nginx -> the old release drains and stops ->
 release recorded, audit line, notification -> lock released.
 
+Facts (what runs, which images exist, free disk) are read with `runner.query()`, changes
+made with `runner.run()`: a dry run is the same procedure through a `PrintingRunner` whose
+reader is the real host, so it prints exactly the commands a deploy would run. Only what
+cannot happen without the change (waiting for the new release's health) is skipped.
+
 A failure before the switch leaves the old release serving, untouched. A failure after
 the switch switches back. The database is never rolled back automatically.
 """
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import json
+import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aiia_ops import REPO_ROOT, SERVICES_DIR
 from aiia_ops.commands import app as apps
 from aiia_ops.commands import docker as cmd
+from aiia_ops.commands.argv import quote
 from aiia_ops.commands.render import host_files, sync_files
 from aiia_ops.errors import CommandFailed, OpsError
 from aiia_ops.flows.output import paint
 from aiia_ops.flows.status import health_through_nginx
 from aiia_ops.flows.steps import Steps
+from aiia_ops.flows.targets import target, target_secrets
+from aiia_ops.host import git
 from aiia_ops.host import lock as locks
+from aiia_ops.host.git import resolve_ref
 from aiia_ops.host.notify import notify
 from aiia_ops.host.releases import audit_line, parse_releases, release_line
 from aiia_ops.host.runners import LocalRunner, PrintingRunner, Runner
 from aiia_ops.model import Environment, Host, Stack
 from aiia_ops.model.budget import check_budget, has_errors
 from aiia_ops.model.secrets import Secrets
-
-MIN_FREE_DISK = 2 * 1024**3  # an image, a backup and logs on a 20 GB disk
+from aiia_ops.model.state import local_state_dir
 
 
 class DeployFailed(OpsError):
     pass
 
 
-def resolve_ref(ref: str | None) -> tuple[str, str]:
-    """(full commit, 12-char tag) of a git ref in this repository (default HEAD)."""
-    proc = subprocess.run(
-        [
-            "git",
-            "-C",
-            str(REPO_ROOT),
-            "rev-parse",
-            "--verify",
-            "--quiet",
-            f"{ref or 'HEAD'}^{{commit}}",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode != 0:
-        raise OpsError(
-            f"unknown git ref {ref!r}: no such commit, branch or tag in "
-            f"{REPO_ROOT} (fetch it first?)"
-        )
-    commit = proc.stdout.strip()
-    return commit, commit[:12]
+# -- facts ---------------------------------------------------------------------------------
+
+
+def inspect_release(runner: Runner, stack: Stack, name: str) -> apps.Running | None:
+    """What the engine says about app container `name` (None: there is none)."""
+    result = runner.query(apps.inspect_container(name))
+    if not result.ok or not result.stdout.strip():
+        return None
+    return apps.parse_inspect(result.stdout, stack.network.name)
+
+
+def live_upstreams(runner: Runner, stack: Stack) -> dict[str, str]:
+    """Where nginx should send each environment: the live release's address, if any."""
+    lives = {
+        env.name: inspect_release(runner, stack, env.container)
+        for env in stack.environments.values()
+    }
+    return apps.upstreams(stack, lives)
+
+
+def has_image(runner: Runner, image: str) -> bool:
+    return runner.query(apps.image_inspect(image)).ok
+
+
+# -- the image -----------------------------------------------------------------------------
 
 
 def build_release_image(
     stack: Stack, env: Environment, commit: str, tag: str, runner: Runner
 ) -> None:
-    """Build the app image of exactly `commit` (uncommitted changes are not deployed)."""
-    if runner.run(["docker", "image", "inspect", f"{env.image}:{tag}"], check=False).ok:
+    """Build the app image of exactly `commit` (uncommitted changes are not deployed), in a
+    checkout of that commit beside this one; every command goes through `runner`."""
+    if has_image(runner, f"{env.image}:{tag}"):
         return
-    tmp = Path(tempfile.mkdtemp(prefix="aiia-release-"))
+    checkout = f"{tempfile.gettempdir()}/aiia-release-{tag}-{os.getpid()}"
+    runner.run(git.worktree_add(checkout, commit))
     try:
-        subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", str(tmp / "src"), commit],
-            check=True,
-            capture_output=True,
-        )
-        django = tmp / "src" / "services" / "django"
-        wheels = SERVICES_DIR / "django" / "wheelhouse"
-        runner.run(cmd.prepare_wheelhouse(), stream=True)  # this checkout's, usually cached
-        if wheels.exists():
-            shutil.copytree(wheels, django / "wheelhouse", dirs_exist_ok=True)
-        runner.run([str(django / "build-wheelhouse")], stream=True)
-        runner.run(
-            cmd.build_image(stack, "django", tag, tag, services_dir=django.parent), stream=True
-        )
+        for argv in apps.release_build(stack, checkout, tag):
+            runner.run(argv, stream=True)
     finally:
-        subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", str(tmp / "src")],
-            capture_output=True,
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
+        runner.run(git.worktree_remove(checkout), check=False)
+
+
+# -- the procedure -------------------------------------------------------------------------
 
 
 @dataclass
@@ -107,20 +107,24 @@ class Deploy:
     local: Runner = field(default_factory=LocalRunner)  # builds images here
     steps: Steps = field(default_factory=Steps)
     take_backup: Callable[[], object] | None = None
-    dry_run: bool = False
     host: Host | None = None  # the target's entry in the stack (published ports); None: local
+    # Does the target run another engine than this machine's (images are then shipped)?
+    # None: yes unless its runner is local.
+    remote_engine: bool | None = None
 
-    # -- facts ---------------------------------------------------------------------------
+    @property
+    def dry_run(self) -> bool:
+        return isinstance(self.runner, PrintingRunner)
+
+    @property
+    def ships_images(self) -> bool:
+        if self.remote_engine is not None:
+            return self.remote_engine
+        real = self.runner.reader if isinstance(self.runner, PrintingRunner) else self.runner
+        return not isinstance(real, LocalRunner)
 
     def live(self) -> apps.Running | None:
-        return apps.inspect_release(self._reader(), self.stack, self.env.container)
-
-    def _reader(self) -> Runner:
-        if isinstance(self.runner, PrintingRunner) and self.runner.reader:
-            return self.runner.reader
-        return self.runner
-
-    # -- the procedure -------------------------------------------------------------------
+        return inspect_release(self.runner, self.stack, self.env.container)
 
     def deploy(self, ref: str | None = None) -> dict:
         commit, tag = resolve_ref(ref)
@@ -131,36 +135,21 @@ class Deploy:
         return self._release(tag, action="rollback", commit=tag)
 
     def rollback_target(self, to: str | None) -> str:
+        """The newest good earlier release (or the one `to` names) whose image is still
+        on the host: never a bad release, never the live one."""
         live = self.live()
-        current = live.release if live else None
         history = self._history(self.env.name)
-        bad = {r["commit"][:12] for r in history if r.get("result") == "bad"}
-        good = [r["commit"][:12] for r in reversed(history) if r.get("result") == "good"]
-        candidates = [c for c in dict.fromkeys(good) if c != current and c not in bad]
-        if to:
-            matches = [c for c in candidates if c.startswith(to[:12])]
-            if not matches:
-                known = ", ".join(candidates) or "none"
-                raise OpsError(
-                    f"{to} is not a good earlier release of {self.env.name}; "
-                    f"rollback targets: {known}"
-                )
-            candidates = matches
-        for tag in candidates:
-            if (
-                self._reader()
-                .run(["docker", "image", "inspect", f"{self.env.image}:{tag}"], check=False)
-                .ok
-            ):
+        for tag in apps.rollback_candidates(
+            self.env.name, history, live.release if live else None, to
+        ):
+            if has_image(self.runner, f"{self.env.image}:{tag}"):
                 return tag
-        raise OpsError(
-            f"no earlier good release of {self.env.name} whose image is still on "
-            f"the host (releases kept: {self.stack.deploy.keep_releases}); deploy a "
-            f"commit instead: invoke deploy --env={self.env.name} --ref COMMIT"
-        )
+        raise apps.no_rollback_target(self.env.name, self.stack.deploy.keep_releases)
 
     def _release(self, tag: str, action: str, commit: str) -> dict:
         env, run = self.env, self.steps.run
+        if self.dry_run:
+            self.steps.out(f"# dry run: {action} {tag} to {env.name}; nothing is changed\n")
         started = time.monotonic()
         live = run("preflight: stack, budget, engine, disk, current release", self.preflight)
         run(
@@ -216,77 +205,70 @@ class Deploy:
         if has_errors(findings):
             errors = "; ".join(f.message for f in findings if f.severity == "error")
             raise OpsError(f"the stack does not fit the machine: {errors} (invoke config.check)")
-        reader = self._reader()
-        if not reader.run(["docker", "info", "--format", "{{.ServerVersion}}"], check=False).ok:
+        if not self.runner.query(apps.engine_version()).ok:
             raise OpsError("the Docker engine does not answer on the host; run invoke provision")
-        df = reader.run(["df", "--output=avail", "-B1", self.state_dir], check=False)
-        if df.ok:
-            avail = int(df.stdout.split()[-1])
-            if avail < MIN_FREE_DISK:
-                raise OpsError(
-                    f"only {avail // 1024**2} MB free under {self.state_dir}; a "
-                    f"deploy needs {MIN_FREE_DISK // 1024**2} MB (prune old backups "
-                    "or images: invoke backup.prune, docker image prune)"
-                )
+        df = self.runner.query(apps.free_disk(self.state_dir))
+        avail = apps.parse_free_disk(df.stdout) if df.ok else None
+        problem = apps.disk_problem(avail, self.state_dir)
+        if problem:
+            raise OpsError(problem)
         for svc in ("pgbouncer", "postgresql", "redis"):
             name = getattr(self.stack.services, svc).container
-            state = reader.run(
-                ["docker", "inspect", "--format", "{{.State.Running}}", name], check=False
-            )
-            if state.stdout.strip() != "true":
+            if self.runner.query(apps.is_running(name)).stdout.strip() != "true":
                 raise OpsError(f"{name} is not running; start the stack first: invoke up")
         return self.live()
 
     def clear_leftover(self) -> None:
         """A <name>-next container left by a deploy that died (we hold the lock now, so no
         running deploy owns it). Never the live release."""
-        leftover = apps.inspect_release(self._reader(), self.stack, apps.next_name(self.env))
+        leftover = inspect_release(self.runner, self.stack, apps.next_name(self.env))
         if leftover:
-            self.runner.run(["docker", "rm", "--force", leftover.name])
+            self.runner.run(apps.remove_container(leftover.name))
 
     def ensure_image(self, commit: str, tag: str) -> None:
-        build_release_image(self.stack, self.env, commit, tag, self.local)
-        if self.runner is self.local or isinstance(self.runner, PrintingRunner):
-            return
         image = f"{self.env.image}:{tag}"
-        if not self.runner.run(["docker", "image", "inspect", image], check=False).ok:
+        if has_image(self.runner, image):
+            return  # built or shipped before (a redeploy, or a rollback's image)
+        build_release_image(self.stack, self.env, commit, tag, self.local)
+        if self.ships_images:
             # No registry: the image travels over the SSH connection.
-            self.runner.pipe_from_local(["docker", "save", image], ["docker", "load"])
+            self.runner.pipe_from_local(apps.save_image(image), apps.load_image())
 
     def one_off(self, tag: str, args: list[str]) -> None:
         self.runner.run(
-            cmd.one_off_app(self.stack, self.env, self.state_dir, tag, args),
-            stream=not isinstance(self.runner, PrintingRunner),
+            cmd.one_off_app(self.stack, self.env, self.state_dir, tag, args), stream=True
         )
 
     def start_new(self, tag: str, address: str, name: str) -> None:
         self.runner.run(apps.run_release(self.stack, self.env, self.state_dir, tag, address, name))
 
     def wait_healthy(self, name: str) -> None:
-        deadline = time.monotonic() + self.stack.deploy.health_timeout.seconds
-        last = None
+        timeout = self.stack.deploy.health_timeout
+        probe = apps.health_probe(name)
+        if self.dry_run:  # the container was not started: nothing to wait for
+            self.steps.out(f"   (dry run: would wait up to {timeout} for: {quote(probe)})")
+            return
+        deadline = time.monotonic() + timeout.seconds
         while True:
-            last = self.runner.run(apps.health_probe(name), check=False)
+            last = self.runner.query(probe)
             if last.ok:
                 return
             if time.monotonic() > deadline:
                 break
-            state = self.runner.run(
-                ["docker", "inspect", "--format", "{{.State.Status}}", name], check=False
-            ).stdout.strip()
+            state = self.runner.query(apps.container_status(name)).stdout.strip()
             if state in ("exited", "dead"):
                 break
             time.sleep(1)
-        logs = self.runner.run(["docker", "logs", "--tail", "40", name], check=False)
+        logs = self.runner.query(apps.container_logs(name))
         raise DeployFailed(
-            f"the new release did not become healthy within "
-            f"{self.stack.deploy.health_timeout}: the live release keeps serving.\n"
+            f"the new release did not become healthy within {timeout}: the live release "
+            f"keeps serving.\n"
             f"--- health check output ---\n{(last.stdout + last.stderr).strip()}\n"
             f"--- last log lines of {name} ---\n{(logs.stdout + logs.stderr).strip()}"
         )
 
     def point_nginx(self, upstream: str) -> None:
-        upstreams = apps.live_upstreams(self._reader(), self.stack)
+        upstreams = live_upstreams(self.runner, self.stack)
         upstreams[self.env.name] = upstream
         changed = write_host_files(self.runner, self.stack, self.secrets, self.state_dir, upstreams)
         self._old_workers = self.nginx_workers()
@@ -296,10 +278,11 @@ class Deploy:
             self.runner.run(cmd.pgbouncer_reload(self.stack))
 
     def check_through_nginx(self, tag: str) -> None:
-        if self.dry_run:
+        domain = self.env.domains[0]
+        if self.dry_run:  # nginx was not reloaded: it still serves the live release
+            self.steps.out(f"   (dry run: would check that https://{domain}/health/ reports {tag})")
             return
         port = (self.host or self.stack.local_host).published(443)
-        domain = self.env.domains[0]
         deadline = time.monotonic() + 15
         data: dict = {}
         while time.monotonic() < deadline:
@@ -317,16 +300,17 @@ class Deploy:
         return spec.address if spec else "127.0.0.1"
 
     def nginx_workers(self) -> set[str]:
-        top = self.runner.run(
-            ["docker", "top", self.stack.services.nginx.container, "-eo", "pid,args"], check=False
-        )
-        return {line.split()[0] for line in top.stdout.splitlines()[1:] if "worker process" in line}
+        return apps.parse_workers(self.runner.query(apps.nginx_processes(self.stack)).stdout)
 
     def wait_nginx_drained(self) -> None:
         """After a reload, nginx's old workers finish their requests (some still bound for
         the previous release) before exiting: stop that release only once they are gone."""
+        timeout = self.stack.deploy.drain_timeout
+        if self.dry_run:  # no reload happened: today's workers would never leave
+            self.steps.out(f"   (dry run: would wait up to {timeout} for nginx's old workers)")
+            return
         old = getattr(self, "_old_workers", set())
-        deadline = time.monotonic() + self.stack.deploy.drain_timeout.seconds
+        deadline = time.monotonic() + timeout.seconds
         while old and time.monotonic() < deadline:
             if not old & self.nginx_workers():
                 return
@@ -338,17 +322,10 @@ class Deploy:
         self.wait_nginx_drained()
         if live:
             # nginx's old workers finish their requests; gunicorn gets SIGTERM and drains.
-            self.runner.run(
-                [
-                    "docker",
-                    "stop",
-                    "--time",
-                    str(self.stack.deploy.drain_timeout.whole_seconds),
-                    live.name,
-                ]
-            )
-            self.runner.run(["docker", "rm", live.name])
-        self.runner.run(["docker", "rename", new_name, self.env.container])
+            drain = self.stack.deploy.drain_timeout.whole_seconds
+            self.runner.run(apps.stop_container(live.name, drain))
+            self.runner.run(apps.remove_stopped(live.name))
+        self.runner.run(apps.rename_container(new_name, self.env.container))
 
     def recover(self, live: apps.Running | None, new_name: str, switched: bool) -> None:
         """Put the previous release back in front; remove the new one. Never raises."""
@@ -357,25 +334,27 @@ class Deploy:
                 self.point_nginx(f"{live.address}:{self.env.port}")
         except (OpsError, OSError) as exc:
             self.steps.out(paint(f"   could not switch nginx back: {exc}", "error"))
-        self.runner.run(["docker", "rm", "--force", new_name], check=False)
+        self.runner.run(apps.remove_container(new_name), check=False)
 
     def finish(self, tag: str, action: str, result: str, started: float, detail: str) -> None:
         env = self.env.name
         try:
-            if not self.dry_run:
-                entry = {
-                    "commit": tag,
-                    "image": f"{self.env.image}:{tag}",
-                    "action": action,
-                    "result": result,
-                    "duration_s": round(time.monotonic() - started, 1),
-                    "detail": detail,
-                }
-                self._append(f"releases/{env}.jsonl", release_line(env, entry))
-                self._append("audit.log", audit_line(f"{action} {env} {tag}: {result}"))
-                if result == "good":
-                    self.prune_images(tag)
-                msg = f"{action} of {env} to {tag}: {result}" + (f" ({detail})" if detail else "")
+            entry = {
+                "commit": tag,
+                "image": f"{self.env.image}:{tag}",
+                "action": action,
+                "result": result,
+                "duration_s": round(time.monotonic() - started, 1),
+                "detail": detail,
+            }
+            self._append(f"releases/{env}.jsonl", release_line(env, entry))
+            self._append("audit.log", audit_line(f"{action} {env} {tag}: {result}"))
+            if result == "good":
+                self.prune_images(tag)
+            msg = f"{action} of {env} to {tag}: {result}" + (f" ({detail})" if detail else "")
+            if self.dry_run:  # a notification is no command a runner could print
+                self.steps.out(f"-> (dry run: would notify: {msg})")
+            else:
                 self.steps.out(f"-> notify: {notify(msg, Path(self.state_dir))}")
         finally:
             locks.release(self.runner, self.state_dir, locks.deploy_lock(env))
@@ -383,28 +362,24 @@ class Deploy:
     def _append(self, rel: str, line: str) -> None:
         """Append to a log on the host (the environment's lock is held: no other writer)."""
         path = f"{self.state_dir.rstrip('/')}/{rel}"
-        before = self._reader().read_file(path) or b""
+        before = self.runner.read_file(path) or b""
         self.runner.write_file(path, before + line.encode(), mode=0o644)
 
     def _history(self, env: str) -> list[dict]:
-        data = self._reader().read_file(f"{self.state_dir.rstrip('/')}/releases/{env}.jsonl")
+        data = self.runner.read_file(f"{self.state_dir.rstrip('/')}/releases/{env}.jsonl")
         return parse_releases(data or b"")
 
     def prune_images(self, current: str) -> None:
         """Keep the images of each environment's last N releases (deploy.keep_releases) and
-        the live ones; remove older release images this host deployed. Images it never
-        deployed (someone else's builds on a shared engine) are not ours to remove."""
-        keep_n = self.stack.deploy.keep_releases
-        keep, seen = {current}, set()
+        the live ones; remove older release images this host deployed."""
+        histories, lives = {}, set()
         for other in self.stack.environments.values():
-            live = apps.inspect_release(self._reader(), self.stack, other.container)
-            keep |= {live.release} if live else set()
-            tags = [r["commit"][:12] for r in self._history(other.name)]
-            recent = list(dict.fromkeys(reversed(tags)))[:keep_n]
-            keep |= set(recent)
-            seen |= set(tags)
-        for tag in sorted(seen - keep):
-            self.runner.run(["docker", "image", "rm", f"{self.env.image}:{tag}"], check=False)
+            live = inspect_release(self.runner, self.stack, other.container)
+            lives |= {live.release} if live else set()
+            histories[other.name] = self._history(other.name)
+        keep = self.stack.deploy.keep_releases
+        for tag in apps.images_to_prune(current, histories, lives, keep):
+            self.runner.run(apps.remove_image(f"{self.env.image}:{tag}"), check=False)
 
 
 def write_host_files(
@@ -416,4 +391,124 @@ def write_host_files(
     return sync_files(runner, files)
 
 
-__all__ = ["CommandFailed", "Deploy", "DeployFailed", "resolve_ref"]
+# -- what the tasks call -------------------------------------------------------------------
+
+
+def prepare(
+    model: Stack,
+    env_name: str,
+    host: str | None = None,
+    dry_run: bool = False,
+    backup: bool = True,
+    accept_new_host_key: bool = False,
+) -> Deploy:
+    """A Deploy of `env_name` to --host (default: the environment's first host). A dry run
+    acts through printing runners that read from the real host and this machine."""
+    env = model.environment(env_name)
+    where = target(model, env_name, host, accept_new_host_key)
+    secrets = target_secrets(model, where, create=not dry_run)  # a dry run writes nothing
+    runner: Runner = where.runner
+    local: Runner = LocalRunner()
+    if dry_run:
+        redacted = set(runner.secrets)
+        runner = PrintingRunner(reader=runner, host=where.label, secrets=redacted)
+        local = PrintingRunner(reader=local, host="build", secrets=redacted)
+    deploy = Deploy(
+        model,
+        env,
+        where.state_dir,
+        runner,
+        secrets,
+        local=local,
+        steps=Steps(),
+        host=where.entry,
+        remote_engine=not where.is_local,
+    )
+    if backup:
+        deploy.take_backup = pre_deploy_backup(deploy)
+    return deploy
+
+
+def pre_deploy_backup(deploy: Deploy) -> Callable[[], object]:
+    """The environment's database backed up where it lives: here, or on the SSH host by the
+    host's own checkout (recorded in <state>/host.json by `invoke setup` there)."""
+    if not deploy.ships_images:  # this machine's engine: back up from here
+        from aiia_ops.flows.backup import take_backup
+
+        return lambda: take_backup(
+            deploy.stack,
+            local_state_dir(deploy.stack),
+            deploy.env.name,
+            "pre-deploy",
+            deploy.runner,
+        )
+
+    def remote() -> None:
+        raw = deploy.runner.read_file(f"{deploy.state_dir}/host.json")
+        if raw is None:
+            raise OpsError(
+                f"{deploy.state_dir}/host.json is missing on the host: run invoke "
+                "setup there first (it records the checkout that takes backups)"
+            )
+        host = json.loads(raw)
+        deploy.runner.run(
+            [host["python"], "-m", "invoke", "--search-root", host["repo"],
+             "backup", "--env", deploy.env.name, "--kind", "pre-deploy"],
+            env={"AIIA_STATE_DIR": deploy.state_dir, "AIIA_STACK": host["stack"]},
+            stream=True,
+        )  # fmt: skip
+
+    return remote
+
+
+def explained(d: Deploy, fn: Callable[[], dict]) -> dict:
+    """Run a release; on a failure, say what still serves before the error is shown."""
+    try:
+        return fn()
+    except OpsError:
+        print(
+            f"\n{d.env.name} still serves the previous release. The database is never "
+            "rolled back automatically (see invoke backup.restore).",
+            file=sys.stderr,
+        )
+        raise
+
+
+def deploy(model: Stack, env_name: str, ref: str | None = None, **options) -> dict:
+    """invoke deploy: `options` are prepare()'s (host, dry_run, accept_new_host_key)."""
+    d = prepare(model, env_name, **options)
+    return {**explained(d, lambda: d.deploy(ref)), "dry_run": d.dry_run}
+
+
+def rollback(model: Stack, env_name: str, to: str | None = None, **options) -> dict:
+    d = prepare(model, env_name, backup=False, **options)
+    return {**explained(d, lambda: d.rollback(to)), "dry_run": d.dry_run}
+
+
+def migrate(model: Stack, env_name: str) -> str:
+    """The live release's migrations in a one-off container, under the deploy lock."""
+    d = prepare(model, env_name, backup=False)
+    live = d.live()
+    if not live:
+        raise OpsError(f"{env_name} has no release yet: invoke deploy --env={env_name}")
+    with locks.holding(
+        d.runner,
+        d.state_dir,
+        locks.deploy_lock(d.env.name),
+        version=live.release,
+        action="migrate",
+        release_hint=f"invoke lock.release --env={d.env.name}",
+    ):
+        d.one_off(live.release, ["migrate", "--noinput"])
+    return live.release
+
+
+__all__ = [
+    "CommandFailed",
+    "Deploy",
+    "DeployFailed",
+    "inspect_release",
+    "live_upstreams",
+    "resolve_ref",
+    "write_host_files",
+]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import subprocess
 
 from aiia_ops import REPO_ROOT
+from aiia_ops.errors import OpsError
 from aiia_ops.model import Stack
 
 SHARED_FOLDERS = {
@@ -49,3 +50,24 @@ def image_tag(folder: str) -> str:
 
 def shared_image_tags(stack: Stack) -> dict[str, str]:
     return {name: image_tag(folder) for name, folder in SHARED_FOLDERS.items()}
+
+
+def resolve_ref(ref: str | None) -> tuple[str, str]:
+    """(full commit, 12-char tag) of a git ref in this repository (default HEAD)."""
+    commit = _git("rev-parse", "--verify", "--quiet", f"{ref or 'HEAD'}^{{commit}}")
+    if not commit:
+        raise OpsError(
+            f"unknown git ref {ref!r}: no such commit, branch or tag in "
+            f"{REPO_ROOT} (fetch it first?)"
+        )
+    return commit, commit[:12]
+
+
+# A release is built from a checkout of exactly its commit, beside this one: these argv
+# run through a runner (so a dry run prints them instead of creating the checkout).
+def worktree_add(path: str, commit: str) -> list[str]:
+    return ["git", "-C", str(REPO_ROOT), "worktree", "add", "--detach", path, commit]
+
+
+def worktree_remove(path: str) -> list[str]:
+    return ["git", "-C", str(REPO_ROOT), "worktree", "remove", "--force", path]

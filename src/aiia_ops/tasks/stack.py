@@ -62,8 +62,7 @@ def prepare_state(state: StateDir) -> None:
 def write_configs(stack: Stack, state: StateDir, secrets: Secrets) -> bool:
     """Render configs, the compose file and env files into the state dir, with nginx
     pointing at the live releases. True if anything changed."""
-    from aiia_ops.commands.app import live_upstreams
-    from aiia_ops.flows.deploy import write_host_files
+    from aiia_ops.flows.deploy import live_upstreams, write_host_files
 
     runner = LocalRunner()
     return bool(

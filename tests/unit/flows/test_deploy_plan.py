@@ -1,0 +1,440 @@
+"""Deploy decisions as data: recorded engine answers in, planned commands out (no engine).
+
+A `Host` answers the questions a deploy asks (docker inspect of the live release, image
+inspect, docker info, df, the shared services' state, releases/<env>.jsonl). The plan is
+read from a PrintingRunner whose reader is that host: the dry run, which is the deploy.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from aiia_ops.commands import app as apps
+from aiia_ops.commands import docker as cmd
+from aiia_ops.commands.argv import Result, quote
+from aiia_ops.errors import OpsError
+from aiia_ops.flows import deploy as flow
+from aiia_ops.flows.deploy import Deploy, DeployFailed
+from aiia_ops.flows.steps import Steps
+from aiia_ops.host import git
+from aiia_ops.host.lock import deploy_lock, lock_dir
+from aiia_ops.host.runners import PrintingRunner, RecordingRunner
+from aiia_ops.model import load_stack
+from aiia_ops.model.secrets import EnvSecrets, Secrets
+
+STATE = "/srv/aiia"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+TAG = COMMIT[:12]
+LIVE_TAG = "aaaaaaaaaaaa"
+MISSING = Result([], 1, "", "Error: No such object")
+
+
+class Host(RecordingRunner):
+    """A RecordingRunner that keeps reads (`query`) apart from changes (`commands`), and
+    answers the most specific argv prefix first."""
+
+    def __init__(self, answers: dict[str, Result | str], files: dict[str, bytes] | None = None):
+        super().__init__(dict(sorted(answers.items(), key=lambda kv: -len(kv[0]))))
+        self.files.update(files or {})
+        self.queries: list[list[str]] = []
+
+    def query(self, argv, *, input=None, timeout=None) -> Result:
+        self.queries.append(list(map(str, argv)))
+        before = len(self.commands)
+        result = super().query(argv, input=input, timeout=timeout)
+        del self.commands[before:]
+        return result
+
+
+@pytest.fixture(scope="module")
+def stack():
+    return load_stack()
+
+
+@pytest.fixture(autouse=True)
+def no_git_no_slack(monkeypatch):
+    monkeypatch.setattr(flow, "resolve_ref", lambda ref: (COMMIT, TAG))
+    monkeypatch.setattr(
+        git, "shared_image_tags", lambda stack: dict.fromkeys(git.SHARED_FOLDERS, "t")
+    )
+    monkeypatch.delenv("AIIA_SLACK_WEBHOOK_URL", raising=False)
+
+
+SECRETS = Secrets(
+    "pg-secret-1",
+    "redis-secret-1",
+    "pgb-secret-1",
+    {e: EnvSecrets(f"db-{e}-pw", f"key-{e}-pw", f"tok-{e}-pw") for e in ("prod", "staging")},
+)
+
+
+def inspect_json(stack, env, name: str, tag: str, address: str, running: bool = True) -> str:
+    return json.dumps(
+        {
+            "Name": f"/{name}",
+            "State": {"Running": running, "Health": {"Status": "healthy"}},
+            "Config": {"Labels": {apps.RELEASE_LABEL: tag}},
+            "NetworkSettings": {
+                "Networks": {stack.network.name: {"IPAMConfig": {"IPv4Address": address}}}
+            },
+        }
+    )
+
+
+def release_log(*entries: tuple[str, str]) -> bytes:
+    return b"".join(
+        json.dumps({"commit": c, "result": r, "env": "prod"}).encode() + b"\n" for c, r in entries
+    )
+
+
+def answers(stack, env, *, live: str | None = LIVE_TAG, images: dict[str, bool] | None = None):
+    """What a healthy host with the stack up says; `images`: tag -> present on the engine."""
+    out: dict[str, Result | str] = {
+        quote(apps.engine_version()): "27.5.1\n",
+        quote(apps.free_disk(STATE)): "    Avail\n50000000000\n",
+        quote(apps.inspect_container(apps.next_name(env))): MISSING,
+    }
+    for svc in ("pgbouncer", "postgresql", "redis"):
+        out[quote(apps.is_running(getattr(stack.services, svc).container))] = "true\n"
+    for other in stack.environments.values():
+        out[quote(apps.inspect_container(other.container))] = MISSING
+    if live:
+        out[quote(apps.inspect_container(env.container))] = inspect_json(
+            stack, env, env.container, live, str(env.address)
+        )
+    for tag, present in (images or {}).items():
+        out[quote(apps.image_inspect(f"{env.image}:{tag}"))] = "sha256:x\n" if present else MISSING
+    return out
+
+
+def dry_deploy(stack, env_name="prod", host=None, local=None, remote=False, label="local"):
+    env = stack.environment(env_name)
+    host = host or Host(answers(stack, env, images={TAG: True}))
+    local = local or Host({})
+    out = io.StringIO()
+    d = Deploy(
+        stack,
+        env,
+        STATE,
+        PrintingRunner(out, reader=host, host=label),
+        SECRETS,
+        local=PrintingRunner(out, reader=local, host="build"),
+        steps=Steps(out=lambda line: print(line, file=out)),
+        remote_engine=remote,
+    )
+    return d, host, local, out
+
+
+def in_order(printed: list[str], expected: list[str]) -> None:
+    """Each expected line is printed, after the one before it."""
+    at = -1
+    for line in expected:
+        later = [i for i, p in enumerate(printed) if p == line and i > at]
+        assert later, f"not printed (after line {at}): {line}\n" + "\n".join(printed)
+        at = later[0]
+
+
+def test_a_deploy_starts_on_the_free_slot_switches_nginx_then_retires_the_old_one(stack):
+    d, host, local, out = dry_deploy(stack)
+    env = d.env
+    result = d.deploy(None)
+    assert result["release"] == TAG and result["address"] == str(env.standby_address)
+    new = apps.next_name(env)
+    lock = lock_dir(STATE, deploy_lock("prod"))
+    printed = d.runner.printed
+    drain = stack.deploy.drain_timeout.whole_seconds
+    planned = [
+        ["mkdir", "-p", f"{STATE}/locks"],
+        ["mkdir", lock],
+        cmd.one_off_app(stack, env, STATE, TAG, ["migrate", "--noinput"]),
+        cmd.one_off_app(stack, env, STATE, TAG, ["collectstatic", "--noinput"]),
+        apps.run_release(stack, env, STATE, TAG, str(env.standby_address), new),
+        *cmd.nginx_reload(stack),
+        apps.stop_container(env.container, drain),
+        apps.remove_stopped(env.container),
+        apps.rename_container(new, env.container),
+        ["rm", "-rf", lock],
+    ]
+    in_order(printed, [f"[local] {quote(argv)}" for argv in planned])
+    # nginx's config is rewritten (upstream: the new release) before the reload
+    nginx_test = printed.index(f"[local] {quote(cmd.nginx_reload(stack)[0])}")
+    writes = [line for line in printed[:nginx_test] if line.startswith("[local] write ")]
+    assert any("nginx" in w for w in writes)
+    assert any(f"{STATE}/releases/prod.jsonl" in w for w in printed)
+    text = out.getvalue()
+    assert "# dry run: deploy" in text and "(dry run: would wait up to" in text
+    assert "(dry run: would check that https://" in text
+    # the image is on the host: nothing built, nothing shipped
+    assert local.commands == [] and local.queries == []
+    assert not [line for line in printed if "docker save" in line or "worktree" in line]
+    # reads went to the host, and nothing else did: it was not changed
+    assert host.commands == []
+    assert [apps.image_inspect(f"{env.image}:{TAG}")] == [
+        q for q in host.queries if q[:3] == ["docker", "image", "inspect"]
+    ]
+
+
+def test_the_plan_never_contains_a_secret(stack):
+    d, *_ = dry_deploy(stack)
+    d.runner.redact(*SECRETS.values())
+    d.deploy(None)
+    text = "\n".join(d.runner.printed)
+    assert not [s for s in SECRETS.values() if s in text]
+
+
+def test_with_no_live_release_it_starts_on_the_primary_address_and_only_renames(stack):
+    env = stack.environment("staging")
+    host = Host(answers(stack, env, live=None, images={TAG: True}))
+    d, *_ = dry_deploy(stack, "staging", host=host)
+    assert d.deploy(None)["address"] == str(env.address)
+    printed = d.runner.printed
+    assert f"[local] {quote(apps.rename_container(apps.next_name(env), env.container))}" in printed
+    assert not [line for line in printed if "docker stop" in line]
+
+
+def test_a_leftover_next_container_is_removed_after_the_lock_is_taken(stack):
+    env = stack.environment("prod")
+    facts = answers(stack, env, images={TAG: True})
+    leftover = apps.next_name(env)
+    facts[quote(apps.inspect_container(leftover))] = inspect_json(
+        stack, env, leftover, "bbbbbbbbbbbb", str(env.standby_address), running=False
+    )
+    d, *_ = dry_deploy(stack, host=Host(facts))
+    d.deploy(None)
+    lock = lock_dir(STATE, deploy_lock("prod"))
+    in_order(
+        d.runner.printed,
+        [f"[local] mkdir {lock}", f"[local] {quote(apps.remove_container(leftover))}"],
+    )
+
+
+def test_a_missing_image_is_built_from_a_checkout_of_exactly_that_commit(stack):
+    env = stack.environment("prod")
+    host = Host(answers(stack, env, images={TAG: False}))
+    local = Host({quote(apps.image_inspect(f"{env.image}:{TAG}")): MISSING})
+    d, *_ = dry_deploy(stack, host=host, local=local)
+    d.deploy(None)
+    built = d.local.printed
+    checkout = built[0].split()[-2]
+    assert built[0] == f"[build] {quote(git.worktree_add(checkout, COMMIT))}"
+    assert built[1:-1] == [
+        f"[build] {quote(argv)}" for argv in apps.release_build(stack, checkout, TAG)
+    ]
+    assert built[-1] == f"[build] {quote(git.worktree_remove(checkout))}"
+    assert "docker build" in built[-2] and f"aiia/django:{TAG}" in built[-2]
+    assert f"{checkout}/services/django" in built[-2]
+    # the target is this machine's engine: nothing to ship
+    assert not [line for line in d.runner.printed if "docker save" in line]
+    assert local.commands == [] and host.commands == []
+
+
+def test_a_remote_host_without_the_image_gets_it_through_save_and_load(stack):
+    env = stack.environment("prod")
+    host = Host(answers(stack, env, images={TAG: False}))
+    local = Host({quote(apps.image_inspect(f"{env.image}:{TAG}")): "sha256:x\n"})
+    d, *_ = dry_deploy(stack, host=host, local=local, remote=True, label="box")
+    d.deploy(None)
+    assert d.local.printed == []  # built already: no second build
+    image = f"{env.image}:{TAG}"
+    in_order(
+        d.runner.printed,
+        [
+            f"[box] {quote(apps.save_image(image))} | {quote(apps.load_image())}",
+            f"[box] {quote(cmd.one_off_app(stack, env, STATE, TAG, ['migrate', '--noinput']))}",
+        ],
+    )
+
+
+def test_a_remote_host_that_has_the_image_gets_nothing_shipped(stack):
+    d, *_ = dry_deploy(stack, remote=True, label="box")
+    d.deploy(None)
+    assert not [line for line in d.runner.printed if "docker save" in line]
+    assert d.local.printed == []
+
+
+def test_preflight_refuses_when_a_shared_service_is_down(stack):
+    env = stack.environment("prod")
+    facts = answers(stack, env, images={TAG: True})
+    facts[quote(apps.is_running(stack.services.redis.container))] = "false\n"
+    d, *_ = dry_deploy(stack, host=Host(facts))
+    with pytest.raises(OpsError, match="is not running; start the stack first: invoke up"):
+        d.deploy(None)
+    assert d.runner.printed == []  # refused before the lock
+
+
+def test_preflight_refuses_a_full_disk(stack):
+    env = stack.environment("prod")
+    facts = answers(stack, env, images={TAG: True})
+    facts[quote(apps.free_disk(STATE))] = "Avail\n1048576\n"
+    d, *_ = dry_deploy(stack, host=Host(facts))
+    with pytest.raises(OpsError, match="only 1 MB free under /srv/aiia"):
+        d.deploy(None)
+
+
+def test_preflight_refuses_without_an_engine(stack):
+    env = stack.environment("prod")
+    facts = answers(stack, env, images={TAG: True})
+    facts[quote(apps.engine_version())] = Result([], 1, "", "Cannot connect")
+    d, *_ = dry_deploy(stack, host=Host(facts))
+    with pytest.raises(OpsError, match="does not answer on the host; run invoke provision"):
+        d.deploy(None)
+
+
+# -- rollback target -----------------------------------------------------------------------
+
+A, B, C, D = "a" * 12, "b" * 12, "c" * 12, "d" * 12
+
+
+def rollback_deploy(stack, history: bytes, images: dict[str, bool], live: str = D) -> Deploy:
+    env = stack.environment("prod")
+    host = Host(
+        answers(stack, env, live=live, images=images),
+        files={f"{STATE}/releases/prod.jsonl": history},
+    )
+    return Deploy(stack, env, STATE, host, SECRETS, local=Host({}), steps=Steps(out=lambda _: 0))
+
+
+HISTORY = release_log((A, "good"), (B, "good"), (C, "bad"), (D, "good"))
+
+
+def test_rollback_goes_to_the_previous_good_release(stack):
+    d = rollback_deploy(stack, HISTORY, {A: True, B: True, C: True, D: True})
+    assert d.rollback_target(None) == B
+
+
+def test_rollback_never_picks_a_bad_release_nor_the_live_one(stack):
+    history = release_log((A, "good"), (C, "good"), (C, "bad"), (D, "good"))
+    d = rollback_deploy(stack, history, {A: True, C: True, D: True})
+    assert d.rollback_target(None) == A
+    with pytest.raises(OpsError, match=f"{D} is not a good earlier release of prod"):
+        d.rollback_target(D)
+
+
+def test_rollback_skips_a_release_whose_image_is_gone(stack):
+    d = rollback_deploy(stack, HISTORY, {A: True, B: False})
+    assert d.rollback_target(None) == A
+
+
+def test_rollback_to_a_prefix(stack):
+    d = rollback_deploy(stack, HISTORY, {A: True, B: True})
+    assert d.rollback_target("aaaa") == A
+
+
+def test_rollback_to_a_bad_release_is_refused_naming_the_targets(stack):
+    d = rollback_deploy(stack, HISTORY, {A: True, B: True})
+    with pytest.raises(OpsError, match=f"rollback targets: {B}, {A}"):
+        d.rollback_target(C)
+
+
+def test_rollback_with_no_image_left_says_what_to_do(stack):
+    d = rollback_deploy(stack, HISTORY, {A: False, B: False})
+    with pytest.raises(OpsError) as err:
+        d.rollback_target(None)
+    assert "no earlier good release of prod whose image is still on the host" in str(err.value)
+    assert "invoke deploy --env=prod --ref COMMIT" in str(err.value)
+
+
+def test_a_dry_rollback_plans_the_release_without_build_or_migrations(stack):
+    env = stack.environment("prod")
+    host = Host(
+        answers(stack, env, live=D, images={A: True, B: True}),
+        files={f"{STATE}/releases/prod.jsonl": HISTORY},
+    )
+    d, *_ = dry_deploy(stack, host=host)
+    assert d.rollback(None)["release"] == B
+    printed = "\n".join(d.runner.printed)
+    assert "migrate --noinput" not in printed and "collectstatic --noinput" in printed
+    assert f"{env.image}:{B}" in printed
+
+
+def test_images_beyond_keep_releases_are_pruned_never_live_or_recent_ones():
+    history = [{"commit": f"{i:012d}", "result": "good"} for i in range(8)]
+    pruned = apps.images_to_prune("000000000007", {"prod": history}, {"000000000001"}, 5)
+    assert pruned == ["000000000000", "000000000002"]
+
+
+# -- failures: what is undone --------------------------------------------------------------
+
+
+def real_deploy(stack, facts, files=None) -> tuple[Deploy, Host]:
+    env = stack.environment("prod")
+    host = Host(facts, files=files)
+    # The host's rendered files as the live release left them: only nginx's will change.
+    flow.write_host_files(host, stack, SECRETS, STATE, {"prod": f"{env.address}:{env.port}"})
+    lines: list[str] = []
+    d = Deploy(stack, env, STATE, host, SECRETS, local=Host({}), steps=Steps(out=lines.append))
+    return d, host
+
+
+def test_a_release_that_never_gets_healthy_is_removed_and_recorded_bad(stack):
+    env = stack.environment("prod")
+    new = apps.next_name(env)
+    facts = answers(stack, env, images={TAG: True})
+    facts[quote(apps.health_probe(new))] = Result([], 1, "unhealthy: database down", "")
+    facts[quote(apps.container_status(new))] = "exited\n"
+    facts[quote(apps.container_logs(new))] = "Traceback: boom\n"
+    d, host = real_deploy(stack, facts)
+    with pytest.raises(DeployFailed) as err:
+        d.deploy(None)
+    message = str(err.value)
+    assert "did not become healthy within 1m: the live release keeps serving" in message
+    assert "--- health check output ---\nunhealthy: database down" in message
+    assert f"--- last log lines of {new} ---\nTraceback: boom" in message
+    started = apps.run_release(stack, env, STATE, TAG, str(env.standby_address), new)
+    lock = lock_dir(STATE, deploy_lock("prod"))
+    changes = host.commands
+    assert changes[changes.index(started) + 1 :] == [
+        apps.remove_container(new),
+        ["rm", "-rf", lock],
+    ]  # never switched: nginx untouched, the live release never stopped
+    last = json.loads(host.files[f"{STATE}/releases/prod.jsonl"].splitlines()[-1])
+    assert (last["commit"], last["result"]) == (TAG, "bad")
+    assert b"deploy prod " + TAG.encode() + b": bad" in host.files[f"{STATE}/audit.log"]
+
+
+def test_a_failure_after_the_switch_points_nginx_back_at_the_live_release(stack, monkeypatch):
+    env = stack.environment("prod")
+    new = apps.next_name(env)
+    facts = answers(stack, env, images={TAG: True})
+
+    def through_nginx(self, tag):
+        raise DeployFailed(f"https://{env.domains[0]}/health/ through nginx did not report {tag}")
+
+    monkeypatch.setattr(Deploy, "check_through_nginx", through_nginx)
+    d, host = real_deploy(stack, facts)
+    with pytest.raises(DeployFailed, match="through nginx did not report"):
+        d.deploy(None)
+    reload = cmd.nginx_reload(stack)
+    changes = host.commands
+    first = changes.index(reload[1])
+    assert changes[first + 1 :] == [
+        *reload,  # the second reload: back to the live release
+        apps.remove_container(new),
+        ["rm", "-rf", lock_dir(STATE, deploy_lock("prod"))],
+    ]
+    assert apps.stop_container(env.container, 30) not in changes
+    nginx = [p for p in host.files if p.endswith("nginx.conf") or "/nginx/" in p]
+    text = b"".join(host.files[p] for p in nginx).decode()
+    assert f"{env.address}:{env.port}" in text  # upstream: the live release again
+    assert f"{env.standby_address}:{env.port}" not in text
+    last = json.loads(host.files[f"{STATE}/releases/prod.jsonl"].splitlines()[-1])
+    assert last["result"] == "bad"
+
+
+def test_a_dry_run_on_a_fresh_machine_generates_no_secrets(state_dir):
+    with pytest.raises(OpsError, match="are not set: run `invoke setup`"):
+        flow.prepare(load_stack(), "staging", dry_run=True)
+    assert not state_dir.exists()
+
+
+def test_a_dry_run_prepares_printing_runners_that_read_the_real_ones(state_dir):
+    d = flow.prepare(load_stack(), "staging", dry_run=False, backup=False)  # makes secrets
+    dry = flow.prepare(load_stack(), "staging", dry_run=True, backup=False)
+    assert not d.dry_run and dry.dry_run and not dry.ships_images
+    assert isinstance(dry.local, PrintingRunner) and dry.local.reader is not None
+    assert dry.runner.host == "local" and dry.local.host == "build"
+    secrets = set(dry.secrets.values())  # redacted from both printers' output
+    assert secrets <= dry.runner.secrets and secrets <= dry.local.secrets
