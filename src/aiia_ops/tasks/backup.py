@@ -103,6 +103,9 @@ def restore(
         safety=not no_safety_backup,
         media=not no_media,
     )
+    if dry_run:
+        print(f"\ndry run of restoring {env} from {report['id']}: nothing was changed")
+        return
     print(
         f"\n{env} restored from {report['id']} in {report['duration_s']}s "
         f"(switch {report['switch_s']}s; safety backup: {report['safety_backup'] or 'none'}); "
