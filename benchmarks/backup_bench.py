@@ -4,7 +4,7 @@
         [--size-gb 1.0] [--keep-data]
 
 Runs against the stack the stack file names (use an isolated one: tests/stackfiles.py),
-with the real tasks' code: `take_backup`, `verify_backup`, `restore_backup`. Fills the
+with the real flows' code: `take_backup`, `verify_backup`, `restore_backup`. Fills the
 environment's course tables with generated rows until the database reaches --size-gb
 (PostgreSQL stays inside its container limit: the rows are made by INSERT ... SELECT in
 batches, by the server itself; lesson bodies are random md5 hex, which zlib halves at best,
@@ -23,10 +23,11 @@ import threading
 import time
 
 from aiia_ops.commands import backups as bk
+from aiia_ops.flows import backup as backups
+from aiia_ops.flows import restore as restores
 from aiia_ops.host.runners import LocalRunner
 from aiia_ops.model import load_stack
 from aiia_ops.model.state import local_state_dir
-from aiia_ops.tasks import backup as tasks
 
 BATCH = 20_000  # lessons per INSERT; one course per 10 lessons
 
@@ -116,15 +117,17 @@ def main() -> None:
     print(f"   {size / 1024**3:.2f} GB, {rows} lessons, in {time.monotonic() - t0:.0f}s")
 
     record, t_backup, m_backup = timed(
-        "backup", lambda: tasks.take_backup(stack, state, env.name, "manual", runner), pg.container
+        "backup",
+        lambda: backups.take_backup(stack, state, env.name, "manual", runner),
+        pg.container,
     )
     verify, t_verify, m_verify = timed(
-        "verify", lambda: tasks.verify_backup(stack, state, record, runner), pg.container
+        "verify", lambda: restores.verify_backup(stack, state, record, runner), pg.container
     )
     assert verify["ok"], verify
     report, t_restore, m_restore = timed(
         "restore",
-        lambda: tasks.restore_backup(stack, state, env.name, record.id, runner, yes=True),
+        lambda: restores.restore_backup(stack, state, env.name, record.id, runner, yes=True),
         pg.container,
     )
     m = record.manifest
@@ -163,7 +166,7 @@ def main() -> None:
     if not args.keep_data:
         psql(stack, env.database, "DELETE FROM courses_lesson; DELETE FROM courses_course;")
         psql(stack, env.database, "VACUUM FULL courses_course, courses_lesson;")
-        for r in tasks.list_records(state, env.name):
+        for r in backups.list_records(state, env.name):
             if r.id in (record.id, report.get("safety_backup")):
                 subprocess.run(["rm", "-rf", r.path], check=True)
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 
 from aiia_ops.commands import backups as bk
+from aiia_ops.flows import backup as backups
 from aiia_ops.flows.status import https_get
 from aiia_ops.host.runners import LocalRunner
 from aiia_ops.model.state import StateDir
-from aiia_ops.tasks import backup as tasks
 from tests.conftest import run_invoke
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
@@ -187,7 +187,7 @@ def test_retention_keeps_exactly_the_documented_number_of_each(stack_up, stack, 
         for _ in range(keep + 1):
             invoke("backup", "--env", env.name, "--kind", kind)
     invoke("backup.prune")
-    records = tasks.list_records(state_dir(e2e_state), env.name)
+    records = backups.list_records(state_dir(e2e_state), env.name)
     counts = {k: sum(x.kind == k for x in records) for k in bk.KINDS}
     assert counts == {"pre-deploy": r.pre_deploy, "daily": r.daily, "manual": r.manual}
     assert sum(bk.MEDIA in x.files for x in records) == r.media
@@ -219,10 +219,10 @@ def test_rows_written_through_the_app_come_back_after_the_database_is_dropped(
     assert before["public.courses_course"][0] >= 12
 
     taken = invoke("backup", "--env", env.name)
-    record = tasks.find_record(state_dir(e2e_state), backup_id(taken))
+    record = backups.find_record(state_dir(e2e_state), backup_id(taken))
     assert set(record.files) == {bk.DUMP, bk.MEDIA, bk.CONFIG, bk.MANIFEST}
     assert {k: tuple(v) for k, v in record.manifest["tables"].items()} == before
-    secrets = tasks.secret_values(state_dir(e2e_state), stack)
+    secrets = backups.secret_values(state_dir(e2e_state), stack)
     for name in (bk.CONFIG, bk.MANIFEST):
         data = (Path(record.path) / name).read_bytes()
         if name == bk.CONFIG:
@@ -254,7 +254,7 @@ def test_corrupted_or_truncated_backups_are_refused_by_verify_and_restore(
     ok = invoke("backup.verify", "--id", good)
     assert f"{good}: ok" in ok.stdout
     assert "last verified" in invoke("backup.list").stdout
-    assert tasks.find_record(state_dir(e2e_state), good).verified_ok
+    assert backups.find_record(state_dir(e2e_state), good).verified_ok
 
     corrupted = backup_id(invoke("backup", "--env", env.name))
     truncated = backup_id(invoke("backup", "--env", env.name))
@@ -270,17 +270,16 @@ def test_corrupted_or_truncated_backups_are_refused_by_verify_and_restore(
     for bad, why in ((corrupted, "sha256 differs"), (truncated, "bytes, the manifest says")):
         v = invoke("backup.verify", "--id", bad, check=False)
         assert v.returncode == 1 and why in v.stdout, v.stdout + v.stderr
-        assert tasks.find_record(state_dir(e2e_state), bad).verify_failed
+        assert backups.find_record(state_dir(e2e_state), bad).verify_failed
         r = invoke("backup.restore", "--env", env.name, "--id", bad, "--yes", check=False)
         assert r.returncode == 1
         assert "does not match its manifest, refusing to restore it" in r.stderr
         assert "Nothing was changed" in r.stderr
     # A truncated dump whose manifest was rewritten to match: the restore itself catches it.
-    record = tasks.find_record(state_dir(e2e_state), truncated)
-    record.manifest["files"][bk.DUMP] = {
-        "sha256": tasks.sha256_file(folder / truncated / bk.DUMP),
-        "size": (folder / truncated / bk.DUMP).stat().st_size,
-    }
+    record = backups.find_record(state_dir(e2e_state), truncated)
+    record.manifest["files"][bk.DUMP] = backups.file_facts(
+        LocalRunner(), folder / truncated, [bk.DUMP]
+    )[bk.DUMP]
     (folder / truncated / bk.MANIFEST).write_text(bk.render_manifest(record.manifest))
     (folder / truncated / bk.VERIFY).unlink()
     v = invoke("backup.verify", "--id", truncated, check=False)
@@ -308,7 +307,7 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(stack_up, stack, e2e_sta
     kind = invoke("backup", "--kind", "weekly", check=False)
     assert kind.returncode == 1 and "unknown kind 'weekly'" in kind.stderr
 
-    staging = tasks.list_records(state_dir(e2e_state), "staging")[-1]
+    staging = backups.list_records(state_dir(e2e_state), "staging")[-1]
     other = invoke("backup.restore", "--env", env.name, "--id", staging.id, "--yes", check=False)
     assert other.returncode == 1
     assert f"{staging.id} is a backup of staging, not prod" in other.stderr
@@ -328,7 +327,7 @@ def test_a_full_disk_is_refused_before_anything_is_written(stack_up, stack, e2e_
         assert out.returncode == 1
         assert "not enough free disk for backup" in out.stderr
         assert "nothing was written" in out.stderr
-        assert {p.name for p in folder.iterdir()} == {".lock", bk.LAST_RUN}
+        assert {p.name for p in folder.iterdir()} == {bk.LAST_RUN}  # the lock: <state>/locks
         last = json.loads((folder / bk.LAST_RUN).read_text())
         assert last["manual"]["ok"] is False
         assert last["manual"]["error"].startswith("not enough free disk for backup")
@@ -400,7 +399,7 @@ def test_postgres_down_is_a_clear_error_and_nothing_is_written(stack_up, stack, 
     env = stack.environment("prod")
     pg = stack.services.postgresql.container
     before = set_dirs(e2e_state, env.name)
-    newest = tasks.list_records(state_dir(e2e_state), env.name)[-1].id
+    newest = backups.list_records(state_dir(e2e_state), env.name)[-1].id
     subprocess.run(["docker", "stop", pg], check=True, capture_output=True)
     try:
         out = invoke("backup", "--env", env.name, check=False)

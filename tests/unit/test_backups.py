@@ -265,13 +265,20 @@ def test_swap_refuses_new_connections_and_ends_the_old_ones_before_renaming():
 def test_a_dry_run_deploy_s_backup_prints_the_commands_and_writes_nothing(stack, tmp_path):
     import io
 
-    from aiia_ops.host.runners import PrintingRunner
+    from aiia_ops.flows.backup import take_backup
+    from aiia_ops.host.runners import PrintingRunner, RecordingRunner
     from aiia_ops.model.state import StateDir
 
     out = io.StringIO()
-    record = bk.take_backup(stack, StateDir(tmp_path), "prod", "pre-deploy", PrintingRunner(out))
+    record = take_backup(stack, StateDir(tmp_path), "prod", "pre-deploy", PrintingRunner(out))
     assert record.kind == "pre-deploy" and record.env == "prod"
     lines = out.getvalue().splitlines()
-    assert lines[0] == "[local] docker exec aiia_postgresql pg_isready -q"
-    assert lines[1].endswith("database.dump docker exec -i aiia_postgresql bash -s -- aiia_prod")
+    # pg_isready is a question (query), asked of the target, not a printed change: with a
+    # reader it is the first thing asked; the first command touching the engine is the dump.
+    docker = [line for line in lines if " docker " in line]
+    assert docker[0].endswith("database.dump docker exec -i aiia_postgresql bash -s -- aiia_prod")
+    assert list(tmp_path.iterdir()) == []
+    reader = RecordingRunner()
+    take_backup(stack, StateDir(tmp_path), "prod", "pre-deploy", PrintingRunner(out, reader))
+    assert reader.commands[0] == ["docker", "exec", "aiia_postgresql", "pg_isready", "-q"]
     assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,7 @@
 """Backups as data: ids, manifests, the census of a database, retention, and the commands.
 
-Nothing here runs a command or touches a disk. `tasks/backup.py` reads the backup folders,
-runs what is built here, and writes the results.
+Nothing here runs a command or touches a disk. `flows/backup.py` and `flows/restore.py`
+read the backup folders through a runner, run what is built here, and write the results.
 
 A backup set lives in <state_dir>/backups/<env>/<id>/ (doc §8, "Backup Contents"):
     database.dump   pg_dump custom format of the environment's database (pg_restore reads it)
@@ -517,9 +517,249 @@ def backup_dir(state_root: str, env: str, backup_id: str = "") -> PurePosixPath:
     return base / backup_id if backup_id else base
 
 
-def take_backup(stack: Stack, state, env_name: str, kind: str, runner=None):
-    """What a deploy calls for its pre-deploy backup. The work (files, commands) is done by
-    `aiia_ops.tasks.backup.take_backup`; imported when called, so this module stays pure."""
-    from aiia_ops.tasks.backup import take_backup as _take_backup
+def media_bytes(env: Environment) -> list[str]:
+    """Size of <storage>/media in bytes (0 when there is none yet)."""
+    return ["docker", "exec", env.container, "sh", "-c",
+            'if [ -d "$1/media" ]; then du -sb "$1/media"; else echo 0; fi', "sh",
+            storage_dir(env)]  # fmt: skip
 
-    return _take_backup(stack, state, env_name, kind, runner)
+
+def pg_dump_version(stack: Stack) -> list[str]:
+    return ["docker", "exec", stack.services.postgresql.container, "pg_dump", "--version"]
+
+
+# --- the backup folders, through any runner ----------------------------------------------
+
+
+def list_tree(root: str) -> list[str]:
+    """Every folder and file down to <root>/<env>/<set>/<file>: `type<TAB>path<TAB>size`."""
+    return ["find", str(root), "-mindepth", "1", "-maxdepth", "3", "-printf", r"%y\t%P\t%s\n"]
+
+
+@dataclass
+class Tree:
+    envs: list[str] = field(default_factory=list)  # <root>/<env>/ folders
+    sets: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)  # files, sizes
+
+    def names(self, env: str) -> set[str]:
+        """Every folder in <root>/<env>/ (finished sets, partial ones, anything else)."""
+        return {name for e, name in self.sets if e == env}
+
+
+def parse_tree(text: str) -> Tree:
+    tree = Tree()
+    for line in text.splitlines():
+        kind, _, rest = line.partition("\t")
+        path, _, size = rest.rpartition("\t")
+        parts = path.split("/")
+        if kind == "d" and len(parts) == 1:
+            tree.envs.append(parts[0])
+        elif kind == "d" and len(parts) == 2:
+            tree.sets.setdefault((parts[0], parts[1]), {})
+        elif kind == "f" and len(parts) == 3 and size.isdigit():
+            tree.sets.setdefault((parts[0], parts[1]), {})[parts[2]] = int(size)
+    tree.envs.sort()
+    return tree
+
+
+def record_from(
+    path: str, files: dict[str, int], manifest_text: str | None, verify_text: str | None
+) -> BackupRecord | None:
+    """A finished set (has MANIFEST.txt), or None for anything else in the folder."""
+    name = PurePosixPath(path).name
+    if name.endswith(PARTIAL_SUFFIX) or MANIFEST not in files or manifest_text is None:
+        return None
+    try:
+        when, env, kind = parse_id(name)
+    except OpsError:
+        return None
+    try:
+        manifest = parse_manifest(manifest_text)
+    except OpsError:
+        manifest = None
+    verify = None
+    if verify_text is not None:
+        try:
+            verify = json.loads(verify_text)
+        except ValueError:
+            verify = None
+    present = {k: v for k, v in files.items() if k != VERIFY}
+    return BackupRecord(name, env, kind, when, path, present, manifest, verify)
+
+
+def file_sizes(paths: list[str]) -> list[str]:
+    return ["stat", "--printf", r"%s\t%n\n", "--", *paths]
+
+
+def file_digests(paths: list[str]) -> list[str]:
+    return ["sha256sum", "--", *paths]
+
+
+def parse_sizes(text: str) -> dict[str, int]:
+    """`stat` lines -> {file name: size}; files that do not exist are simply absent."""
+    out = {}
+    for line in text.splitlines():
+        size, _, path = line.partition("\t")
+        if size.isdigit():
+            out[PurePosixPath(path).name] = int(size)
+    return out
+
+
+def parse_digests(text: str) -> dict[str, str]:
+    out = {}
+    for line in text.splitlines():
+        digest, _, path = line.partition("  ")
+        if re.fullmatch(r"[0-9a-f]{64}", digest):
+            out[PurePosixPath(path).name] = digest
+    return out
+
+
+def check_files(manifest: dict | None, sizes: dict[str, int], digests: dict[str, str]):
+    """Sizes and checksums against the manifest: problems, one line each (empty = good)."""
+    if manifest is None:
+        return [f"{MANIFEST} is missing its machine-readable part or is damaged"]
+    problems = []
+    pruned = set((manifest.get("pruned") or {}).keys())
+    for name, meta in sorted(manifest["files"].items()):
+        if name not in sizes:
+            if name not in pruned:
+                problems.append(f"{name}: missing")
+        elif sizes[name] != meta["size"]:
+            problems.append(f"{name}: {sizes[name]} bytes, the manifest says {meta['size']}")
+        elif digests.get(name) != meta["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest")
+    if DUMP not in manifest["files"]:
+        problems.append(f"{DUMP}: not in the manifest")
+    return problems
+
+
+def free_space(path: str) -> list[str]:
+    """Bytes free where `path` is (or would be): df of its nearest existing folder."""
+    return ["sh", "-c", 'p=$1; while [ ! -e "$p" ]; do p=$(dirname "$p"); done; '
+            'exec df -B1 --output=avail "$p"', "sh", str(path)]  # fmt: skip
+
+
+def parse_free(text: str) -> int | None:
+    """The last number df printed; None when there is none (no df: nothing to check)."""
+    try:
+        return int(text.split()[-1])
+    except (ValueError, IndexError):
+        return None
+
+
+def parse_database_facts(text: str) -> tuple[str, int | None]:
+    """(server version, size in bytes, -1 when the database does not exist); the size is
+    None when there was no answer."""
+    lines = text.strip().splitlines()
+    try:
+        version, size = lines[-1].split("|")
+        return version, int(size)
+    except (ValueError, IndexError):
+        return "", None
+
+
+def make_private_dir(path: str) -> list[str]:
+    return ["mkdir", "-m", "700", "--", str(path)]
+
+
+def make_dirs(path: str) -> list[str]:
+    return ["mkdir", "-p", "--", str(path)]
+
+
+def rename_dir(src: str, dst: str) -> list[str]:
+    """One rename(2): a set appears complete or not at all (-T: never `dst/src`)."""
+    return ["mv", "-T", "--", str(src), str(dst)]
+
+
+def remove_tree(path: str) -> list[str]:
+    return ["rm", "-rf", "--", str(path)]
+
+
+def remove_file(path: str) -> list[str]:
+    return ["rm", "-f", "--", str(path)]
+
+
+def append_line(path: str, line: str) -> list[str]:
+    """Append one line to a log (O_APPEND: two writers never lose each other's line)."""
+    return ["sh", "-c", 'printf "%s" "$2" >> "$1"', "sh", str(path), line]
+
+
+# --- what people read --------------------------------------------------------------------
+
+
+LIST_HEADERS = ["id", "kind", "environment", "size", "age", "last verified", "files"]
+
+
+def age_text(created: _dt.datetime, now: _dt.datetime) -> str:
+    return human_age((now - created).total_seconds())
+
+
+def verified_text(record: BackupRecord, now: _dt.datetime) -> str:
+    if not record.verify:
+        return "never"
+    when = record.verify.get("time", "")
+    try:
+        at = _dt.datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=_dt.UTC)
+        ago = f"{age_text(at, now)} ago"
+    except ValueError:
+        ago = when
+    return f"{'ok' if record.verified_ok else 'FAILED'} {ago}"
+
+
+def list_rows(records: list[BackupRecord], now: _dt.datetime) -> list[list[str]]:
+    return [
+        [
+            r.id,
+            r.kind,
+            r.env,
+            human_size(r.size),
+            age_text(r.created, now),
+            verified_text(r, now),
+            ",".join(n.split(".")[0] for n in SET_FILES if n in r.files),
+        ]
+        for r in records
+    ]
+
+
+def list_json(records: list[BackupRecord], last: dict[str, dict]) -> str:
+    backups = [
+        {
+            "id": r.id,
+            "kind": r.kind,
+            "env": r.env,
+            "size": r.size,
+            "created": r.created.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "files": r.files,
+            "verify": r.verify,
+            "path": r.path,
+        }
+        for r in records
+    ]
+    return json.dumps({"backups": backups, "last_run": last}, indent=2)
+
+
+def restore_plan_text(
+    env: Environment, record: BackupRecord, safety: bool, exists: bool, media: bool
+) -> str:
+    m = record.manifest or {}
+    steps = []
+    if safety and exists:
+        steps.append(f"take a safety backup of {env.database} ({SAFETY_KIND})")
+    new = scratch_name(env.database, "restore", record.id)
+    steps += [
+        f"restore {record.id} ({human_size(record.files.get(DUMP, 0))} dump, taken "
+        f"{m.get('started', '?')} from {record.env}) into a new database {new}, and check its "
+        "tables, rows and content hashes against the manifest",
+        f"pause {env.database} in PgBouncer (clients wait), end other connections, "
+        + (f"swap {new} in for {env.database}" if exists else f"rename {new} to {env.database}"),
+        f"resume {env.database} in PgBouncer; empty {env.name}'s cache (Redis db {env.redis_db})",
+    ]
+    if media:
+        steps.append(f"replace {env.name}'s media with {MEDIA} of the set")
+    steps.append(
+        f"check https://{env.domains[0]}/health/; if it fails (and it was healthy before), "
+        "swap the previous database back"
+    )
+    if exists:
+        steps.append(f"drop the previous {env.database}")
+    return "\n".join(f"  {n}. {s}" for n, s in enumerate(steps, 1))
