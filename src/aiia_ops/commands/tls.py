@@ -24,7 +24,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
-from aiia_ops.errors import OpsError
 from aiia_ops.model import Stack
 from aiia_ops.model.units import Duration, Size
 

@@ -117,9 +117,7 @@ def certificate_status(
     days left of the certificate nginx reads, and the serial nginx actually presents."""
     runner = runner or LocalRunner()
     now = now or dt.datetime.now(dt.UTC)
-    installed = {
-        lin.name: read_installed(runner, state_root, lin) for lin in tls.lineages(stack)
-    }
+    installed = {lin.name: read_installed(runner, state_root, lin) for lin in tls.lineages(stack)}
     presented = None
     if served:
         port = stack.local_host.published(443)
