@@ -25,6 +25,7 @@ import pytest
 import yaml
 
 from aiia_ops.commands import tls
+from aiia_ops.flows import tls as renewal
 from tests.conftest import run_invoke
 from tests.e2e.pebble import Pebble
 
@@ -310,7 +311,7 @@ def test_ssl_status_reports_issuer_expiry_and_days_left_per_domain(stack, acme_e
         assert row["covered"] and not row["placeholder"]
         assert row["serving_current"] is True
     # The library function the monitor calls gives the same data.
-    library = tls.certificate_status(stack, str(e2e_state))
+    library = renewal.certificate_status(stack, str(e2e_state))
     assert [r.as_dict() for r in library] == list(rows.values())
     table = run_invoke("ssl-status", env=acme_env, check=True).stdout
     assert "devstatus.eduaiia.com" in table and PEBBLE_ISSUER in table

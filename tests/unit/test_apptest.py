@@ -201,3 +201,43 @@ def test_the_task_is_registered_with_its_options():
     task = namespace["test"]
     assert {a.name for a in task.get_arguments()} == {"env", "tag", "stack"}
     assert task.body.__module__ == "aiia_ops.tasks.apptest"
+
+
+# --- the procedure against a recording runner (nothing runs) ---------------------------------
+
+
+def test_the_procedure_runs_every_phase_then_removes_everything(monkeypatch):
+    import uuid
+
+    from aiia_ops.commands.argv import Result
+    from aiia_ops.flows import apptest as flow
+    from aiia_ops.host.runners import RecordingRunner
+    from aiia_ops.model import load_stack
+
+    monkeypatch.setattr(flow.uuid, "uuid4", lambda: uuid.UUID(int=0xABCDEF12 << 96))
+    stack = load_stack(DEFAULT_STACK)
+    runner = RecordingRunner({"mktemp": "/tmp/aiia-apptest-x\n"})
+    lines: list[str] = []
+    results = flow.test(stack, "prod", "abc", runner, out=lines.append)
+    assert [name for name, ok, _ in results if ok] == [p.name for p in _phases()]
+    assert runner.commands[0][:3] == ["docker", "image", "inspect"]
+    assert sorted(runner.files) == [
+        "/tmp/aiia-apptest-x/overlay/apptest_settings.py",
+        "/tmp/aiia-apptest-x/postgresql/pg_hba.conf",
+        "/tmp/aiia-apptest-x/postgresql/postgresql.conf",
+    ]
+    plan = apptest.plan(stack, "prod", "abc", "abcdef12", "/p", "/o")
+    assert runner.commands[-len(plan.teardown) - 1 : -1] == plan.teardown
+    assert runner.commands[-1] == ["rm", "-rf", "/tmp/aiia-apptest-x"]
+    assert lines[-1].startswith(f"all {len(results)} phases passed in ")
+
+    failing = RecordingRunner({"mktemp": "/tmp/t\n", "docker run --rm": Result([], 1)})
+    with pytest.raises(flow.OpsError, match=r"phases failed \(.*\) for aiia/django:abc"):
+        flow.test(stack, "prod", "abc", failing, out=lines.append)
+    assert failing.commands[-1] == ["rm", "-rf", "/tmp/t"]
+
+
+def _phases():
+    from aiia_ops.model import load_stack
+
+    return apptest.plan(load_stack(DEFAULT_STACK), "prod", "abc", "x", "/p", "/o").phases

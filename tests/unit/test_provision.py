@@ -10,6 +10,8 @@ from invoke import Context, Exit
 from aiia_ops.commands import facts as F
 from aiia_ops.commands import provision as P
 from aiia_ops.commands.argv import Result
+from aiia_ops.flows import provision as FP
+from aiia_ops.host.files import context_sha
 from aiia_ops.host.runners import RecordingRunner
 from aiia_ops.tasks import provision as T
 
@@ -386,7 +388,7 @@ def test_gather_reads_facts_with_read_only_commands():
             "docker image inspect --format": BASE_LABEL + "\n",
         }
     )
-    facts = F.gather(runner)
+    facts = FP.gather(runner)
     assert facts == replace(READY, os_version="12", pidfile_pid=7131)
     mutating = {"apt-get", "start-stop-daemon", "systemctl", "rm", "tee", "mkdir"}
     assert not [c for c in runner.commands if c[0] in mutating or c[:2] == ["docker", "run"]]
@@ -408,7 +410,7 @@ def test_gather_without_an_engine_skips_image_facts_and_ignores_a_stale_pidfile(
             "docker compose": FAIL,
         }
     )
-    facts = F.gather(runner)
+    facts = FP.gather(runner)
     assert facts.engine_version is None and facts.pidfile_pid is None
     assert facts.dockerd is None and not facts.debootstrap
     assert not [c for c in runner.commands if c[:3] == ["docker", "image", "inspect"]]
@@ -416,18 +418,18 @@ def test_gather_without_an_engine_skips_image_facts_and_ignores_a_stale_pidfile(
 
 def test_context_sha_ignores_docs_and_follows_content(tmp_path):
     (tmp_path / "Dockerfile").write_text("FROM debian:trixie-slim\n")
-    before = F.context_sha(tmp_path)
+    before = context_sha(tmp_path)
     (tmp_path / "README.md").write_text("docs\n")
-    assert F.context_sha(tmp_path) == before
+    assert context_sha(tmp_path) == before
     (tmp_path / "Dockerfile").write_text("FROM debian:trixie-slim\nENV A=1\n")
-    assert F.context_sha(tmp_path) != before
+    assert context_sha(tmp_path) != before
 
 
 # --- the task's dry run prints the plan's exact commands --------------------------------------
 
 
 def test_dry_run_prints_exact_commands_and_skip_reasons(capsys):
-    T._print_dry(run_plan(replace(READY, compose_version=None, base_image_sha=None)))
+    FP.print_plan(run_plan(replace(READY, compose_version=None, base_image_sha=None)))
     out = capsys.readouterr().out.splitlines()
     assert out[:2] == [
         "[1/5] engine.install: install docker.io, debootstrap, iptables",
@@ -453,7 +455,7 @@ def fake_host(monkeypatch):
     monkeypatch.setattr(T, "LocalRunner", lambda: runner)
 
     def use(facts: P.HostFacts) -> RecordingRunner:
-        monkeypatch.setattr(T._facts, "gather", lambda _runner: facts)
+        monkeypatch.setattr(FP, "gather", lambda _runner: facts)
         return runner
 
     return use
@@ -467,7 +469,7 @@ def test_provision_refusal_is_an_exit_with_the_message_not_a_traceback(fake_host
 
 
 def test_provision_on_a_ready_host_runs_nothing(fake_host, capsys):
-    label = P.base_label(F.context_sha(T.BASE_CONTEXT), DEBIAN_ID)
+    label = P.base_label(context_sha(FP.BASE_CONTEXT), DEBIAN_ID)
     runner = fake_host(replace(READY, base_image_sha=label))
     T.provision(Context())
     assert runner.commands == []

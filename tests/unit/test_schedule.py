@@ -36,3 +36,24 @@ def test_cron_daemon_started_only_when_needed():
         ["/usr/sbin/cron"],
     ]
     assert cron_daemon_commands(False, True, True) == [["systemctl", "enable", "--now", "cron"]]
+
+
+def test_install_writes_the_file_and_starts_cron_only_for_the_real_one(tmp_path, monkeypatch):
+    from aiia_ops import DEFAULT_STACK
+    from aiia_ops.commands.argv import Result
+    from aiia_ops.commands.schedule import CRON_FILE
+    from aiia_ops.flows.schedule import install_schedule
+    from aiia_ops.host.runners import RecordingRunner
+    from aiia_ops.model.state import StateDir
+
+    model, state = load_stack(DEFAULT_STACK), StateDir(tmp_path / "state")
+    monkeypatch.setenv("AIIA_CRON_FILE", str(tmp_path / "cron"))
+    runner = RecordingRunner()
+    assert install_schedule(model, state, runner) == str(tmp_path / "cron")
+    assert b"ssl-renew" in runner.files[str(tmp_path / "cron")] and runner.commands == []
+
+    monkeypatch.delenv("AIIA_CRON_FILE")
+    fail = Result([], 1)
+    runner = RecordingRunner({"pgrep": fail, "test -e /usr/sbin/cron": "", "test -e /run": fail})
+    assert install_schedule(model, state, runner) == CRON_FILE
+    assert runner.commands[-1] == ["/usr/sbin/cron"]  # installed, not running, no systemd

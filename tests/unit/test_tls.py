@@ -11,12 +11,12 @@ import pytest
 from aiia_ops import DEFAULT_STACK
 from aiia_ops.commands import tls
 from aiia_ops.commands.argv import Result, quote
-from aiia_ops.host.runners import RecordingRunner, Runner
+from aiia_ops.flows import tls as renewal
+from aiia_ops.host.runners import LocalRunner, PrintingRunner, RecordingRunner, Runner
 from aiia_ops.model import load_stack
 from aiia_ops.model.budget import check_budget, has_errors
 from aiia_ops.model.state import StateDir
 from aiia_ops.model.units import Duration
-from aiia_ops.tasks import tls as tasks
 
 STACK = load_stack(DEFAULT_STACK)  # the committed stack, whatever $AIIA_STACK says
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
@@ -344,7 +344,7 @@ def test_certificate_status_per_domain():
         {"/s/ssl/live/eduaiia.com/meta.json": json.dumps({"directory": LE}).encode()},
         answers=_answers(),
     )
-    rows = tls.certificate_status(STACK, "/s", runner, now=NOW)
+    rows = renewal.certificate_status(STACK, "/s", runner, now=NOW)
     by_domain = {r.domain: r for r in rows}
     assert list(by_domain) == tls.all_domains(STACK)
     www = by_domain["www.eduaiia.com"]
@@ -366,14 +366,14 @@ def test_certificate_status_per_domain():
 
 def test_certificate_status_when_nginx_presents_nothing():
     answers = {**_answers(), "openssl s_client": Result([], 1, "", "connect: Connection refused")}
-    rows = tls.certificate_status(STACK, "/s", FilesRunner({}, answers=answers), now=NOW)
+    rows = renewal.certificate_status(STACK, "/s", FilesRunner({}, answers=answers), now=NOW)
     assert all(r.served_serial == "" and r.serving_current is False for r in rows)
     assert tls.status_table_rows(rows)[0][-1] == "nginx presents no certificate"
 
 
 def test_certificate_status_without_asking_nginx_runs_no_s_client():
     runner = FilesRunner({}, answers=_answers())
-    rows = tls.certificate_status(STACK, "/s", runner, now=NOW, served=False)
+    rows = renewal.certificate_status(STACK, "/s", runner, now=NOW, served=False)
     assert all(r.served_serial is None and r.serving_current is None for r in rows)
     assert not any(c[:2] == ["openssl", "s_client"] for c in runner.commands)
 
@@ -386,11 +386,11 @@ def test_placeholder_mark_and_meta_directory_are_read():
         },
         answers=_answers(),
     )
-    prod = tls.read_installed(runner, "/s", PROD)
-    staging = tls.read_installed(runner, "/s", STAGING)
+    prod = renewal.read_installed(runner, "/s", PROD)
+    staging = renewal.read_installed(runner, "/s", STAGING)
     assert (prod.placeholder, prod.directory) == (True, "")
     assert (staging.placeholder, staging.directory) == (False, "https://x/dir")
-    assert tls.read_installed(runner, "/s", STATUS) == tls.Installed(None)
+    assert renewal.read_installed(runner, "/s", STATUS) == tls.Installed(None)
 
 
 # --- the renewal flow against a fake host (every command recorded, nothing runs) ---------------
@@ -409,20 +409,30 @@ INSTALLED = {"serial": "ABC1", "domains": ["eduaiia.com", "www.eduaiia.com"],
 
 
 class FakeHost(Runner):
-    """Answers the first rule whose text occurs in the command; records every command."""
+    """Answers the first rule whose text occurs in the command; records every command.
+    File-system commands (the lock, the state directories) and file writes are done for
+    real in the test's state dir, so their effects can be checked."""
+
+    LOCAL = ("mkdir", "chmod", "chown", "rm", "ls", "test", "mv")
 
     def __init__(self, rules: list[tuple[str, Result | str]]):
         super().__init__()
         self.rules = rules
         self.commands: list[str] = []
+        self.local = LocalRunner()
 
     def _execute(self, argv, *, input, env, timeout, stream) -> Result:
         text = quote(argv)
         self.commands.append(text)
+        if argv[0] in self.LOCAL:
+            return self.local.run(argv, check=False)
         for needle, answer in self.rules:
             if needle in text:
                 return answer if isinstance(answer, Result) else Result(argv, 0, answer)
         return Result(argv)
+
+    def write_file(self, path, data, mode=0o644, group=None) -> None:
+        self.local.write_file(path, data, mode=mode)
 
     def read_file(self, path):
         return None
@@ -446,14 +456,14 @@ def host_rules(prod_x509: str = PLACEHOLDER_X509, certbot: Result | str = "") ->
 
 @pytest.fixture
 def flow(tmp_path, monkeypatch):
-    monkeypatch.setattr(tasks, "_now", lambda: NOW)
+    monkeypatch.setattr(renewal, "_now", lambda: NOW)
     monkeypatch.delenv("AIIA_SLACK_WEBHOOK_URL", raising=False)
     return StateDir(tmp_path / "state")
 
 
 def test_renewal_renews_only_what_is_due_then_reloads_once(flow):
     host = FakeHost(host_rules())
-    installed = tasks.renew(host, STACK, flow, directory=LE)
+    installed = renewal.renew(host, STACK, flow, directory=LE)
     assert list(installed) == ["eduaiia.com"]
     certbot = host.ran("certbot certonly")
     assert len(certbot) == 1 and "--cert-name eduaiia.com" in certbot[0]
@@ -470,14 +480,14 @@ def test_renewal_renews_only_what_is_due_then_reloads_once(flow):
 
 def test_nothing_due_means_no_docker_command_at_all(flow):
     host = FakeHost(host_rules(prod_x509=PEBBLE_X509))  # 90 days left
-    assert tasks.renew(host, STACK, flow, directory=LE) == {}
+    assert renewal.renew(host, STACK, flow, directory=LE) == {}
     assert not host.ran("docker")
 
 
 def test_a_failed_challenge_installs_nothing_reloads_nothing_and_says_what_the_ca_said(flow):
     host = FakeHost(host_rules(certbot=Result([], 1, "", CHALLENGE_FAILED)))
-    with pytest.raises(tasks.RenewFailed) as failure:
-        tasks.renew(host, STACK, flow, directory=LE)
+    with pytest.raises(renewal.RenewFailed) as failure:
+        renewal.renew(host, STACK, flow, directory=LE)
     message = str(failure.value)
     assert "1 of 1 certificate(s) not renewed; the certificates in place stay" in message
     assert "Type:   connection" in message and "connection refused" in message
@@ -488,8 +498,8 @@ def test_a_failed_challenge_installs_nothing_reloads_nothing_and_says_what_the_c
 def test_a_config_nginx_refuses_stops_before_any_acme_traffic(flow):
     rules = [("nginx -t", Result([], 1, "", "nginx: [emerg] unknown directive")), *host_rules()]
     host = FakeHost(rules)
-    with pytest.raises(tasks.OpsError, match="nginx -t fails in aiia_nginx before any"):
-        tasks.renew(host, STACK, flow, directory=LE)
+    with pytest.raises(renewal.OpsError, match="nginx -t fails in aiia_nginx before any"):
+        renewal.renew(host, STACK, flow, directory=LE)
     assert not host.ran("certbot")
 
 
@@ -506,15 +516,68 @@ def test_an_account_the_server_forgot_is_set_aside_and_certbot_registers_anew(fl
             return super()._execute(argv, **kw)
 
     host = Forgetful(host_rules())
-    assert list(tasks.renew(host, STACK, flow, directory=LE)) == ["eduaiia.com"]
+    assert list(renewal.renew(host, STACK, flow, directory=LE)) == ["eduaiia.com"]
     assert len(host.ran("certbot certonly")) == 2
     assert [p.name for p in accounts.iterdir()] == ["directory.stale-20261126T120000Z"]
 
 
 def test_a_second_run_is_refused_while_one_holds_the_lock(flow):
     with (
-        tasks.renew_lock(flow),
-        pytest.raises(tasks.OpsError, match="another ssl-renew"),
-        tasks.renew_lock(flow),
+        renewal.renew_lock(LocalRunner(), flow),
+        pytest.raises(renewal.OpsError, match="another ssl-renew"),
+        renewal.renew_lock(LocalRunner(), flow),
     ):
         pass
+
+
+def test_dry_run_reads_the_real_host_and_prints_every_change(flow):
+    import io
+
+    host = FakeHost(host_rules())
+    printed = io.StringIO()
+    runner = PrintingRunner(printed, reader=host)
+    lines: list[str] = []
+    assert renewal.renew(runner, STACK, flow, directory=LE, out=lines.append) == {}
+    # facts from the host: the installed certificates and nginx's config check
+    assert host.ran("openssl x509 -in") and host.ran("nginx -t")
+    assert not host.ran("certbot certonly") and not host.ran("nginx -s reload")
+    assert not host.ran("mkdir")
+    text = printed.getvalue()
+    assert "certbot certonly" in text and "--cert-name eduaiia.com" in text
+    assert "aiia-install-cert install" in text and "nginx -s reload" in text
+    assert f"mkdir {flow.root}/locks/renew" in text  # the lock, too, is only printed
+    assert lines[-1] == "\ndry run: nothing was requested or changed"
+    assert not (flow.root / "audit.log").exists() and not (flow.root / "letsencrypt").exists()
+
+
+def test_renewal_waits_for_a_deploy_then_gives_up_with_the_reason(flow, monkeypatch):
+    from aiia_ops.host import lock
+
+    monkeypatch.setattr(renewal, "DEPLOY_WAIT_SECONDS", 0.2)
+    monkeypatch.setattr(renewal, "DEPLOY_POLL_SECONDS", 0.05)
+    lines: list[str] = []
+    with (
+        lock.holding(LocalRunner(), str(flow.root), "deploy-prod", action="deploy"),
+        pytest.raises(renewal.OpsError, match="a deploy holds deploy-prod for more than 0 min"),
+    ):
+        renewal.renew(FakeHost(host_rules()), STACK, flow, directory=LE, out=lines.append)
+    assert lines == ["-> waiting for the deploy to finish (deploy-prod) ..."]
+    assert not (flow.root / "locks" / "renew").exists()  # released on the way out
+
+
+def test_certbot_image_and_directories_commands():
+    assert tls.build_certbot_argv("/r/services/certbot", "0123456789abcdef") == [
+        "docker", "build", "--quiet", "--label", "org.aiia.context-sha256=0123456789abcdef",
+        "--tag", "aiia/certbot:ctx-0123456789ab", "--tag", "aiia/certbot:latest",
+        "/r/services/certbot",
+    ]  # fmt: skip
+    assert tls.prepare_dirs_argv("/s", is_root=True) == [
+        ["mkdir", "-p", "/s/letsencrypt"],
+        ["chown", "-h", "-R", "10001:10001", "/s/letsencrypt"],
+        ["chmod", "700", "/s/letsencrypt"],
+        ["mkdir", "-p", "/s/acme"],
+        ["chown", "-h", "10001:10001", "/s/acme"],
+        ["mkdir", "-p", "/s/ssl"],
+        ["chown", "-h", "10001:10001", "/s/ssl"],
+    ]
+    assert ["chown"] not in [a[:1] for a in tls.prepare_dirs_argv("/s", is_root=False)]

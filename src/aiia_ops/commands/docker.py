@@ -130,3 +130,33 @@ def logs(stack: Stack, state_dir: str, service: str | None, tail: int, follow: b
 
 def down(stack: Stack, state_dir: str, volumes: bool = False) -> list[str]:
     return compose(stack, state_dir, "down", *(["--volumes"] if volumes else []))
+
+
+# --- facts and small changes the procedures ask the engine for ----------------------------
+
+
+def image_inspect(image: str) -> list[str]:
+    """A fact: exits 0 when the image exists here."""
+    return ["docker", "image", "inspect", image]
+
+
+def container_running(container: str) -> list[str]:
+    """A fact: prints `true` when the container runs."""
+    return ["docker", "inspect", "--format", "{{.State.Running}}", container]
+
+
+def container_status(container: str) -> list[str]:
+    """A fact: `running`, `exited`, ... (nothing when there is no such container)."""
+    return ["docker", "inspect", "--format", "{{.State.Status}}", container]
+
+
+def container_logs(container: str, tail: int) -> list[str]:
+    return ["docker", "logs", "--tail", str(tail), container]
+
+
+def start_container(container: str) -> list[str]:
+    return ["docker", "start", container]
+
+
+def remove_containers(*containers: str) -> list[str]:
+    return ["docker", "rm", "--force", *containers]

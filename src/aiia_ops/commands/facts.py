@@ -1,20 +1,18 @@
 """Host facts for provisioning: each fact is a read-only command plus a pure parser.
 
-`gather(runner)` runs the commands (none of them changes anything) and returns a
-`provision.HostFacts`. The parsers are plain functions of a `Result`, tested as data.
+`flows.provision.gather(runner)` asks them (`runner.query`: none of them changes anything)
+and returns a `provision.HostFacts`. The parsers are plain functions of a `Result`, tested
+as data.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from aiia_ops.commands.argv import Result
-from aiia_ops.commands.provision import BASE_IMAGE, BASE_SHA_LABEL, DEBIAN_IMAGE, PIDFILE, HostFacts
-from aiia_ops.host.runners import Runner
+from aiia_ops.commands.provision import BASE_IMAGE, BASE_SHA_LABEL, DEBIAN_IMAGE, PIDFILE
 
 
 @dataclass(frozen=True)
@@ -148,7 +146,8 @@ ENGINE_FACT = Fact(
 )
 
 
-def _apply(values: dict[str, Any], fact: Fact, result: Result) -> None:
+def apply(values: dict[str, Any], fact: Fact, result: Result) -> None:
+    """Parse one fact's answer into `values` (a "_" field spreads a dict of several)."""
     parsed = fact.parse(result)
     if fact.field.startswith("_"):
         values.update(parsed)
@@ -156,30 +155,6 @@ def _apply(values: dict[str, Any], fact: Fact, result: Result) -> None:
         values[fact.field] = parsed
 
 
-def gather(runner: Runner) -> HostFacts:
-    """Read every fact (read-only commands). Image facts only when the engine answers."""
-    values: dict[str, Any] = {}
-    for fact in FACTS:
-        _apply(values, fact, runner.run(fact.argv, check=False, timeout=10))
-    _apply(values, ENGINE_FACT, runner.run(ENGINE_FACT.argv, check=False, timeout=10))
-    # `docker compose` is a client plugin: readable with or without an engine.
-    compose = ENGINE_FACTS[0]
-    _apply(values, compose, runner.run(compose.argv, check=False, timeout=10))
-    if values["engine_version"]:
-        for fact in ENGINE_FACTS[1:]:
-            _apply(values, fact, runner.run(fact.argv, check=False, timeout=10))
-    pid = values.get("pidfile_pid")
-    if pid:
-        comm = parse_comm(runner.run(("cat", f"/proc/{pid}/comm"), check=False, timeout=10))
-        values["pidfile_pid"] = pid if comm == "dockerd" else None
-    return HostFacts(**values)
-
-
-def context_sha(directory: Path) -> str:
-    """sha256 over the relative paths and contents of a build context's files (docs aside)."""
-    digest = hashlib.sha256()
-    files = (p for p in directory.rglob("*") if p.is_file() and p.suffix != ".md")
-    for path in sorted(files):
-        digest.update(str(path.relative_to(directory)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+def comm_argv(pid: int) -> tuple[str, ...]:
+    """The name of process `pid`: is the pidfile's pid still a dockerd?"""
+    return ("cat", f"/proc/{pid}/comm")

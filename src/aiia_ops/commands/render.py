@@ -1,12 +1,12 @@
 """Render every service's config from the model: jinja2 templates in services/<name>/templates.
 
-`render_stack()` returns {relative path: RenderedFile}; writing them is `write_rendered()`.
+`render_stack()` returns {relative path: RenderedFile}; writing them is
+`host.files.write_rendered()`.
 The compose file is not a template: it is built as data in compose.py and dumped.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,29 +86,6 @@ def render_stack(
     return out
 
 
-def write_rendered(files: dict[str, RenderedFile], out_dir: Path) -> list[Path]:
-    """Write files atomically; secret ones 0640 and owned by the service user when root."""
-    out_dir = Path(out_dir)
-    written = []
-    for rel, f in sorted(files.items()):
-        target = out_dir / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(target.parent, 0o755)
-        tmp = target.with_name(f".{target.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(f.text)
-        if f.secret and os.geteuid() == 0:
-            os.chown(tmp, 0, SERVICE_UID)
-            os.chmod(tmp, 0o640)
-        else:
-            # Not root: the container user can only read what everyone can.
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-        written.append(target)
-    return written
-
-
 @dataclass(frozen=True)
 class HostFile:
     """A file the stack needs on a host, with its mode (and group, for secret configs)."""
@@ -141,13 +118,3 @@ def host_files(
         text = "".join(f"{k}={v}\n" for k, v in values.items())
         out.append(HostFile(f"{root}/env/{name}.env", text.encode(), 0o600))
     return out
-
-
-def sync_files(runner, files: list[HostFile]) -> list[str]:
-    """Write the files whose content differs on the host; return the paths that changed."""
-    changed = []
-    for f in files:
-        if runner.read_file(f.path) != f.data:
-            runner.write_file(f.path, f.data, mode=f.mode, group=f.group)
-            changed.append(f.path)
-    return changed

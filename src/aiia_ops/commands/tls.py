@@ -2,9 +2,9 @@
 and the openssl output they are judged by.
 
 Pure: this module builds argv lists and parses text; nothing here runs a command, opens a
-socket or reads a file. `tasks/tls.py` executes (`invoke ssl-renew`, `invoke ssl-status`);
-`certificate_status()` at the bottom is the one entry point that reads facts, through a
-runner it is given, so the monitor gets the same data as `invoke ssl-status`.
+socket or reads a file. `flows/tls.py` executes them (`invoke ssl-renew`, `invoke
+ssl-status`); its `certificate_status()` is the one entry point that reads the facts, so the
+monitor gets the same data as `invoke ssl-status`.
 
 Layout (docs/tls.md):
 
@@ -24,7 +24,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
-from aiia_ops.errors import OpsError
 from aiia_ops.model import Stack
 from aiia_ops.model.units import Duration, Size
 
@@ -389,11 +388,11 @@ def account_missing(output: str) -> bool:
 
 
 def account_dir(directory: str) -> str:
-    """Where certbot keeps its account for an ACME directory, under its config dir."""
-    from urllib.parse import urlparse
-
-    url = urlparse(directory)
-    return f"accounts/{url.netloc}{url.path}"
+    """Where certbot keeps its account for an ACME directory, under its config dir:
+    accounts/<host[:port]><path> of the directory URL (query and fragment dropped)."""
+    rest = directory.split("://", 1)[-1].split("#", 1)[0].split("?", 1)[0]
+    netloc, slash, path = rest.partition("/")
+    return f"accounts/{netloc}{slash}{path}"
 
 
 # --- status, for people and for the monitor ------------------------------------------------
@@ -487,64 +486,41 @@ def connect_host(stack: Stack) -> str:
     return "127.0.0.1" if address == "0.0.0.0" else address
 
 
-def certificate_status(
-    stack: Stack,
-    state_root: str,
-    runner=None,
-    now: dt.datetime | None = None,
-    served: bool = True,
-) -> list[DomainStatus]:
-    """The library entry point (the monitor calls this): per domain, issuer, expiry and
-    days left of the certificate nginx reads, and the serial nginx actually presents."""
-    from aiia_ops.host.runners import LocalRunner
+# --- the certbot image and the host directories it writes ----------------------------------
 
-    runner = runner or LocalRunner()
-    now = now or dt.datetime.now(dt.UTC)
-    installed = {lin.name: read_installed(runner, state_root, lin) for lin in lineages(stack)}
-    presented = None
-    if served:
-        port = stack.local_host.published(443)
-        presented = {
-            d: served_serial(runner, connect_host(stack), port, d) or "" for d in all_domains(stack)
-        }
-    return domain_statuses(stack, installed, now, presented)
+CONTEXT_LABEL = "org.aiia.context-sha256"
 
 
-def read_installed(runner, state_root: str, lineage: Lineage) -> Installed:
-    """Read live/<name>/ on the host: the certificate, the placeholder mark, meta.json."""
-    import json
-
-    live = PurePosixPath(state_root) / SSL_STATE / lineage.live
-    result = runner.run(x509_argv(str(live / "fullchain.pem")), check=False, timeout=10)
-    if result.code == 127:  # never "no certificate, renew it" every day for want of a tool
-        raise OpsError("openssl is not installed on this host: apt-get install openssl")
-    if not result.ok:
-        missing = "No such file" in result.stderr or "Could not open" in result.stderr
-        why = "" if missing else (result.stderr.strip().splitlines() or ["openssl failed"])[-1]
-        return Installed(None, error=why)
-    try:
-        cert = parse_x509(result.stdout)
-    except (ParseError, ValueError) as exc:
-        return Installed(None, error=str(exc))
-    placeholder = runner.read_file(str(live / "PLACEHOLDER")) is not None
-    directory = ""
-    meta = runner.read_file(str(live / "meta.json"))
-    if meta:
-        try:
-            directory = json.loads(meta).get("directory", "")
-        except ValueError:
-            directory = ""
-    return Installed(cert, placeholder, directory)
+def certbot_image_tag(context_sha: str) -> str:
+    """Tagged by its build context: rebuilt only when services/certbot changes."""
+    return f"ctx-{context_sha[:12]}"
 
 
-def served_serial(runner, host: str, port: int, domain: str) -> str | None:
-    """The serial of the certificate a TLS server presents for `domain`; None if none."""
-    result = runner.run(s_client_argv(host, port, domain), check=False, input="", timeout=10)
-    pem = first_pem(result.stdout)
-    if not pem:
-        return None
-    parsed = runner.run(x509_stdin_argv(), check=False, input=pem, timeout=10)
-    try:
-        return parse_x509(parsed.stdout).serial if parsed.ok else None
-    except ParseError:
-        return None
+def build_certbot_argv(context: str, context_sha: str) -> list[str]:
+    return [
+        "docker", "build", "--quiet",
+        "--label", f"{CONTEXT_LABEL}={context_sha}",
+        "--tag", certbot_image(certbot_image_tag(context_sha)), "--tag", certbot_image("latest"),
+        context,
+    ]  # fmt: skip
+
+
+def remove_one_off_argv(stack: Stack) -> list[str]:
+    """The certbot one-off's container, left over by a run killed mid-way."""
+    return ["docker", "rm", "--force", container_name(stack)]
+
+
+def prepare_dirs_argv(state_root: str, is_root: bool) -> list[list[str]]:
+    """certbot (UID 10001 in its container) writes its config dir, the webroot and nginx's
+    ssl dir; its own config dir (account key, private keys) is private."""
+    state = PurePosixPath(state_root)
+    owner = f"{CERTBOT_UID}:{CERTBOT_UID}"
+    out: list[list[str]] = []
+    for rel in (LE_STATE, ACME_STATE, SSL_STATE):
+        path = str(state / rel)
+        out.append(["mkdir", "-p", path])
+        if is_root:
+            out.append(["chown", "-h", *(["-R"] if rel == LE_STATE else []), owner, path])
+        if rel == LE_STATE:
+            out.append(["chmod", "700", path])
+    return out

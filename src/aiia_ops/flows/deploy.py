@@ -29,7 +29,7 @@ from pathlib import Path
 from aiia_ops.commands import app as apps
 from aiia_ops.commands import docker as cmd
 from aiia_ops.commands.argv import quote
-from aiia_ops.commands.render import host_files, sync_files
+from aiia_ops.commands.render import host_files
 from aiia_ops.errors import CommandFailed, OpsError
 from aiia_ops.flows.output import paint
 from aiia_ops.flows.status import health_through_nginx
@@ -37,6 +37,7 @@ from aiia_ops.flows.steps import Steps
 from aiia_ops.flows.targets import target, target_secrets
 from aiia_ops.host import git
 from aiia_ops.host import lock as locks
+from aiia_ops.host.files import sync_files
 from aiia_ops.host.git import resolve_ref
 from aiia_ops.host.notify import notify
 from aiia_ops.host.releases import audit_line, parse_releases, release_line

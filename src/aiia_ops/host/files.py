@@ -1,9 +1,13 @@
-"""Files on this machine: the one atomic write every writer uses."""
+"""Files on this machine: the one atomic write every writer uses, the rendered configs
+written with it, and the hash of a build context."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+from aiia_ops.commands.render import SERVICE_UID, HostFile, RenderedFile
 
 
 def atomic_write(
@@ -28,3 +32,41 @@ def atomic_write(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_rendered(files: dict[str, RenderedFile], out_dir: Path) -> list[Path]:
+    """Write rendered configs under `out_dir`; secret ones 0640 and group the service user
+    when root. Not root: the container user can only read what everyone can (0644)."""
+    out_dir = Path(out_dir)
+    written = []
+    for rel, f in sorted(files.items()):
+        target = out_dir / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(target.parent, 0o755)
+        if f.secret and os.geteuid() == 0:
+            atomic_write(target, f.text, mode=0o640, group=SERVICE_UID)
+        else:
+            atomic_write(target, f.text, mode=0o644)
+        written.append(target)
+    return written
+
+
+def sync_files(runner, files: list[HostFile]) -> list[str]:
+    """Write, through `runner`, the files whose content differs on its host; return the
+    paths that changed."""
+    changed = []
+    for f in files:
+        if runner.read_file(f.path) != f.data:
+            runner.write_file(f.path, f.data, mode=f.mode, group=f.group)
+            changed.append(f.path)
+    return changed
+
+
+def context_sha(directory: Path) -> str:
+    """sha256 over the relative paths and contents of a build context's files (docs aside)."""
+    digest = hashlib.sha256()
+    files = (p for p in Path(directory).rglob("*") if p.is_file() and p.suffix != ".md")
+    for path in sorted(files):
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]

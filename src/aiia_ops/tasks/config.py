@@ -6,11 +6,8 @@ from pathlib import Path
 
 from invoke import Collection, Exit
 
-from aiia_ops.commands.compose import compose_data, dump, env_files
-from aiia_ops.commands.render import render_stack, write_rendered
+from aiia_ops.flows import config as config_flow
 from aiia_ops.flows.output import table
-from aiia_ops.host.git import shared_image_tags
-from aiia_ops.host.secrets import load_secrets, write_env_file
 from aiia_ops.model import Stack, load_stack
 from aiia_ops.model.budget import check_budget, has_errors
 from aiia_ops.model.state import local_state_dir
@@ -43,17 +40,7 @@ def render(c, env=None, out=None, stack=None):
     """Render every service's config and the compose file."""
     model = load_stack(stack)
     envs = [model.environment(env).name] if env else list(model.environments)
-    state = local_state_dir(model)
-    secrets = load_secrets(state.root, list(model.environments))
-    target = Path(out) if out else state.config
-    files = render_stack(model, secrets, envs=envs)
-    written = write_rendered(files, target)
-    compose_path = (target / "compose.yml") if out else state.compose_file
-    compose_path.parent.mkdir(parents=True, exist_ok=True)
-    compose_path.write_text(dump(compose_data(model, str(state.root), shared_image_tags(model))))
-    for name, values in env_files(model, secrets).items():
-        write_env_file(state.env_files / f"{name}.env", values)
-    for path in [*written, compose_path]:
+    for path in config_flow.render(model, local_state_dir(model), envs, Path(out) if out else None):
         print(f"wrote {path}")
 
 
