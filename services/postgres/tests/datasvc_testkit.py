@@ -28,7 +28,8 @@ import pytest
 import yaml
 
 from aiia_ops import DEFAULT_STACK, SERVICES_DIR
-from aiia_ops.commands.render import TEMPLATES, RenderedFile, render_stack, write_rendered
+from aiia_ops.commands.render import TEMPLATES, RenderedFile, render_stack
+from aiia_ops.host.files import write_rendered
 from aiia_ops.model import Stack, stack_from_data
 from aiia_ops.model.secrets import EnvSecrets, Secrets
 
