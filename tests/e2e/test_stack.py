@@ -76,7 +76,7 @@ def all_healthy(stack_up, stack):
     [("eduaiia.com", "prod"), ("www.eduaiia.com", "prod"), ("staging.eduaiia.com", "staging")],
 )
 def test_each_domain_reaches_its_own_environment_and_database(stack_up, stack, domain, env):
-    database = stack.environment(env).database  # aiia_prod / aiia_staging
+    database = stack.environment(env).database  # <project>_prod / <project>_staging
     status, headers, body = https_get(domain, "/health/")
     assert status == 200, body
     data = json.loads(body)
@@ -123,13 +123,17 @@ def test_engine_limits_and_addresses_equal_the_stack(all_healthy, stack):
         assert net["IPAMConfig"]["IPv4Address"] in slots, item.container
         assert attrs["State"]["Health"]["Status"] == "healthy", item.container
     subnet = client.networks.get(stack.network.name).attrs["IPAM"]["Config"][0]["Subnet"]
-    assert subnet == "172.20.0.0/16"
+    assert subnet == str(stack.network.subnet)
 
 
-@pytest.mark.parametrize("port", [5432, 6432, 6379, 8000, 8001])
-def test_internal_ports_are_closed_on_the_host(stack_up, port):
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=3).close()
+@pytest.mark.parametrize("service", ["postgresql", "pgbouncer", "redis", "prod", "staging"])
+def test_internal_ports_are_closed_on_the_host(stack_up, stack, service):
+    item = stack.environment(service) if service in stack.environments else None
+    port = (item or getattr(stack.services, service)).port
+    # Neither the container's port nor where the stack's offset would have published it.
+    for host_port in sorted({port, stack.local_host.published(port)}):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", host_port), timeout=3).close()
 
 
 def test_only_nginx_publishes_ports(stack_up, stack):
@@ -152,11 +156,13 @@ def test_staging_role_cannot_connect_to_the_prod_database(stack_up, stack, e2e_s
             text=True,
         )
 
-    own = connect("aiia_staging", "aiia_staging", secrets.environments["staging"].db_password)
-    assert own.returncode == 0 and own.stdout.strip() == "aiia_staging", own.stderr
-    other = connect("aiia_prod", "aiia_staging", secrets.environments["staging"].db_password)
+    prod, staging = stack.environment("prod"), stack.environment("staging")
+    password = secrets.environments["staging"].db_password
+    own = connect(staging.database, staging.db_user, password)
+    assert own.returncode == 0 and own.stdout.strip() == staging.db_user, own.stderr
+    other = connect(prod.database, staging.db_user, password)
     assert other.returncode != 0
-    assert "aiia_prod" in other.stderr
+    assert prod.database in other.stderr
 
 
 def test_status_task_reports_memory_and_limits(all_healthy):
