@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -45,9 +46,28 @@ def write_fixture_stack(fixture: Path, tmp_dir: Path) -> Path:
     return target
 
 
-def isolated_stack(project: str, second_octet: int, port_offset: int) -> dict:
+# The end-to-end tests' own stack (tests/e2e/conftest.py): it runs beside the real one
+# (project aiia, 172.20.0.0/16, ports 80/443) on the same engine and never touches it.
+TEST_PROJECT = "aiiatest"
+TEST_SECOND_OCTET = 29  # 172.29.0.0/16
+TEST_PORT_OFFSET = 10000  # nginx publishes 127.0.0.1:10080 and 127.0.0.1:10443
+
+
+def committed_project() -> str:
+    """The real stack's project (deploy/stack.yml): never a test stack's."""
+    return yaml.safe_load(STACK.read_text())["project"]
+
+
+def isolated_stack(
+    project: str, second_octet: int, port_offset: int, state_dir: str | None = None
+) -> dict:
     """The committed stack under other names: project, containers, network, subnet and
-    published ports, so it can run beside the real one. Limits and tunings are unchanged."""
+    published ports (on 127.0.0.1 only), so it can run beside the real one. Every address
+    of the stack is in its subnet, and derived ones (the load test's bare app, the test
+    ACME server) are computed from the subnet, so moving the subnet moves them all.
+    Limits and tunings are unchanged."""
+    if project == committed_project():
+        raise ValueError(f"an isolated stack needs a project other than {project!r}")
     data = yaml.safe_load(STACK.read_text())
     text = yaml.safe_dump(data, sort_keys=False)
     text = text.replace("172.20.", f"172.{second_octet}.").replace("aiia_", f"{project}_")
@@ -56,19 +76,66 @@ def isolated_stack(project: str, second_octet: int, port_offset: int) -> dict:
     for host in data["hosts"].values():
         host["port_offset"] = port_offset
         host["publish_address"] = "127.0.0.1"
+        if state_dir:  # AIIA_STATE_DIR wins anyway; this keeps /var/lib/aiia out of reach
+            host["state_dir"] = state_dir
     return data
 
 
-def write_isolated_stack(path: Path, project: str, second_octet: int, port_offset: int) -> Path:
+def write_isolated_stack(
+    path: Path, project: str, second_octet: int, port_offset: int, state_dir: str | None = None
+) -> Path:
     """Write it (e.g. for `AIIA_STACK=path invoke setup`); prints nothing, returns the path."""
-    path.write_text(
-        yaml.safe_dump(isolated_stack(project, second_octet, port_offset), sort_keys=False)
-    )
+    data = isolated_stack(project, second_octet, port_offset, state_dir)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
-if __name__ == "__main__":  # python -m tests.stackfiles OUT PROJECT OCTET OFFSET
+def _docker(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["docker", *args], capture_output=True, text=True, timeout=300)
+
+
+def stack_containers(project: str) -> list[str]:
+    """Ids of every container labelled as `project`'s: compose services, app releases and
+    the one-offs (certbot, load test, the test ACME server) all carry the label."""
+    label = f"label=org.eduaiia.stack={project}"
+    return _docker("ps", "-aq", "--filter", label).stdout.split()
+
+
+def remove_stack(project: str, network: str) -> None:
+    """Remove a test stack from the engine: the containers labelled with its project, the
+    volumes named `<project>_*`, its network. Nothing of another project (the real stack's
+    containers, volumes and network have other names and another label)."""
+    if project == committed_project():
+        raise ValueError(f"refusing to remove the real stack {project!r}: tests remove theirs")
+    ids = stack_containers(project)
+    if ids:
+        _docker("rm", "--force", *ids)
+    prefix = f"{project}_"
+    volumes = [v for v in _docker("volume", "ls", "-q").stdout.split() if v.startswith(prefix)]
+    if volumes:
+        _docker("volume", "rm", "--force", *volumes)
+    if _docker("network", "inspect", network).returncode == 0:
+        _docker("network", "rm", network)
+
+
+def remove_test_stack() -> None:
+    """What a killed test run left of TEST_PROJECT (used by .ci/run's clean-up)."""
+    data = isolated_stack(TEST_PROJECT, TEST_SECOND_OCTET, TEST_PORT_OFFSET)
+    remove_stack(TEST_PROJECT, data["network"]["name"])
+
+
+USAGE = """usage:
+  python -m tests.stackfiles OUT PROJECT OCTET OFFSET   write an isolated stack file to OUT
+  python -m tests.stackfiles remove-test-stack          remove the e2e tests' stack (if any)"""
+
+if __name__ == "__main__":
     import sys
 
-    out, project, octet, offset = sys.argv[1:5]
-    print(write_isolated_stack(Path(out), project, int(octet), int(offset)))
+    args = sys.argv[1:]
+    if args == ["remove-test-stack"]:
+        remove_test_stack()
+    elif len(args) == 4:
+        out, project, octet, offset = args
+        print(write_isolated_stack(Path(out), project, int(octet), int(offset)))
+    else:
+        sys.exit(USAGE)

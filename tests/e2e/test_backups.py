@@ -1,9 +1,7 @@
 """Issue #5: backups of a running stack, verified by restores, restored under load.
 
-Everything is derived from the stack file (AIIA_STACK): names, databases, ports. Run on an
-isolated stack beside a real one:
-    python -m tests.stackfiles /tmp/bk/stack.yml aiiabk 22 20000
-    AIIA_STACK=/tmp/bk/stack.yml AIIA_E2E_REPLACE=1 pytest tests/e2e/test_backups.py
+Everything is derived from the stack file (AIIA_STACK): names, databases, ports. The e2e
+fixtures write it (tests/e2e/conftest.py): an isolated stack beside the real one.
 """
 
 from __future__ import annotations

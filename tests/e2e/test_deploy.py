@@ -12,12 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import docker
 import pytest
 
 from aiia_ops import REPO_ROOT
+from aiia_ops.host.engine import Engine
 from aiia_ops.host.lock import deploy_lock, lock_dir
 from aiia_ops.host.releases import read_releases
+from aiia_ops.host.runners import LocalRunner
 from tests.conftest import run_invoke
 from tests.e2e.deploys import Load, drop_refs, head_file, make_commit
 
@@ -73,7 +74,7 @@ def deploy(env: str, ref: str | None = None, *extra: str):
 
 
 def container_id(name: str) -> str:
-    return docker.from_env(version="auto").containers.get(name).id
+    return Engine(LocalRunner()).inspect_raw([name])[name]["Id"]
 
 
 def served_version(stack, env: str) -> str:

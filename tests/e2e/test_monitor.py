@@ -1,7 +1,7 @@
 """Issue #7: `invoke monitor` against the whole stack brought up by `invoke setup`.
 
-Every name, address and port comes from the stack file (AIIA_STACK), so the same tests run
-on the real stack (CI: ports 443, 172.20.0.0/16) and on an isolated copy beside it.
+Every name, address and port comes from the stack file (AIIA_STACK): the e2e fixtures'
+isolated stack (tests/e2e/conftest.py), beside whatever real stack the machine runs.
 Redis is stopped twice here; both times it is started again before the test ends (the
 session's stack is shared with the other e2e files). Tests run in file order: the burst of
 5xx responses comes last, because it keeps the error rate red for the 5-minute window.

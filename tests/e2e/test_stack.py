@@ -8,11 +8,12 @@ import socket
 import subprocess
 import time
 
-import docker
 import pytest
 
 from aiia_ops.commands.compose import service_key
 from aiia_ops.flows.status import https_get as _https_get
+from aiia_ops.host.engine import Engine
+from aiia_ops.host.runners import LocalRunner
 from aiia_ops.host.secrets import load_secrets
 from aiia_ops.model import load_stack
 
@@ -52,17 +53,18 @@ def test_setup_printed_the_urls_and_the_status_table(stack_up):
         assert " running " in line and (" healthy " in line or " starting " in line), line
 
 
+def engine_attrs(name: str) -> dict:
+    """The engine's own JSON for a container, through the package's one engine client."""
+    return Engine(LocalRunner()).inspect_raw([name])[name]
+
+
 @pytest.fixture(scope="module")
 def all_healthy(stack_up, stack):
     """Wait (bounded) until the engine's own health checks have run and passed."""
-    client = docker.from_env(version="auto")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         states = {
-            c.container: client.containers.get(c.container)
-            .attrs["State"]
-            .get("Health", {})
-            .get("Status")
+            c.container: engine_attrs(c.container)["State"].get("Health", {}).get("Status")
             for c in stack.containers()
         }
         if all(s == "healthy" for s in states.values()):
@@ -76,7 +78,7 @@ def all_healthy(stack_up, stack):
     [("eduaiia.com", "prod"), ("www.eduaiia.com", "prod"), ("staging.eduaiia.com", "staging")],
 )
 def test_each_domain_reaches_its_own_environment_and_database(stack_up, stack, domain, env):
-    database = stack.environment(env).database  # aiia_prod / aiia_staging
+    database = stack.environment(env).database  # <project>_prod / <project>_staging
     status, headers, body = https_get(domain, "/health/")
     assert status == 200, body
     data = json.loads(body)
@@ -110,9 +112,8 @@ def test_static_file_from_nginx_with_30_day_cache_and_gzip(stack_up):
 
 
 def test_engine_limits_and_addresses_equal_the_stack(all_healthy, stack):
-    client = docker.from_env(version="auto")
     for item in stack.containers():
-        attrs = client.containers.get(item.container).attrs
+        attrs = engine_attrs(item.container)
         host = attrs["HostConfig"]
         assert host["Memory"] == item.memory.limit.bytes, item.container
         assert host["MemoryReservation"] == item.memory.reservation.bytes, item.container
@@ -122,20 +123,29 @@ def test_engine_limits_and_addresses_equal_the_stack(all_healthy, stack):
         slots = {str(item.address), str(getattr(item, "standby_address", item.address))}
         assert net["IPAMConfig"]["IPv4Address"] in slots, item.container
         assert attrs["State"]["Health"]["Status"] == "healthy", item.container
-    subnet = client.networks.get(stack.network.name).attrs["IPAM"]["Config"][0]["Subnet"]
-    assert subnet == "172.20.0.0/16"
+    network = subprocess.run(
+        ["docker", "network", "inspect", "--format", "{{json .IPAM.Config}}", stack.network.name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    subnet = json.loads(network.stdout)[0]["Subnet"]
+    assert subnet == str(stack.network.subnet)
 
 
-@pytest.mark.parametrize("port", [5432, 6432, 6379, 8000, 8001])
-def test_internal_ports_are_closed_on_the_host(stack_up, port):
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=3).close()
+@pytest.mark.parametrize("service", ["postgresql", "pgbouncer", "redis", "prod", "staging"])
+def test_internal_ports_are_closed_on_the_host(stack_up, stack, service):
+    item = stack.environment(service) if service in stack.environments else None
+    port = (item or getattr(stack.services, service)).port
+    # Neither the container's port nor where the stack's offset would have published it.
+    for host_port in sorted({port, stack.local_host.published(port)}):
+        with pytest.raises(OSError):
+            socket.create_connection(("127.0.0.1", host_port), timeout=3).close()
 
 
 def test_only_nginx_publishes_ports(stack_up, stack):
-    client = docker.from_env(version="auto")
     for item in stack.containers():
-        ports = client.containers.get(item.container).attrs["HostConfig"]["PortBindings"] or {}
+        ports = engine_attrs(item.container)["HostConfig"]["PortBindings"] or {}
         expected = {"80/tcp", "443/tcp"} if service_key(item) == "nginx" else set()
         assert set(ports) == expected, item.container
 
@@ -152,11 +162,13 @@ def test_staging_role_cannot_connect_to_the_prod_database(stack_up, stack, e2e_s
             text=True,
         )
 
-    own = connect("aiia_staging", "aiia_staging", secrets.environments["staging"].db_password)
-    assert own.returncode == 0 and own.stdout.strip() == "aiia_staging", own.stderr
-    other = connect("aiia_prod", "aiia_staging", secrets.environments["staging"].db_password)
+    prod, staging = stack.environment("prod"), stack.environment("staging")
+    password = secrets.environments["staging"].db_password
+    own = connect(staging.database, staging.db_user, password)
+    assert own.returncode == 0 and own.stdout.strip() == staging.db_user, own.stderr
+    other = connect(prod.database, staging.db_user, password)
     assert other.returncode != 0
-    assert "aiia_prod" in other.stderr
+    assert prod.database in other.stderr
 
 
 def test_status_task_reports_memory_and_limits(all_healthy):

@@ -126,11 +126,16 @@ class Container:
         ]
 
     def cgroup_rss(self) -> int:
-        stat = self.exec("cat", "/sys/fs/cgroup/memory/memory.stat", check=False).stdout
-        m = re.search(r"^total_rss (\d+)$", stat, re.M)
-        if not m:
-            pytest.skip("no cgroup v1 memory.stat in the container")
-        return int(m.group(1))
+        """Anonymous memory charged to the container: cgroup v1's total_rss, v2's anon."""
+        for path, key in (
+            ("/sys/fs/cgroup/memory/memory.stat", "total_rss"),
+            ("/sys/fs/cgroup/memory.stat", "anon"),
+        ):
+            stat = self.exec("cat", path, check=False).stdout
+            m = re.search(rf"^{key} (\d+)$", stat, re.M)
+            if m:
+                return int(m.group(1))
+        pytest.fail("no memory.stat in the container (neither cgroup v1 nor v2)")
 
     def remove(self) -> None:
         docker("rm", "-f", self.name, check=False)

