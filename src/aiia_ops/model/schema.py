@@ -12,12 +12,47 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
+import re
 import types
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from aiia_ops.model.units import Duration, Size, UnitError
 
 MISSING = object()
+
+# Numbers the model accepts: whole numbers within 64 bits, finite floats within 2**53 (so
+# that no later float conversion overflows and no NaN compares False and silences a check).
+MAX_INT = 2**63 - 1
+MAX_FLOAT = float(2**53)
+MAX_SIZE_BYTES = 2**50  # 1 PB: far above any machine, far below an overflow
+MAX_DURATION_SECONDS = 3650 * 86400  # ten years
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """A text constraint for `Annotated[str, Match(...)]`: the whole value matches `pattern`.
+
+    `says` is the rule in words, shown after the offending value:
+        services.nginx.container: '--privileged': a container name is ...
+    """
+
+    pattern: str
+    says: str
+
+    def problem(self, value: str) -> str | None:
+        if re.fullmatch(self.pattern, value):
+            return None
+        return f"{shown(value)}: {self.says}"
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """repr() of a value for a message: control characters escaped, long values cut."""
+    text = repr(value)
+    if len(text) > limit:
+        text = f"{text[: limit - 3]}... ({len(text)} characters)"
+    return text
 
 
 class Problems(list):
@@ -56,10 +91,26 @@ def deep_merge(base: Any, base_path: str, override: Any, override_path: str) -> 
     return Sourced(data, paths)
 
 
-def _child_path(parent: Any, path: str, key: str) -> str:
-    if isinstance(parent, Sourced) and key in parent.paths:
+def _child_path(parent: Any, path: str, key: Any) -> str:
+    if isinstance(parent, Sourced) and _hashable(key) and key in parent.paths:
         return parent.paths[key]
-    return f"{path}.{key}" if path else str(key)
+    return child_path(path, key)
+
+
+def child_path(path: str, key: Any) -> str:
+    """`path.key`; a key that is not plain text (a newline, a dot, a number) as `path[repr]`,
+    so a hostile key can never forge a line or another path in a message."""
+    if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) and len(key) <= 64:
+        return f"{path}.{key}" if path else key
+    return f"{path}[{shown(key)}]"
+
+
+def _hashable(key: Any) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
 
 
 def key_of(field: dataclasses.Field) -> str:
@@ -85,6 +136,8 @@ def describe(tp: Any) -> str:
     if tp is str:
         return "a text"
     origin = get_origin(tp)
+    if origin is Annotated:
+        return describe(get_args(tp)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin is list:
@@ -103,16 +156,44 @@ def _found(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    return shown(value)
+
+
+def _number_problem(value: Any) -> str | None:
+    """Why a number read from the file cannot be used, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} is not a number; expected a finite number"
+    limit = MAX_INT if isinstance(value, int) else MAX_FLOAT
+    if abs(value) > limit:
+        return f"{shown(value)} is too large; expected a number between {-limit:g} and {limit:g}"
+    return None
+
+
+def _constrained(tp: Any, value: Any, path: str, problems: Problems) -> Any:
+    base, *rules = get_args(tp)
+    built = build(base, value, path, problems)
+    if built is MISSING:
+        return MISSING
+    for rule in rules:
+        problem = rule.problem(built) if isinstance(rule, Match) else None
+        if problem:
+            problems.add(path, problem)
+            return MISSING
+    return built
 
 
 def build(tp: Any, value: Any, path: str, problems: Problems) -> Any:
     """Check `value` against type `tp`; return the typed value, or MISSING after recording why."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        return _constrained(tp, value, path, problems)
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        trials = []
         for option in options:
             if option is type(None):
                 continue
@@ -120,7 +201,11 @@ def build(tp: Any, value: Any, path: str, problems: Problems) -> Any:
             built = build(option, value, path, trial)
             if not trial:
                 return built
-        problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
+            trials.append(trial)
+        if len(trials) == 1 and get_origin(options[0]) is Annotated:
+            problems.extend(p for p in trials[0] if p not in problems)  # the rule's own words
+        else:
+            problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
         return MISSING
     if value is None:
         problems.add(path, f"missing value; expected {describe(tp)}")
@@ -138,19 +223,26 @@ def build(tp: Any, value: Any, path: str, problems: Problems) -> Any:
         if not isinstance(value, dict):
             problems.add(path, f"expected a mapping, got {_found(value)}")
             return MISSING
-        _, item_tp = get_args(tp)
-        out = {}
+        key_tp, item_tp = get_args(tp)
+        out, broken = {}, False
         for k, v in value.items():
-            child = _child_path(value, path, k)
             if not isinstance(k, str):
-                problems.add(child, f"keys must be text, got {k!r}")
+                problems.add(path, f"keys must be text, got {_found(k)}")
+                broken = True
                 continue
-            out[k] = build(item_tp, v, child, problems)
-        return MISSING if any(v is MISSING for v in out.values()) else out
+            if build(key_tp, k, path, problems) is MISSING:
+                broken = True
+                continue
+            out[k] = build(item_tp, v, _child_path(value, path, k), problems)
+        return MISSING if broken or any(v is MISSING for v in out.values()) else out
     if origin is Literal:
         allowed = get_args(tp)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        if (
+            not _hashable(value)
+            or value not in allowed
+            or type(value) is not type(allowed[allowed.index(value)])
+        ):
+            close = difflib.get_close_matches(str(value)[:100], [str(a) for a in allowed], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.add(path, f"expected {describe(tp)}, got {_found(value)}{hint}")
             return MISSING
@@ -159,15 +251,38 @@ def build(tp: Any, value: Any, path: str, problems: Problems) -> Any:
 
 
 def _build_scalar(tp: Any, value: Any, path: str, problems: Problems) -> Any:
+    number = _number_problem(value)
+    if number:
+        problems.add(path, number)
+        return MISSING
+    if isinstance(value, str) and len(value) > 1000:
+        problems.add(path, f"{shown(value)} is too long; expected at most 1000 characters")
+        return MISSING
     try:
-        if tp in (Size, Duration):
-            return tp.parse(value)
+        if tp is Size:
+            parsed = Size.parse(value)
+            if not 0 <= parsed.bytes <= MAX_SIZE_BYTES:
+                raise OverflowError
+            return parsed
+        if tp is Duration:
+            parsed = Duration.parse(value)
+            if not 0 <= parsed.seconds <= MAX_DURATION_SECONDS:
+                raise OverflowError
+            return parsed
         if tp is ipaddress.IPv4Address:
-            return ipaddress.IPv4Address(str(value))
+            if not isinstance(value, str):
+                raise ValueError
+            return ipaddress.IPv4Address(value)
         if tp is ipaddress.IPv4Network:
-            return ipaddress.IPv4Network(str(value), strict=True)
+            if not isinstance(value, str):
+                raise ValueError
+            return ipaddress.IPv4Network(value, strict=True)
     except UnitError as exc:
         problems.add(path, str(exc))
+        return MISSING
+    except OverflowError:
+        most = "1024TB" if tp is Size else "3650d"
+        problems.add(path, f"{_found(value)} is too large; expected at most {most}")
         return MISSING
     except ValueError:
         problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
@@ -189,10 +304,10 @@ def _build_dataclass(tp: Any, value: Any, path: str, problems: Problems) -> Any:
         problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
         return MISSING
     fields = {key_of(f): f for f in dataclasses.fields(tp) if f.init}
-    hints = get_type_hints(tp)
+    hints = get_type_hints(tp, include_extras=True)
     for key in value:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+        if not isinstance(key, str) or key not in fields:
+            close = difflib.get_close_matches(str(key)[:100], list(fields), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             known = ", ".join(fields)
             problems.add(_child_path(value, path, key), f"unknown key{hint}; known keys: {known}")
