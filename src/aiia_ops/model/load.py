@@ -226,7 +226,7 @@ def stack_from_data(data: dict, source: str = "stack") -> Stack:
         object.__setattr__(stack, "source", source)
         for name in ("nginx", "pgbouncer", "postgresql", "redis"):
             object.__setattr__(getattr(stack.services, name), "name", name)
-        if len(environments) == len(raw_envs or {}):
+        if isinstance(raw_envs, dict) and len(environments) == len(raw_envs):
             cross_checks(stack, problems)
     if problems:
         raise StackError(source, problems.lines())

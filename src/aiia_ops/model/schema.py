@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
 import math
 import re
@@ -49,7 +50,12 @@ class Match:
 
 def shown(value: Any, limit: int = 60) -> str:
     """repr() of a value for a message: control characters escaped, long values cut."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit conversion limit
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    except RecursionError:
+        return "a value nested too deep"
     if len(text) > limit:
         text = f"{text[: limit - 3]}... ({len(text)} characters)"
     return text
@@ -242,7 +248,8 @@ def build(tp: Any, value: Any, path: str, problems: Problems) -> Any:
             or value not in allowed
             or type(value) is not type(allowed[allowed.index(value)])
         ):
-            close = difflib.get_close_matches(str(value)[:100], [str(a) for a in allowed], n=1)
+            said = value[:100] if isinstance(value, str) else ""
+            close = difflib.get_close_matches(said, [str(a) for a in allowed], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.add(path, f"expected {describe(tp)}, got {_found(value)}{hint}")
             return MISSING
@@ -254,6 +261,9 @@ def _build_scalar(tp: Any, value: Any, path: str, problems: Problems) -> Any:
     number = _number_problem(value)
     if number:
         problems.add(path, number)
+        return MISSING
+    if isinstance(value, (dict, list)):  # no scalar is built from one (nor shown: it may nest)
+        problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
         return MISSING
     if isinstance(value, str) and len(value) > 1000:
         problems.add(path, f"{shown(value)} is too long; expected at most 1000 characters")
@@ -303,8 +313,7 @@ def _build_dataclass(tp: Any, value: Any, path: str, problems: Problems) -> Any:
     if not isinstance(value, dict):
         problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
         return MISSING
-    fields = {key_of(f): f for f in dataclasses.fields(tp) if f.init}
-    hints = get_type_hints(tp, include_extras=True)
+    fields, hints = _fields(tp)
     for key in value:
         if not isinstance(key, str) or key not in fields:
             close = difflib.get_close_matches(str(key)[:100], list(fields), n=1, cutoff=0.6)
@@ -329,6 +338,13 @@ def _build_dataclass(tp: Any, value: Any, path: str, problems: Problems) -> Any:
         else:
             kwargs[field.name] = built
     return MISSING if broken else tp(**kwargs)
+
+
+@functools.cache
+def _fields(tp: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    """A dataclass's fields by YAML key, and its type hints (resolved once: it is slow)."""
+    fields = {key_of(f): f for f in dataclasses.fields(tp) if f.init}
+    return fields, get_type_hints(tp, include_extras=True)
 
 
 def field_key(key: str, **kw) -> Any:

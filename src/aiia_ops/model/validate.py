@@ -210,18 +210,18 @@ def _references(stack: Stack, problems: Problems) -> None:
                 f"{path}.database",
                 f"{env.database!r} is the superuser's name; expected a name of its own",
             )
-    superuser = stack.services.postgresql.settings.superuser
-    if superuser in _SQL_KEYWORDS | {"pgbouncer_admin"}:
-        problems.add(
-            "services.postgresql.settings.superuser",
-            f"{superuser!r} is a keyword of pg_hba.conf or PgBouncer; expected another name",
-        )
         if not 0 <= env.redis_db < redis_dbs:
             problems.add(
                 f"{path}.redis_db",
                 f"{env.redis_db} is not a Redis database; "
                 f"expected 0 to {redis_dbs - 1} (services.redis.settings.databases)",
             )
+    superuser = stack.services.postgresql.settings.superuser
+    if superuser in _SQL_KEYWORDS | {"pgbouncer_admin"}:
+        problems.add(
+            "services.postgresql.settings.superuser",
+            f"{superuser!r} is a keyword of pg_hba.conf or PgBouncer; expected another name",
+        )
 
 
 def _settings(stack: Stack, problems: Problems) -> None:
