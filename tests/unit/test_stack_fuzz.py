@@ -339,10 +339,7 @@ def test_no_hosts_is_refused_not_a_stop_iteration():
     with pytest.raises(StackError) as err:
         stack_from_data(data)
     assert err.value.problems == [
-        "hosts: empty; expected at least one host, such as local: {ssh: null}",
-        "environments.prod.hosts[0]: unknown host 'local'; expected one of:  (defined under hosts)",
-        "environments.staging.hosts[0]: unknown host 'local'; expected one of:  "
-        "(defined under hosts)",
+        "hosts: empty; expected at least one host, such as local: {ssh: null}"
     ]
 
 

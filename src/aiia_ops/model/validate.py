@@ -177,7 +177,7 @@ def _references(stack: Stack, problems: Problems) -> None:
     for env in stack.environments.values():
         path = f"environments.{env.name}"
         for i, host in enumerate(env.hosts):
-            if host not in stack.hosts:
+            if stack.hosts and host not in stack.hosts:  # (none: said above)
                 known = ", ".join(stack.hosts)
                 problems.add(
                     f"{path}.hosts[{i}]",
