@@ -279,6 +279,22 @@ def test_ten_thousand_levels_of_nesting_in_data_are_refused_within_a_second():
     assert err.value.problems == ["machine.cpus: expected a number, got a list"]
 
 
+def test_deep_data_on_both_sides_of_the_app_merge_is_refused_not_a_recursion_error():
+    deep: dict = {}
+    for _ in range(10_000):
+        deep = {"workers": deep}
+    data = patched_stack()
+    data["app"]["gunicorn"]["workers"] = deep
+    data["environments"]["prod"]["gunicorn"] = {"workers": deep}
+    start = time.monotonic()
+    with pytest.raises(StackError) as err:
+        stack_from_data(data)
+    assert time.monotonic() - start < 1.0
+    assert err.value.problems == [
+        "environments.prod.gunicorn.workers: expected a whole number, got a mapping"
+    ]
+
+
 def test_huge_numbers_are_refused_within_a_second_with_the_key_path(tmp_path):
     text = STACK.read_text().replace("cpus: 2\n", "cpus: 1" + "0" * 400 + "\n", 1)
     err = _refused_fast(tmp_path, text)

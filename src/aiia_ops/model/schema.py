@@ -80,9 +80,10 @@ class Sourced(dict):
         self.paths = paths
 
 
-def deep_merge(base: Any, base_path: str, override: Any, override_path: str) -> Any:
-    """Override's keys win; nested dicts merge. Remembers where each key came from."""
-    if not isinstance(base, dict) or not isinstance(override, dict):
+def deep_merge(base: Any, base_path: str, override: Any, override_path: str, depth: int = 0) -> Any:
+    """Override's keys win; nested dicts merge. Remembers where each key came from.
+    Below 50 levels (data no stack file has) the override wins whole: no RecursionError."""
+    if not isinstance(base, dict) or not isinstance(override, dict) or depth > 50:
         return override
     data, paths = {}, {}
     for key, value in base.items():
@@ -90,7 +91,7 @@ def deep_merge(base: Any, base_path: str, override: Any, override_path: str) -> 
     for key, value in override.items():
         child = _child_path(override, override_path, key)
         if key in data and isinstance(data[key], dict) and isinstance(value, dict):
-            data[key] = deep_merge(data[key], paths[key], value, child)
+            data[key] = deep_merge(data[key], paths[key], value, child, depth + 1)
         else:
             data[key] = value
         paths[key] = child
