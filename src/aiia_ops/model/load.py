@@ -10,9 +10,9 @@ import yaml
 
 from aiia_ops import DEFAULT_STACK
 from aiia_ops.errors import OpsError
-from aiia_ops.model.schema import MISSING, Problems, build, deep_merge, shown
-from aiia_ops.model.types import ENV_NAME, Environment, Stack, StackError
-from aiia_ops.model.validate import cross_checks
+from aiia_ops.model.schema import MISSING, Problems, build, deep_merge
+from aiia_ops.model.types import Environment, Stack, StackError
+from aiia_ops.model.validate import cross_checks, valid_name
 
 # The environment keys that only make sense per environment, not in the shared `app` block.
 _ENV_ONLY = ("container", "address", "standby_address", "domains", "database", "redis_db")
@@ -60,7 +60,7 @@ class _SafeLoader(yaml.SafeLoader):
                     self._refuse(f"more than {MAX_ALIASES} aliases", event.start_mark)
                 if event.anchor in self._composing:
                     self._refuse(
-                        f"alias *{shown(event.anchor)} refers to a value that contains it",
+                        f"alias *{event.anchor} refers to a value that contains it",
                         event.start_mark,
                     )
                 self._grow(self._sizes.get(id(target), 1), event.start_mark)
@@ -89,8 +89,9 @@ class _SafeLoader(yaml.SafeLoader):
         try:
             return super().construct_yaml_int(node)
         except ValueError:  # more digits than Python converts (4300)
+            digits = f"{node.value[:56]}... ({len(node.value)} characters)"
             raise yaml.constructor.ConstructorError(
-                None, None, f"{shown(node.value)} is not a usable number", node.start_mark
+                None, None, f"{digits} is not a usable number", node.start_mark
             ) from None
 
 
@@ -111,7 +112,7 @@ def _construct_mapping(loader, node, deep=False):
             raise yaml.constructor.ConstructorError(
                 None,
                 None,
-                f"key {shown(key)} appears twice (first on line {seen[key]})",
+                f"key {key!r} appears twice (first on line {seen[key]})",
                 key_node.start_mark,
             )
         seen[key] = key_node.start_mark.line + 1
@@ -169,26 +170,31 @@ def parse_yaml(text: str, source: str) -> dict:
     return data
 
 
-def load_stack(path: Path | str | None = None) -> Stack:
-    """The stack file: `path`, else $AIIA_STACK, else deploy/stack.yml."""
-    path = Path(path or os.environ.get("AIIA_STACK") or DEFAULT_STACK)
-    try:
-        with path.open("rb") as f:
-            raw = f.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise OpsError(
-            f"cannot read the stack file {path}: {exc.strerror}; "
-            f"pass an existing file with --stack PATH"
-        ) from None
+def _read_text(path: Path) -> str:
+    """At most MAX_FILE_BYTES of UTF-8 text (OSError when it cannot be read)."""
+    with path.open("rb") as f:
+        raw = f.read(MAX_FILE_BYTES + 1)
     if len(raw) > MAX_FILE_BYTES:
         raise StackError(
             str(path), [f"larger than {MAX_FILE_BYTES} bytes; a stack file is a few KB"]
         )
     try:
-        text = raw.decode()
+        return raw.decode()
     except UnicodeDecodeError as exc:
         raise StackError(
             str(path), [f"not UTF-8 text (byte {exc.start}); save it as UTF-8"]
+        ) from None
+
+
+def load_stack(path: Path | str | None = None) -> Stack:
+    """The stack file: `path`, else $AIIA_STACK, else deploy/stack.yml."""
+    path = Path(path or os.environ.get("AIIA_STACK") or DEFAULT_STACK)
+    try:
+        text = _read_text(path)
+    except OSError as exc:
+        raise OpsError(
+            f"cannot read the stack file {path}: {exc.strerror}; "
+            f"pass an existing file with --stack PATH"
         ) from None
     return stack_from_data(parse_yaml(text, str(path)), str(path))
 
@@ -212,6 +218,8 @@ def stack_from_data(data: dict, source: str = "stack") -> Stack:
             "environments",
             "missing; expected a mapping of environment names (prod, staging) to their settings",
         )
+        if not hasattr(raw_envs, "__len__"):  # a number: len() below would raise
+            raw_envs = [raw_envs]
     else:
         for name, overrides in raw_envs.items():
             if not valid_name(name, "environments", problems):
@@ -226,16 +234,8 @@ def stack_from_data(data: dict, source: str = "stack") -> Stack:
         object.__setattr__(stack, "source", source)
         for name in ("nginx", "pgbouncer", "postgresql", "redis"):
             object.__setattr__(getattr(stack.services, name), "name", name)
-        if isinstance(raw_envs, dict) and len(environments) == len(raw_envs):
+        if len(environments) == len(raw_envs or {}):
             cross_checks(stack, problems)
     if problems:
         raise StackError(source, problems.lines())
     return stack
-
-
-def valid_name(name: object, parent: str, problems: Problems) -> bool:
-    """An environment's name: it becomes file names, container names and config lines."""
-    problem = ENV_NAME.problem(name) if isinstance(name, str) else f"{shown(name)}: {ENV_NAME.says}"
-    if problem:
-        problems.add(parent, problem)
-    return not problem

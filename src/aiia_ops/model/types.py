@@ -64,13 +64,11 @@ SqlName = Annotated[
         "a PostgreSQL name is 1-63 of a-z 0-9 _, starting with a letter or _",
     ),
 ]
-AbsolutePath = Annotated[
-    str,
-    Match(
-        rf"(?=.{{1,255}}$){_PATH}",
-        "expected an absolute path of A-Z a-z 0-9 _ . @ + - and /, without . or .. parts",
-    ),
-]
+PATH_RULE = Match(
+    rf"(?=.{{1,255}}$){_PATH}",
+    "expected an absolute path of A-Z a-z 0-9 _ . @ + - and /, without . or .. parts",
+)
+AbsolutePath = Annotated[str, PATH_RULE]
 UrlPath = Annotated[
     str,
     Match(
@@ -335,7 +333,7 @@ class Environment:
     healthcheck: Healthcheck
     gunicorn: Gunicorn
     hosts: list[HostName]
-    volumes: dict[VolumeName, AbsolutePath] = field(default_factory=dict)
+    volumes: dict[str, str] = field(default_factory=dict)  # checked in validate.py
     name: str = field(default="", init=False)  # its key in `environments`
 
     @property

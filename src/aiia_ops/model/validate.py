@@ -5,8 +5,15 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from aiia_ops.model.schema import Problems, shown
-from aiia_ops.model.types import Environment, Service, Stack
+from aiia_ops.model.schema import Problems, child_path, shown
+from aiia_ops.model.types import (
+    ENV_NAME,
+    PATH_RULE,
+    VOLUME_NAME,
+    Environment,
+    Service,
+    Stack,
+)
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
 # No leading dash in the user or the address: neither can become an option.
@@ -15,6 +22,17 @@ _SSH = re.compile(
 )
 # Words pg_hba.conf and PgBouncer read as keywords, not as the name of a database or user.
 _SQL_KEYWORDS = {"all", "sameuser", "samerole", "samegroup", "replication", "pgbouncer"}
+
+
+def valid_name(name: object, parent: str, problems: Problems) -> bool:
+    """An environment's name: it becomes file names, container names and config lines."""
+    if not isinstance(name, str):
+        problems.add(parent, f"{shown(name)}: {ENV_NAME.says}")
+        return False
+    problem = ENV_NAME.problem(name)
+    if problem:
+        problems.add(parent, problem)
+    return not problem
 
 
 def _path(item: Service | Environment) -> str:
@@ -183,6 +201,10 @@ def _references(stack: Stack, problems: Problems) -> None:
                     f"{path}.hosts[{i}]",
                     f"unknown host {host!r}; expected one of: {known} (defined under hosts)",
                 )
+        for key, target in env.volumes.items():  # the app's volumes, merged from `app`
+            problem = VOLUME_NAME.problem(key) or PATH_RULE.problem(target)
+            if problem:
+                problems.add(child_path(f"{path}.volumes", key), problem)
         if not env.hosts:
             known = ", ".join(stack.hosts)
             problems.add(f"{path}.hosts", f"empty; expected at least one of: {known}")
