@@ -140,6 +140,22 @@ def _flow_depth(text: str) -> tuple[int, int]:
     return depth, -1
 
 
+def _read_text(path: Path) -> str:
+    """At most MAX_FILE_BYTES of UTF-8 text (OSError when it cannot be read)."""
+    with path.open("rb") as f:
+        raw = f.read(MAX_FILE_BYTES + 1)
+    if len(raw) > MAX_FILE_BYTES:
+        raise StackError(
+            str(path), [f"larger than {MAX_FILE_BYTES} bytes; a stack file is a few KB"]
+        )
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as exc:
+        raise StackError(
+            str(path), [f"not UTF-8 text (byte {exc.start}); save it as UTF-8"]
+        ) from None
+
+
 def parse_yaml(text: str, source: str) -> dict:
     if len(text) > MAX_FILE_BYTES:
         raise StackError(
@@ -168,22 +184,6 @@ def parse_yaml(text: str, source: str) -> dict:
     if not isinstance(data, dict):
         raise StackError(source, ["expected a mapping of top-level keys (project, machine, ...)"])
     return data
-
-
-def _read_text(path: Path) -> str:
-    """At most MAX_FILE_BYTES of UTF-8 text (OSError when it cannot be read)."""
-    with path.open("rb") as f:
-        raw = f.read(MAX_FILE_BYTES + 1)
-    if len(raw) > MAX_FILE_BYTES:
-        raise StackError(
-            str(path), [f"larger than {MAX_FILE_BYTES} bytes; a stack file is a few KB"]
-        )
-    try:
-        return raw.decode()
-    except UnicodeDecodeError as exc:
-        raise StackError(
-            str(path), [f"not UTF-8 text (byte {exc.start}); save it as UTF-8"]
-        ) from None
 
 
 def load_stack(path: Path | str | None = None) -> Stack:

@@ -333,7 +333,7 @@ class Environment:
     healthcheck: Healthcheck
     gunicorn: Gunicorn
     hosts: list[HostName]
-    volumes: dict[str, str] = field(default_factory=dict)  # checked in validate.py
+    volumes: dict[str, str] = field(default_factory=dict)
     name: str = field(default="", init=False)  # its key in `environments`
 
     @property
