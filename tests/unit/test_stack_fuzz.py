@@ -251,7 +251,7 @@ def test_an_alias_bomb_is_refused_within_a_second(tmp_path):
 
 def test_an_alias_that_contains_itself_is_refused(tmp_path):
     err = _refused_fast(tmp_path, "project: &p [a, *p]\n")
-    assert err.problems == ["not valid YAML: alias *'p' refers to a value that contains it"]
+    assert err.problems == ["not valid YAML: alias *p refers to a value that contains it"]
 
 
 def test_ten_thousand_levels_of_nesting_are_refused_within_a_second(tmp_path):
@@ -309,7 +309,7 @@ def test_huge_numbers_are_refused_within_a_second_with_the_key_path(tmp_path):
     ]
     text = STACK.read_text().replace("cpus: 2\n", "cpus: 1" + "0" * 5000 + "\n", 1)
     err = _refused_fast(tmp_path, text)
-    assert err.problems[0].endswith("(5003 characters) is not a usable number")
+    assert err.problems[0].endswith("... (5001 characters) is not a usable number")
 
 
 @pytest.mark.parametrize(
@@ -437,9 +437,11 @@ def _env_renamed(name: str) -> dict:
             "starting with a letter",
         ),
         (
-            patched_stack({"app": {"volumes": {"storage": "/app/storage,readonly=false"}}}),
-            "app.volumes.storage: '/app/storage,readonly=false': expected an absolute path of "
-            "A-Z a-z 0-9 _ . @ + - and /, without . or .. parts",
+            patched_stack(
+                {"environments": {"prod": {"volumes": {"storage": "/app/storage,readonly=false"}}}}
+            ),
+            "environments.prod.volumes.storage: '/app/storage,readonly=false': expected an "
+            "absolute path of A-Z a-z 0-9 _ . @ + - and /, without . or .. parts",
         ),
         (
             patched_stack({"services": {"nginx": {"image": "aiia/nginx --privileged"}}}),
