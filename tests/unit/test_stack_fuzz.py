@@ -354,9 +354,7 @@ def test_no_hosts_is_refused_not_a_stop_iteration():
     data["hosts"] = {}
     with pytest.raises(StackError) as err:
         stack_from_data(data)
-    assert err.value.problems == [
-        "hosts: empty; expected at least one host, such as local: {ssh: null}"
-    ]
+    assert err.value.problems == ["hosts: empty; expected at least one host (local: {ssh: null})"]
 
 
 def test_a_mapping_as_a_key_is_refused_with_its_line(tmp_path):

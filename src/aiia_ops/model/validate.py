@@ -162,7 +162,7 @@ def _resources(stack: Stack, problems: Problems) -> None:
 
 def _references(stack: Stack, problems: Problems) -> None:
     if not stack.hosts:
-        problems.add("hosts", "empty; expected at least one host, such as local: {ssh: null}")
+        problems.add("hosts", "empty; expected at least one host (local: {ssh: null})")
     for name, host in stack.hosts.items():
         top = max(stack.services.nginx.publish, default=0) + host.port_offset
         if host.port_offset < 0 or top > 65535:
