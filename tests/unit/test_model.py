@@ -109,7 +109,9 @@ def test_the_stacks_the_project_writes_itself_pass_the_identifier_rules():
     stack (other project, names, subnet), an SSH host as the e2e tests add it, the test
     ACME server's directory, a registry image."""
     data = isolated_stack("aiiatest", 29, 10000, "/tmp/pytest-of-root/pytest-7/e2e0/state")
-    data["hosts"]["sshbox"] = {"ssh": "root@127.0.0.1:2222", "state_dir": "/srv/aiia-e2e"}
+    data["hosts"] = {"sshbox": {"ssh": "root@127.0.0.1:2222", "state_dir": "/srv/aiia-e2e"}}
+    for env in data["environments"].values():
+        env["hosts"] = ["sshbox"]
     data["tls"]["acme"]["directory"] = "https://172.29.0.50:14000/dir"
     data["services"]["redis"]["image"] = "registry.example.com:5000/aiia/redis"
     stack = stack_from_data(data)
