@@ -7,7 +7,7 @@ import yaml
 
 from aiia_ops.model import StackError, load_stack, stack_from_data
 from tests.conftest import run_invoke
-from tests.stackfiles import FIXTURES, patched_stack, write_fixture_stack
+from tests.stackfiles import FIXTURES, isolated_stack, patched_stack, write_fixture_stack
 
 BROKEN = sorted((FIXTURES / "broken").glob("*.yml"))
 
@@ -102,3 +102,28 @@ def test_config_render_refuses_an_unknown_environment(state_dir):
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: unknown environment 'qa'; expected one of: prod, staging"
     assert not (state_dir / "out").exists()
+
+
+def test_the_stacks_the_project_writes_itself_pass_the_identifier_rules():
+    """The strict names and paths refuse hostile values, not the project's own: the e2e
+    stack (other project, names, subnet), an SSH host as the e2e tests add it, the test
+    ACME server's directory, a registry image."""
+    data = isolated_stack("aiiatest", 29, 10000, "/tmp/pytest-of-root/pytest-7/e2e0/state")
+    data["hosts"] = {"sshbox": {"ssh": "root@127.0.0.1:2222", "state_dir": "/srv/aiia-e2e"}}
+    for env in data["environments"].values():
+        env["hosts"] = ["sshbox"]
+    data["tls"]["acme"]["directory"] = "https://172.29.0.50:14000/dir"
+    data["services"]["redis"]["image"] = "registry.example.com:5000/aiia/redis"
+    stack = stack_from_data(data)
+    assert (stack.project, stack.network.name) == ("aiiatest", "aiiatest_network")
+    assert stack.hosts["sshbox"].ssh == "root@127.0.0.1:2222"
+    assert [c.container for c in stack.containers()][:2] == ["aiiatest_nginx", "aiiatest_pgbouncer"]
+
+
+def test_a_hostile_key_is_quoted_in_its_path_never_a_line_of_its_own():
+    data = patched_stack({"services": {"nginx": {"settings": {"gzip\nlevel": 6}}}})
+    with pytest.raises(StackError) as err:
+        stack_from_data(data)
+    (line,) = err.value.problems
+    assert "\n" not in line
+    assert line.startswith("services.nginx.settings['gzip\\nlevel']: unknown key")

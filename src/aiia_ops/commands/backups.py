@@ -60,13 +60,17 @@ def new_id(now: _dt.datetime, env: str, kind: str, existing: set[str] = frozense
 
 
 def parse_id(backup_id: str) -> tuple[_dt.datetime, str, str]:
-    m = _ID_RE.match(backup_id)
+    refused = OpsError(
+        f"{str(backup_id)[:80]!r} is not a backup id (like 20260101T020000Z-prod-daily); "
+        "see invoke backup.list"
+    )
+    m = _ID_RE.fullmatch(backup_id) if isinstance(backup_id, str) else None
     if not m or m.group(3) not in ALL_KINDS:
-        raise OpsError(
-            f"{backup_id!r} is not a backup id (like 20260101T020000Z-prod-daily); "
-            "see invoke backup.list"
-        )
-    when = _dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.UTC)
+        raise refused
+    try:  # the pattern holds digits; the calendar decides (month 13, 25 o'clock)
+        when = _dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.UTC)
+    except ValueError:
+        raise refused from None
     return when, m.group(2), m.group(3)
 
 

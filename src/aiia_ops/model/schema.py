@@ -11,13 +11,54 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import ipaddress
+import math
+import re
 import types
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from aiia_ops.model.units import Duration, Size, UnitError
 
 MISSING = object()
+
+# Numbers the model accepts: whole numbers within 64 bits, finite floats within 2**53 (so
+# that no later float conversion overflows and no NaN compares False and silences a check).
+MAX_INT = 2**63 - 1
+MAX_FLOAT = float(2**53)
+MAX_SIZE_BYTES = 2**50  # 1 PB: far above any machine, far below an overflow
+MAX_DURATION_SECONDS = 3650 * 86400  # ten years
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """A text constraint for `Annotated[str, Match(...)]`: the whole value matches `pattern`.
+
+    `says` is the rule in words, shown after the offending value:
+        services.nginx.container: '--privileged': a container name is ...
+    """
+
+    pattern: str
+    says: str
+
+    def problem(self, value: str) -> str | None:
+        if re.fullmatch(self.pattern, value):
+            return None
+        return f"{shown(value)}: {self.says}"
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """repr() of a value for a message: control characters escaped, long values cut."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit conversion limit
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    except RecursionError:
+        return "a value nested too deep"
+    if len(text) > limit:
+        text = f"{text[: limit - 3]}... ({len(text)} characters)"
+    return text
 
 
 class Problems(list):
@@ -39,9 +80,10 @@ class Sourced(dict):
         self.paths = paths
 
 
-def deep_merge(base: Any, base_path: str, override: Any, override_path: str) -> Any:
-    """Override's keys win; nested dicts merge. Remembers where each key came from."""
-    if not isinstance(base, dict) or not isinstance(override, dict):
+def deep_merge(base: Any, base_path: str, override: Any, override_path: str, depth: int = 0) -> Any:
+    """Override's keys win; nested dicts merge. Remembers where each key came from.
+    Below 50 levels (data no stack file has) the override wins whole: no RecursionError."""
+    if not isinstance(base, dict) or not isinstance(override, dict) or depth > 50:
         return override
     data, paths = {}, {}
     for key, value in base.items():
@@ -49,17 +91,33 @@ def deep_merge(base: Any, base_path: str, override: Any, override_path: str) -> 
     for key, value in override.items():
         child = _child_path(override, override_path, key)
         if key in data and isinstance(data[key], dict) and isinstance(value, dict):
-            data[key] = deep_merge(data[key], paths[key], value, child)
+            data[key] = deep_merge(data[key], paths[key], value, child, depth + 1)
         else:
             data[key] = value
         paths[key] = child
     return Sourced(data, paths)
 
 
-def _child_path(parent: Any, path: str, key: str) -> str:
-    if isinstance(parent, Sourced) and key in parent.paths:
+def _child_path(parent: Any, path: str, key: Any) -> str:
+    if isinstance(parent, Sourced) and _hashable(key) and key in parent.paths:
         return parent.paths[key]
-    return f"{path}.{key}" if path else str(key)
+    return child_path(path, key)
+
+
+def child_path(path: str, key: Any) -> str:
+    """`path.key`; a key that is not plain text (a newline, a dot, a number) as `path[repr]`,
+    so a hostile key can never forge a line or another path in a message."""
+    if isinstance(key, str) and _PLAIN_KEY.fullmatch(key) and len(key) <= 64:
+        return f"{path}.{key}" if path else key
+    return f"{path}[{shown(key)}]"
+
+
+def _hashable(key: Any) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
 
 
 def key_of(field: dataclasses.Field) -> str:
@@ -85,6 +143,8 @@ def describe(tp: Any) -> str:
     if tp is str:
         return "a text"
     origin = get_origin(tp)
+    if origin is Annotated:
+        return describe(get_args(tp)[0])
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin is list:
@@ -103,16 +163,44 @@ def _found(value: Any) -> str:
         return "a mapping"
     if isinstance(value, list):
         return "a list"
-    return repr(value)
+    return shown(value)
+
+
+def _number_problem(value: Any) -> str | None:
+    """Why a number read from the file cannot be used, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value!r} is not a number; expected a finite number"
+    limit = MAX_INT if isinstance(value, int) else MAX_FLOAT
+    if abs(value) > limit:
+        return f"{shown(value)} is too large; expected a number between {-limit:g} and {limit:g}"
+    return None
+
+
+def _constrained(tp: Any, value: Any, path: str, problems: Problems) -> Any:
+    base, *rules = get_args(tp)
+    built = build(base, value, path, problems)
+    if built is MISSING:
+        return MISSING
+    for rule in rules:
+        problem = rule.problem(built) if isinstance(rule, Match) else None
+        if problem:
+            problems.add(path, problem)
+            return MISSING
+    return built
 
 
 def build(tp: Any, value: Any, path: str, problems: Problems) -> Any:
     """Check `value` against type `tp`; return the typed value, or MISSING after recording why."""
     origin = get_origin(tp)
+    if origin is Annotated:
+        return _constrained(tp, value, path, problems)
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None and type(None) in options:
             return None
+        trials = []
         for option in options:
             if option is type(None):
                 continue
@@ -120,7 +208,11 @@ def build(tp: Any, value: Any, path: str, problems: Problems) -> Any:
             built = build(option, value, path, trial)
             if not trial:
                 return built
-        problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
+            trials.append(trial)
+        if len(trials) == 1 and get_origin(options[0]) is Annotated:
+            problems.extend(p for p in trials[0] if p not in problems)  # the rule's own words
+        else:
+            problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
         return MISSING
     if value is None:
         problems.add(path, f"missing value; expected {describe(tp)}")
@@ -138,19 +230,27 @@ def build(tp: Any, value: Any, path: str, problems: Problems) -> Any:
         if not isinstance(value, dict):
             problems.add(path, f"expected a mapping, got {_found(value)}")
             return MISSING
-        _, item_tp = get_args(tp)
-        out = {}
+        key_tp, item_tp = get_args(tp)
+        out, broken = {}, False
         for k, v in value.items():
-            child = _child_path(value, path, k)
             if not isinstance(k, str):
-                problems.add(child, f"keys must be text, got {k!r}")
+                problems.add(path, f"keys must be text, got {_found(k)}")
+                broken = True
                 continue
-            out[k] = build(item_tp, v, child, problems)
-        return MISSING if any(v is MISSING for v in out.values()) else out
+            if build(key_tp, k, path, problems) is MISSING:
+                broken = True
+                continue
+            out[k] = build(item_tp, v, _child_path(value, path, k), problems)
+        return MISSING if broken or any(v is MISSING for v in out.values()) else out
     if origin is Literal:
         allowed = get_args(tp)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        if (
+            not _hashable(value)
+            or value not in allowed
+            or type(value) is not type(allowed[allowed.index(value)])
+        ):
+            said = value[:100] if isinstance(value, str) else ""
+            close = difflib.get_close_matches(said, [str(a) for a in allowed], n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             problems.add(path, f"expected {describe(tp)}, got {_found(value)}{hint}")
             return MISSING
@@ -159,15 +259,41 @@ def build(tp: Any, value: Any, path: str, problems: Problems) -> Any:
 
 
 def _build_scalar(tp: Any, value: Any, path: str, problems: Problems) -> Any:
+    number = _number_problem(value)
+    if number:
+        problems.add(path, number)
+        return MISSING
+    if isinstance(value, (dict, list)):  # no scalar is built from one (nor shown: it may nest)
+        problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
+        return MISSING
+    if isinstance(value, str) and len(value) > 1000:
+        problems.add(path, f"{shown(value)} is too long; expected at most 1000 characters")
+        return MISSING
     try:
-        if tp in (Size, Duration):
-            return tp.parse(value)
+        if tp is Size:
+            parsed = Size.parse(value)
+            if not 0 <= parsed.bytes <= MAX_SIZE_BYTES:
+                raise OverflowError
+            return parsed
+        if tp is Duration:
+            parsed = Duration.parse(value)
+            if not 0 <= parsed.seconds <= MAX_DURATION_SECONDS:
+                raise OverflowError
+            return parsed
         if tp is ipaddress.IPv4Address:
-            return ipaddress.IPv4Address(str(value))
+            if not isinstance(value, str):
+                raise ValueError
+            return ipaddress.IPv4Address(value)
         if tp is ipaddress.IPv4Network:
-            return ipaddress.IPv4Network(str(value), strict=True)
+            if not isinstance(value, str):
+                raise ValueError
+            return ipaddress.IPv4Network(value, strict=True)
     except UnitError as exc:
         problems.add(path, str(exc))
+        return MISSING
+    except OverflowError:
+        most = "1024TB" if tp is Size else "3650d"
+        problems.add(path, f"{_found(value)} is too large; expected at most {most}")
         return MISSING
     except ValueError:
         problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
@@ -188,11 +314,10 @@ def _build_dataclass(tp: Any, value: Any, path: str, problems: Problems) -> Any:
     if not isinstance(value, dict):
         problems.add(path, f"expected {describe(tp)}, got {_found(value)}")
         return MISSING
-    fields = {key_of(f): f for f in dataclasses.fields(tp) if f.init}
-    hints = get_type_hints(tp)
+    fields, hints = _fields(tp)
     for key in value:
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.6)
+        if not isinstance(key, str) or key not in fields:
+            close = difflib.get_close_matches(str(key)[:100], list(fields), n=1, cutoff=0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             known = ", ".join(fields)
             problems.add(_child_path(value, path, key), f"unknown key{hint}; known keys: {known}")
@@ -214,6 +339,13 @@ def _build_dataclass(tp: Any, value: Any, path: str, problems: Problems) -> Any:
         else:
             kwargs[field.name] = built
     return MISSING if broken else tp(**kwargs)
+
+
+@functools.cache
+def _fields(tp: type) -> tuple[dict[str, dataclasses.Field], dict[str, Any]]:
+    """A dataclass's fields by YAML key, and its type hints (resolved once: it is slow)."""
+    fields = {key_of(f): f for f in dataclasses.fields(tp) if f.init}
+    return fields, get_type_hints(tp, include_extras=True)
 
 
 def field_key(key: str, **kw) -> Any:

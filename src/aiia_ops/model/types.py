@@ -8,13 +8,101 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 from aiia_ops.errors import OpsError
-from aiia_ops.model.schema import field_key
+from aiia_ops.model.schema import Match, field_key
 from aiia_ops.model.units import Duration, Size
 
 IPv4 = ipaddress.IPv4Address
+
+# --- identifiers and the texts that reach configs, paths and argvs -----------------------
+# Each is checked when the stack is built: nothing that can break a config line, a path
+# or an argv (newline, `;`, `{`, `..`, a leading `-`) gets through.
+
+
+def _name(what: str) -> Match:
+    return Match(r"[a-z][a-z0-9_-]{0,31}", f"{what} is 1-32 of a-z 0-9 _ -, starting with a letter")
+
+
+_PATH = r"/(?!.*//)(?:(?!\.\.?(?:/|$))[A-Za-z0-9_.@+-]+(?:/|$))*"
+_SEGMENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+
+ENV_NAME = _name("an environment name")
+PROJECT_NAME = _name("a project name")
+HOST_NAME = _name("a host's name (its key under hosts)")
+VOLUME_NAME = _name("a volume name")
+ProjectName = Annotated[str, PROJECT_NAME]
+HostName = Annotated[str, HOST_NAME]
+VolumeName = Annotated[str, VOLUME_NAME]
+ContainerName = Annotated[
+    str,
+    Match(
+        r"[a-z0-9][a-z0-9_.-]{0,62}",
+        "a container name is 1-63 of a-z 0-9 _ . -, starting with a letter or digit",
+    ),
+]
+NetworkName = Annotated[
+    str,
+    Match(
+        r"[a-z0-9][a-z0-9_.-]{0,62}",
+        "a network name is 1-63 of a-z 0-9 _ . -, starting with a letter or digit",
+    ),
+]
+ImageName = Annotated[
+    str,
+    Match(
+        rf"(?=.{{1,200}}$)(?:[a-z0-9][a-z0-9.-]*(?::\d{{1,5}})?/)?{_SEGMENT}(?:/{_SEGMENT})*",
+        "an image name is a repository such as aiia/nginx or registry:5000/aiia/nginx "
+        "(a-z 0-9 . _ -, no tag)",
+    ),
+]
+SqlName = Annotated[
+    str,
+    Match(
+        r"[a-z_][a-z0-9_]{0,62}",
+        "a PostgreSQL name is 1-63 of a-z 0-9 _, starting with a letter or _",
+    ),
+]
+PATH_RULE = Match(
+    rf"(?=.{{1,255}}$){_PATH}",
+    "expected an absolute path of A-Z a-z 0-9 _ . @ + - and /, without . or .. parts",
+)
+AbsolutePath = Annotated[str, PATH_RULE]
+UrlPath = Annotated[
+    str,
+    Match(
+        rf"(?=.{{1,255}}$){_PATH}",
+        "expected a URL path such as /health/ (A-Z a-z 0-9 _ . @ + - and /)",
+    ),
+]
+Ciphers = Annotated[
+    str,
+    Match(
+        r"[A-Za-z0-9:+!@=_-]{1,1000}",
+        "an OpenSSL cipher string is 1-1000 of A-Z a-z 0-9 : + ! @ = _ - (such as HIGH:!aNULL)",
+    ),
+]
+Email = Annotated[
+    str,
+    Match(
+        r"(?=.{1,254}$)[A-Za-z0-9_][A-Za-z0-9._%+-]*@(?:[A-Za-z0-9-]+\.)+[A-Za-z]{2,63}",
+        "expected an e-mail address such as ops@example.com",
+    ),
+]
+AcmeDirectory = Annotated[
+    str,
+    Match(
+        r"(?=.{1,255}$)https?://[A-Za-z0-9][A-Za-z0-9.-]*(?::\d{1,5})?"
+        r"(?:/(?!\.\.?(?:/|$))[A-Za-z0-9_.~%+-]*)*",
+        "expected an ACME directory URL such as "
+        "https://acme-v02.api.letsencrypt.org/directory (no .. parts, query or spaces)",
+    ),
+]
+Argument = Annotated[
+    str,
+    Match(r"[^\x00-\x1f\x7f]{1,255}", "an argument is 1-255 printable characters"),
+]
 
 
 class StackError(OpsError):
@@ -45,8 +133,8 @@ class Healthcheck:
     interval: Duration
     timeout: Duration
     retries: int
-    http: str | None = None  # a path probed over HTTP inside the container
-    command: list[str] | None = None  # or a command run inside the container
+    http: UrlPath | None = None  # a path probed over HTTP inside the container
+    command: list[Argument] | None = None  # or a command run inside the container
 
 
 @dataclass(frozen=True)
@@ -64,7 +152,7 @@ class Machine:
 @dataclass(frozen=True)
 class Host:
     ssh: str | None = None  # user@address[:port]; None = this machine's engine
-    state_dir: str = "/var/lib/aiia"
+    state_dir: AbsolutePath = "/var/lib/aiia"
     publish_address: ipaddress.IPv4Address = ipaddress.IPv4Address("0.0.0.0")
     # Published port = container port + offset. 0 in production; a second stack on one
     # machine (tests beside a running stack) publishes 80/443 elsewhere.
@@ -80,22 +168,22 @@ class Host:
 
 @dataclass(frozen=True)
 class Network:
-    name: str
+    name: NetworkName
     subnet: ipaddress.IPv4Network
 
 
 @dataclass(frozen=True)
 class Acme:
-    directory: str
-    email: str
+    directory: AcmeDirectory
+    email: Email
     renew_before: Duration
-    webroot: str
+    webroot: AbsolutePath
 
 
 @dataclass(frozen=True)
 class Tls:
     protocols: list[Literal["TLSv1.2", "TLSv1.3"]]
-    ciphers: str
+    ciphers: Ciphers
     hsts_max_age: int
     session_timeout: Duration
     session_cache_size: Size
@@ -135,7 +223,7 @@ class PgbouncerSettings:
 
 @dataclass(frozen=True)
 class PostgresSettings:
-    superuser: str
+    superuser: SqlName
     max_connections: int
     shared_buffers: Size
     effective_cache_size: Size
@@ -167,15 +255,15 @@ class RedisSettings:
 
 @dataclass(frozen=True, kw_only=True)
 class Service:
-    container: str
-    image: str
+    container: ContainerName
+    image: ImageName
     address: IPv4
     memory: Memory
     cpu: Cpu
     healthcheck: Healthcheck
     port: int | None = None
     publish: list[int] = field(default_factory=list)
-    volumes: dict[str, str] = field(default_factory=dict)
+    volumes: dict[VolumeName, AbsolutePath] = field(default_factory=dict)
     domains: list[str] = field(default_factory=list)
     name: str = field(default="", init=False)  # its key in `services`
 
@@ -232,19 +320,19 @@ class Gunicorn:
 class Environment:
     """The app in one environment: the `app` block merged with `environments.<name>`."""
 
-    container: str
+    container: ContainerName
     address: IPv4
     standby_address: IPv4
     port: int
     domains: list[str]
-    database: str
+    database: SqlName
     redis_db: int
-    image: str
+    image: ImageName
     memory: Memory
     cpu: Cpu
     healthcheck: Healthcheck
     gunicorn: Gunicorn
-    hosts: list[str]
+    hosts: list[HostName]
     volumes: dict[str, str] = field(default_factory=dict)
     name: str = field(default="", init=False)  # its key in `environments`
 
@@ -347,10 +435,10 @@ class Monitoring:
 
 @dataclass(frozen=True)
 class Stack:
-    project: str
+    project: ProjectName
     machine: Machine
     runtime: Literal["compose"]
-    hosts: dict[str, Host]
+    hosts: dict[HostName, Host]
     network: Network
     tls: Tls
     services: Services

@@ -5,11 +5,34 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-from aiia_ops.model.schema import Problems
-from aiia_ops.model.types import Environment, Service, Stack
+from aiia_ops.model.schema import Problems, child_path, shown
+from aiia_ops.model.types import (
+    ENV_NAME,
+    PATH_RULE,
+    VOLUME_NAME,
+    Environment,
+    Service,
+    Stack,
+)
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$")
-_SSH = re.compile(r"^(?:[A-Za-z0-9._-]+@)?[A-Za-z0-9.-]+(?::\d{1,5})?$")
+# No leading dash in the user or the address: neither can become an option.
+_SSH = re.compile(
+    r"(?:[A-Za-z0-9_][A-Za-z0-9._-]{0,31}@)?[A-Za-z0-9][A-Za-z0-9.-]{0,252}(?::\d{1,5})?"
+)
+# Words pg_hba.conf and PgBouncer read as keywords, not as the name of a database or user.
+_SQL_KEYWORDS = {"all", "sameuser", "samerole", "samegroup", "replication", "pgbouncer"}
+
+
+def valid_name(name: object, parent: str, problems: Problems) -> bool:
+    """An environment's name: it becomes file names, container names and config lines."""
+    if not isinstance(name, str):
+        problems.add(parent, f"{shown(name)}: {ENV_NAME.says}")
+        return False
+    problem = ENV_NAME.problem(name)
+    if problem:
+        problems.add(parent, problem)
+    return not problem
 
 
 def _path(item: Service | Environment) -> str:
@@ -138,6 +161,8 @@ def _resources(stack: Stack, problems: Problems) -> None:
 
 
 def _references(stack: Stack, problems: Problems) -> None:
+    if not stack.hosts:
+        problems.add("hosts", "empty; expected at least one host (local: {ssh: null})")
     for name, host in stack.hosts.items():
         top = max(stack.services.nginx.publish, default=0) + host.port_offset
         if host.port_offset < 0 or top > 65535:
@@ -145,8 +170,8 @@ def _references(stack: Stack, problems: Problems) -> None:
                 f"hosts.{name}.port_offset",
                 f"{host.port_offset} puts published ports outside 1-65535",
             )
-        if host.ssh is not None and not _SSH.match(host.ssh):
-            problems.add(f"hosts.{name}.ssh", f"{host.ssh!r} is not user@address[:port]")
+        if host.ssh is not None and not _SSH.fullmatch(host.ssh):
+            problems.add(f"hosts.{name}.ssh", f"{shown(host.ssh)} is not user@address[:port]")
         if not host.state_dir.startswith("/"):
             problems.add(
                 f"hosts.{name}.state_dir",
@@ -158,8 +183,8 @@ def _references(stack: Stack, problems: Problems) -> None:
     ]
     for path, names in owners:
         for i, domain in enumerate(names):
-            if not _HOSTNAME.match(domain):
-                problems.add(f"{path}[{i}]", f"{domain!r} is not a lower-case host name")
+            if not _HOSTNAME.fullmatch(domain):
+                problems.add(f"{path}[{i}]", f"{shown(domain)} is not a lower-case host name")
             if domain in domains:
                 problems.add(f"{path}[{i}]", f"{domain} is already served by {domains[domain]}")
             domains.setdefault(domain, path)
@@ -170,12 +195,24 @@ def _references(stack: Stack, problems: Problems) -> None:
     for env in stack.environments.values():
         path = f"environments.{env.name}"
         for i, host in enumerate(env.hosts):
-            if host not in stack.hosts:
+            if stack.hosts and host not in stack.hosts:  # (none: said above)
                 known = ", ".join(stack.hosts)
                 problems.add(
                     f"{path}.hosts[{i}]",
                     f"unknown host {host!r}; expected one of: {known} (defined under hosts)",
                 )
+        for key, target in env.volumes.items():  # the app's volumes, merged from `app`
+            problem = VOLUME_NAME.problem(key) or PATH_RULE.problem(target)
+            if problem:
+                problems.add(child_path(f"{path}.volumes", key), problem)
+        if not env.hosts:
+            known = ", ".join(stack.hosts)
+            problems.add(f"{path}.hosts", f"empty; expected at least one of: {known}")
+        if "storage" not in env.volumes:
+            problems.add(
+                f"{path}.volumes.storage",
+                "missing; expected where the app keeps its files, such as /app/storage",
+            )
         if not env.domains:
             problems.add(f"{path}.domains", "missing; expected at least one domain")
         if env.database in databases:
@@ -185,12 +222,28 @@ def _references(stack: Stack, problems: Problems) -> None:
                 f"{databases[env.database]}; environments never share a database",
             )
         databases[env.database] = path
+        if env.database in _SQL_KEYWORDS | {"pgbouncer_admin"}:
+            problems.add(
+                f"{path}.database",
+                f"{env.database!r} is a keyword of pg_hba.conf or PgBouncer; expected another name",
+            )
+        elif env.database == stack.services.postgresql.settings.superuser:
+            problems.add(
+                f"{path}.database",
+                f"{env.database!r} is the superuser's name; expected a name of its own",
+            )
         if not 0 <= env.redis_db < redis_dbs:
             problems.add(
                 f"{path}.redis_db",
                 f"{env.redis_db} is not a Redis database; "
                 f"expected 0 to {redis_dbs - 1} (services.redis.settings.databases)",
             )
+    superuser = stack.services.postgresql.settings.superuser
+    if superuser in _SQL_KEYWORDS | {"pgbouncer_admin"}:
+        problems.add(
+            "services.postgresql.settings.superuser",
+            f"{superuser!r} is a keyword of pg_hba.conf or PgBouncer; expected another name",
+        )
 
 
 def _settings(stack: Stack, problems: Problems) -> None:
