@@ -6,6 +6,10 @@ container is expected to use. Steady-state limits must fit the machine less its 
 during a zero-downtime deploy a second app container runs beside the first, and that moment
 must fit too (reservations strictly, limits as a warning: both containers at their caps at
 once is the unlikely worst case).
+
+With several hosts (model/placement.py) memory, CPU and the deploy overlap are checked per
+host, against that host's machine and what is placed on it; each finding's check names
+the host. With one host the findings are the same as ever.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from aiia_ops.model.placement import HostLoad, app_instances, host_loads
 from aiia_ops.model.types import Stack
 from aiia_ops.model.units import Size
 
@@ -37,20 +42,31 @@ def _mb(size: Size) -> str:
 
 
 def check_budget(stack: Stack) -> list[Finding]:
-    return [
-        *_memory(stack),
-        *_cpu(stack),
-        *_redis(stack),
-        *_postgres(stack),
-        *_connections(stack),
-        *_deploy_overlap(stack),
-        *_thresholds(stack),
-    ]
+    loads = host_loads(stack)
+    if len(loads) == 1:
+        (load,) = loads
+        return [
+            *_memory(load),
+            *_cpu(load),
+            *_redis(stack),
+            *_postgres(stack),
+            *_connections(stack),
+            *_deploy_overlap(load),
+            *_thresholds(stack),
+        ]
+    per_host = []
+    for load in loads:
+        prefix = f"{load.name} "
+        if not load.items:
+            per_host.append(Finding("warning", f"{prefix}placement", "nothing is placed here"))
+            continue
+        per_host += [*_memory(load, prefix), *_cpu(load, prefix), *_deploy_overlap(load, prefix)]
+    return [*per_host, *_redis(stack), *_postgres(stack), *_connections(stack), *_thresholds(stack)]
 
 
-def _memory(stack: Stack) -> list[Finding]:
-    machine = stack.machine
-    items = stack.containers()
+def _memory(load: HostLoad, prefix: str = "") -> list[Finding]:
+    machine = load.machine
+    items = load.items
     limits = sum((i.memory.limit for i in items), Size(0))
     reservations = sum((i.memory.reservation for i in items), Size(0))
     available = machine.available_memory
@@ -59,17 +75,17 @@ def _memory(stack: Stack) -> list[Finding]:
         out.append(
             Finding(
                 "error",
-                "memory limits",
+                f"{prefix}memory limits",
                 f"memory limits add up to {_mb(limits)} on "
                 f"a {_mb(machine.memory)} host: lower the limits or raise "
-                "machine.memory",
+                f"{load.machine_path}.memory",
             )
         )
     elif limits > available:
         out.append(
             Finding(
                 "error",
-                "memory limits",
+                f"{prefix}memory limits",
                 f"memory limits add up to {_mb(limits)}, "
                 f"more than the {_mb(available)} left after the OS reserve "
                 f"({_mb(machine.os_reserve)}) on a {_mb(machine.memory)} host",
@@ -79,7 +95,7 @@ def _memory(stack: Stack) -> list[Finding]:
         out.append(
             Finding(
                 "ok",
-                "memory limits",
+                f"{prefix}memory limits",
                 f"limits {_mb(limits)} fit in {_mb(available)}"
                 f" ({_mb(machine.memory)} less {_mb(machine.os_reserve)} OS reserve)",
             )
@@ -88,7 +104,7 @@ def _memory(stack: Stack) -> list[Finding]:
         out.append(
             Finding(
                 "error",
-                "memory reservations",
+                f"{prefix}memory reservations",
                 f"reservations add up to "
                 f"{_mb(reservations)}, more than the {_mb(available)} available",
             )
@@ -97,16 +113,21 @@ def _memory(stack: Stack) -> list[Finding]:
         out.append(
             Finding(
                 "ok",
-                "memory reservations",
+                f"{prefix}memory reservations",
                 f"reservations {_mb(reservations)} fit in {_mb(available)}",
             )
         )
     return out
 
 
-def _cpu(stack: Stack) -> list[Finding]:
-    items = stack.containers()
-    cpus = stack.machine.cpus
+def _item_path(item) -> str:
+    env = getattr(item, "env", None)
+    return f"environments.{env.name}" if env is not None else f"services.{item.name}"
+
+
+def _cpu(load: HostLoad, prefix: str = "") -> list[Finding]:
+    items = load.items
+    cpus = load.machine.cpus
     reserved = round(sum(i.cpu.reservation for i in items), 3)
     limits = round(sum(i.cpu.limit for i in items), 3)
     out = []
@@ -114,20 +135,35 @@ def _cpu(stack: Stack) -> list[Finding]:
         out.append(
             Finding(
                 "error",
-                "cpu reservations",
+                f"{prefix}cpu reservations",
                 f"CPU reservations add up to "
-                f"{reserved:g} on {cpus:g} vCPUs: lower them or raise machine.cpus",
+                f"{reserved:g} on {cpus:g} vCPUs: lower them or raise {load.machine_path}.cpus",
             )
         )
     else:
         out.append(
-            Finding("ok", "cpu reservations", f"reservations {reserved:g} of {cpus:g} vCPUs")
+            Finding(
+                "ok", f"{prefix}cpu reservations", f"reservations {reserved:g} of {cpus:g} vCPUs"
+            )
         )
+    over = [i for i in items if i.cpu.limit > cpus]
+    for item in over:
+        # validate.py holds every limit to the stack's machine; a smaller host is this check's.
+        out.append(
+            Finding(
+                "error",
+                f"{prefix}cpu limits",
+                f"{item.container} may use {item.cpu.limit:g} CPUs on a {cpus:g}-vCPU host: "
+                f"lower {_item_path(item)}.cpu.limit or raise {load.machine_path}.cpus",
+            )
+        )
+    if over:
+        return out
     # Limits may oversubscribe: the services are mostly I/O-bound (the document allows it).
     out.append(
         Finding(
             "ok",
-            "cpu limits",
+            f"{prefix}cpu limits",
             f"limits add up to {limits:g} on {cpus:g} vCPUs"
             + (" (oversubscribed, allowed for I/O-bound services)" if limits > cpus else ""),
         )
@@ -227,15 +263,18 @@ def _connections(stack: Stack) -> list[Finding]:
     clients = 0
     for env in envs:
         g = env.gunicorn
+        # Every app container of the environment shares its (database, user) pool.
+        count = len(app_instances(env))
+        threads = count * g.workers * g.threads
         # Twice during a deploy: the new container runs beside the old one.
-        threads = g.workers * g.threads
         clients += 2 * threads
+        many = f"{count} instances x " if count > 1 else ""
         if threads > bouncer.default_pool_size:
             out.append(
                 Finding(
                     "warning",
                     f"{env.name} gunicorn vs pool",
-                    f"{g.workers} workers "
+                    f"{many}{g.workers} workers "
                     f"x {g.threads} threads = {threads} concurrent queries, more "
                     f"than the pool of {bouncer.default_pool_size}: requests queue",
                 )
@@ -245,7 +284,7 @@ def _connections(stack: Stack) -> list[Finding]:
                 Finding(
                     "ok",
                     f"{env.name} gunicorn vs pool",
-                    f"{g.workers} workers x "
+                    f"{many}{g.workers} workers x "
                     f"{g.threads} threads = {threads} within the pool of "
                     f"{bouncer.default_pool_size}",
                 )
@@ -263,17 +302,20 @@ def _connections(stack: Stack) -> list[Finding]:
     return out
 
 
-def _deploy_overlap(stack: Stack) -> list[Finding]:
-    machine = stack.machine
-    items = stack.containers()
+def _deploy_overlap(load: HostLoad, prefix: str = "") -> list[Finding]:
+    """One more app container of an environment beside the others on its host: a deploy
+    replaces the containers of a host one at a time."""
+    machine = load.machine
+    items = load.items
     limits = sum((i.memory.limit for i in items), Size(0))
     reservations = sum((i.memory.reservation for i in items), Size(0))
     available = machine.available_memory
+    envs = list({i.env.name: i.env for i in load.instances}.values())
     out = []
-    for env in stack.environments.values():
+    for env in envs:
         peak_res = reservations + env.memory.reservation
         peak_lim = limits + env.memory.limit
-        name = f"{env.name} deploy overlap"
+        name = f"{prefix}{env.name} deploy overlap"
         if peak_res > available:
             out.append(
                 Finding(

@@ -10,6 +10,8 @@ import yaml
 
 from aiia_ops import DEFAULT_STACK
 from aiia_ops.errors import OpsError
+from aiia_ops.model.placement import placement_checks
+from aiia_ops.model.profiles import load_profiled
 from aiia_ops.model.schema import MISSING, Problems, build, deep_merge
 from aiia_ops.model.types import Environment, Stack, StackError
 from aiia_ops.model.validate import cross_checks, valid_name
@@ -186,8 +188,9 @@ def parse_yaml(text: str, source: str) -> dict:
     return data
 
 
-def load_stack(path: Path | str | None = None) -> Stack:
-    """The stack file: `path`, else $AIIA_STACK, else deploy/stack.yml."""
+def load_stack(path: Path | str | None = None, profile: str | None = None) -> Stack:
+    """The stack file: `path`, else $AIIA_STACK, else deploy/stack.yml; with `profile`
+    (else $AIIA_PROFILE) laid over it (model/profiles.py)."""
     path = Path(path or os.environ.get("AIIA_STACK") or DEFAULT_STACK)
     try:
         text = _read_text(path)
@@ -196,7 +199,10 @@ def load_stack(path: Path | str | None = None) -> Stack:
             f"cannot read the stack file {path}: {exc.strerror}; "
             f"pass an existing file with --stack PATH"
         ) from None
-    return stack_from_data(parse_yaml(text, str(path)), str(path))
+    data = parse_yaml(text, str(path))
+    if profile := profile or os.environ.get("AIIA_PROFILE"):
+        return load_profiled(data, path, profile, parse_yaml, stack_from_data)
+    return stack_from_data(data, str(path))
 
 
 def stack_from_data(data: dict, source: str = "stack") -> Stack:
@@ -236,6 +242,7 @@ def stack_from_data(data: dict, source: str = "stack") -> Stack:
             object.__setattr__(getattr(stack.services, name), "name", name)
         if len(environments) == len(raw_envs or {}):
             cross_checks(stack, problems)
+            placement_checks(stack, problems)
     if problems:
         raise StackError(source, problems.lines())
     return stack

@@ -149,6 +149,10 @@ class Machine:
         return self.memory - self.os_reserve
 
 
+# What a host may run (hosts.<name>.roles); an empty list: anything (level 1's one host).
+Role = Literal["load_balancer", "database", "pooler", "cache", "app"]
+
+
 @dataclass(frozen=True)
 class Host:
     ssh: str | None = None  # user@address[:port]; None = this machine's engine
@@ -157,6 +161,11 @@ class Host:
     # Published port = container port + offset. 0 in production; a second stack on one
     # machine (tests beside a running stack) publishes 80/443 elsewhere.
     port_offset: int = 0
+    # Several hosts (model/placement.py): what each may run, the private address the
+    # others reach it on, and its own machine (None: the stack's `machine`).
+    roles: list[Role] = field(default_factory=list)
+    address: ipaddress.IPv4Address | None = None
+    machine: Machine | None = None
 
     def published(self, port: int) -> int:
         return port + self.port_offset
@@ -265,6 +274,7 @@ class Service:
     publish: list[int] = field(default_factory=list)
     volumes: dict[VolumeName, AbsolutePath] = field(default_factory=dict)
     domains: list[str] = field(default_factory=list)
+    host: str | None = None  # where it runs (a key of `hosts`); None: the only host
     name: str = field(default="", init=False)  # its key in `services`
 
 
@@ -306,6 +316,18 @@ class Services:
 
 
 @dataclass(frozen=True)
+class Instance:
+    """One app container of an environment on one host (`environments.<name>.instances`);
+    what it leaves out is the environment's own (container, address, port ...)."""
+
+    host: str
+    container: str | None = None
+    address: IPv4 | None = None
+    standby_address: IPv4 | None = None
+    port: int | None = None
+
+
+@dataclass(frozen=True)
 class Gunicorn:
     workers: int
     threads: int
@@ -334,6 +356,8 @@ class Environment:
     gunicorn: Gunicorn
     hosts: list[HostName]
     volumes: dict[str, str] = field(default_factory=dict)
+    # Several app containers across hosts; empty: one on each of `hosts` (level 1).
+    instances: list[Instance] = field(default_factory=list)
     name: str = field(default="", init=False)  # its key in `environments`
 
     @property
@@ -447,6 +471,7 @@ class Stack:
     backups: Backups
     monitoring: Monitoring
     source: str = ""
+    profile: str = ""  # the profile file laid over `source` (model/profiles.py), if any
 
     @property
     def local_host(self) -> Host:

@@ -12,9 +12,11 @@ from invoke import Exit
 from aiia_ops.errors import OpsError
 from aiia_ops.host.git import head_version
 from aiia_ops.model import Stack, load_stack
+from aiia_ops.model.placement import refuse_multi_host
 from aiia_ops.model.state import StateDir, local_state_dir
 
 STACK_HELP = "stack file (default: $AIIA_STACK, else deploy/stack.yml)"
+PROFILE_HELP = "machine profile: profiles/NAME.yml beside the stack file (default: $AIIA_PROFILE)"
 
 
 def user_errors(fn):
@@ -38,6 +40,8 @@ def task(*args, help: dict[str, str] | None = None, **kwargs):
         merged = dict(help or {})
         if "stack" in inspect.signature(fn).parameters:
             merged.setdefault("stack", STACK_HELP)
+        if "profile" in inspect.signature(fn).parameters:
+            merged.setdefault("profile", PROFILE_HELP)
         return invoke.task(help=merged, **kwargs)(user_errors(fn))
 
     if args and callable(args[0]):
@@ -45,9 +49,12 @@ def task(*args, help: dict[str, str] | None = None, **kwargs):
     return decorate
 
 
-def load(stack: str | None) -> tuple[Stack, StateDir]:
-    """The stack file (--stack, $AIIA_STACK, deploy/stack.yml) and this host's state dir."""
-    model = load_stack(stack)
+def load(stack: str | None, profile: str | None = None) -> tuple[Stack, StateDir]:
+    """The stack file (--stack, $AIIA_STACK, deploy/stack.yml) with its profile (--profile,
+    $AIIA_PROFILE), and this host's state dir. A stack on several hosts is refused: the
+    tasks that use this drive one engine."""
+    model = load_stack(stack, profile)
+    refuse_multi_host(model, "this task")
     return model, local_state_dir(model)
 
 
