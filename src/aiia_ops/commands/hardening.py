@@ -104,7 +104,12 @@ PROFILES: dict[str, Hardening] = {
                 mode="0755",
                 owner=APP_UID,
             ),
-            Scratch("/tmp", 256 * KB, "initdb's 0600 password file, first start only"),
+            Scratch(
+                "/tmp",
+                256 * KB,
+                "initdb's 0600 password file (first start only) and here-documents of "
+                "the maintenance scripts (backup-database, ensure-database) bash may spill",
+            ),
         ),
     ),
     "pgbouncer": Hardening(
