@@ -187,3 +187,42 @@ def test_status_task_reports_memory_and_limits(all_healthy):
     for row in rows.values():
         assert row["state"] == "running" and row["health"] == "healthy"
         assert 0 < row["memory_used"] < row["memory_limit"]
+
+
+def test_every_container_runs_with_no_capability_no_privilege_gain_and_a_read_only_root(
+    all_healthy, stack
+):
+    """Issue 13, item 6: what the engine says, against the one table (commands/hardening.py)."""
+    from aiia_ops.commands.hardening import profile
+    from aiia_ops.model import Environment
+
+    for item in stack.containers():
+        name = "app" if isinstance(item, Environment) else service_key(item)
+        p = profile(name)
+        host = engine_attrs(item.container)["HostConfig"]
+        assert host["CapDrop"] == ["ALL"], item.container
+        assert sorted(host["CapAdd"] or []) == sorted(p.cap_add), item.container
+        assert "no-new-privileges:true" in (host["SecurityOpt"] or []), item.container
+        assert host["ReadonlyRootfs"] is p.read_only is True, item.container
+        assert host["Privileged"] is False, item.container
+        assert host["PidsLimit"] == p.pids, item.container
+        nofile = [u for u in host["Ulimits"] or [] if u["Name"] == "nofile"]
+        assert nofile == [{"Name": "nofile", "Soft": p.nofile, "Hard": p.nofile}], item.container
+        tmpfs = {**(host.get("Tmpfs") or {})}
+        tmpfs |= {m["Target"]: "" for m in host.get("Mounts") or [] if m["Type"] == "tmpfs"}
+        assert set(tmpfs) == {s.path for s in p.scratch}, item.container
+        # Inside: no capability at all, no privilege gain, and the root really is read-only.
+        probe = subprocess.run(
+            [
+                "docker", "exec", item.container, "sh", "-c",
+                "grep -E '^(CapEff|CapBnd|NoNewPrivs):' /proc/self/status;"
+                " touch /aiia-probe 2>/dev/null && echo WRITABLE || echo read-only",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )  # fmt: skip
+        status = dict(line.split(":\t") for line in probe.stdout.splitlines() if ":\t" in line)
+        assert status == {"CapEff": "0000000000000000", "CapBnd": "0000000000000000",
+                          "NoNewPrivs": "1"}, (item.container, probe.stdout)  # fmt: skip
+        assert probe.stdout.strip().endswith("read-only"), (item.container, probe.stdout)

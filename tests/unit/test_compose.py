@@ -139,3 +139,58 @@ def test_nginx_reload_tests_the_config_first():
         "/etc/aiia/nginx.conf",
     ]
     assert reload[-4:] == ["-s", "reload", "-c", "/etc/aiia/nginx.conf"]
+
+
+# --- hardening (issue 13, item 6): every container, from the one table -------------------
+
+HARDENED = ("--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", "--read-only")
+
+
+def test_every_shared_service_drops_every_capability_and_runs_read_only():
+    services = compose_data(STACK, "/var/lib/aiia", TAGS)["services"]
+    for key, svc in services.items():
+        assert svc["cap_drop"] == ["ALL"], key
+        assert "cap_add" not in svc, key  # no program of the stack needs one
+        assert svc["security_opt"] == ["no-new-privileges:true"], key
+        assert svc["read_only"] is True, key
+        assert svc["pids_limit"] > 0, key
+        assert svc["ulimits"]["nofile"]["soft"] == svc["ulimits"]["nofile"]["hard"] > 0, key
+    assert services["postgresql"]["tmpfs"] == [
+        "/run/postgresql:rw,noexec,nosuid,nodev,size=64k,mode=0755,uid=10001,gid=10001",
+        "/tmp:rw,noexec,nosuid,nodev,size=256k,mode=1777",
+    ]
+    assert services["pgbouncer"]["tmpfs"] == ["/tmp:rw,noexec,nosuid,nodev,size=256k,mode=1777"]
+    assert "tmpfs" not in services["redis"]  # it writes only its /data volume
+    assert "tmpfs" not in services["nginx"]  # its /tmp is a disk volume (below)
+    assert services["nginx"]["sysctls"] == {"net.ipv4.ip_unprivileged_port_start": 0}
+
+
+def test_nginx_spills_to_a_disk_volume_not_to_memory():
+    data = compose_data(STACK, "/var/lib/aiia", TAGS)
+    temp = [v for v in data["services"]["nginx"]["volumes"] if v["target"] == "/tmp"]
+    assert temp == [
+        {"type": "volume", "source": "nginx_temp", "target": "/tmp", "read_only": False}
+    ]
+    assert data["volumes"]["nginx_temp"] == {"name": "aiia_nginx_temp"}
+
+
+def _flags_after(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == flag]
+
+
+def test_app_releases_and_one_offs_run_hardened():
+    env = STACK.environment("prod")
+    release = app.run_release(STACK, env, "/var/lib/aiia", "abc", "172.20.0.13", "x-next")
+    one_off = cmd.one_off_app(STACK, env, "/var/lib/aiia", "abc", ["migrate"])
+    for argv in (release, one_off):
+        image = argv.index("aiia/django:abc")
+        flags = argv[:image]  # docker's own flags, before the image
+        for a, b in zip(HARDENED[::2], HARDENED[1::2], strict=False):
+            assert b in _flags_after(flags, a), (a, b)
+        assert "--read-only" in flags
+        assert _flags_after(flags, "--tmpfs") == [
+            "/tmp:rw,noexec,nosuid,nodev,size=4096k,mode=1777"
+        ]
+        assert _flags_after(flags, "--pids-limit") == ["64"]
+        assert _flags_after(flags, "--ulimit") == ["nofile=1024:1024"]
+        assert "--cap-add" not in flags and "--privileged" not in flags

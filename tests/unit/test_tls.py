@@ -232,7 +232,10 @@ def test_the_threshold_is_the_stacks_renew_before():
 RUN = (
     "docker run --rm --name aiia_certbot --network aiia_network --user 10001:10001 "
     "--memory 67108864 --memory-swap 67108864 --cpus 0.5 "
-    "--label org.eduaiia.stack=aiia --label org.eduaiia.one-off=certbot"
+    "--label org.eduaiia.stack=aiia --label org.eduaiia.one-off=certbot "
+    "--cap-drop ALL --security-opt no-new-privileges:true --read-only "
+    "--tmpfs /tmp:rw,noexec,nosuid,nodev,size=4096k,mode=1777 "
+    "--pids-limit 32 --ulimit nofile=1024:1024"
 )
 
 

@@ -21,6 +21,7 @@ from aiia_ops.commands.compose import (
     service_key,
 )
 from aiia_ops.commands.docker import build_image, prepare_wheelhouse
+from aiia_ops.commands.hardening import run_flags
 from aiia_ops.errors import OpsError
 from aiia_ops.model import Environment, Stack
 
@@ -56,6 +57,7 @@ def run_release(
         "--label", f"org.eduaiia.service={service_key(env)}",
         "--label", f"{RELEASE_LABEL}={tag}",
         "--env-file", str(state / "env" / f"{service_key(env)}.env"),
+        *run_flags("app"),  # cap_drop ALL, no-new-privileges, read-only root (hardening.py)
     ]  # fmt: skip
     for key, value in app_environment(stack, env, tag).items():
         argv += ["--env", f"{key}={value}"]

@@ -126,8 +126,9 @@ def restore_steps(env: Environment, backup_id: str, pg_container: str) -> list[s
         f"'DROP DATABASE IF EXISTS {db} WITH (FORCE)' -c 'CREATE DATABASE {db} OWNER {role}'",
         f"restore: docker exec -i {pg_container} pg_restore --dbname={db} --no-owner "
         f"--no-privileges --role={role} --exit-on-error --single-transaction < {DUMP}",
-        f"media: docker cp {MEDIA} {env.container}:/tmp/ && docker exec {env.container} "
-        f"tar -xzf /tmp/{MEDIA} -C {env.volumes.get('storage', '/app/storage')}",
+        # Streamed in: the app's root filesystem is read-only (commands/hardening.py).
+        f"media: docker start {env.container} && docker exec -i {env.container} "
+        f"tar -xzf - -C {env.volumes.get('storage', '/app/storage')} < {MEDIA}",
         f"start the app again: docker start {env.container}; then check "
         f"https://{env.domains[0]}/health/ answers 200",
         f"{CONFIG} holds the rendered configs with secrets replaced by <redacted:...>; the "

@@ -14,6 +14,7 @@ from pathlib import PurePosixPath
 
 import yaml
 
+from aiia_ops.commands import hardening
 from aiia_ops.model import Environment, Healthcheck, Service, Stack
 from aiia_ops.model.secrets import Secrets
 
@@ -117,7 +118,11 @@ def compose_data(stack: Stack, state_dir: str, tags: dict[str, str]) -> dict:
             "logging": LOGGING,
             "labels": {"org.eduaiia.stack": stack.project, "org.eduaiia.service": key},
             "volumes": [_bind(state / "config" / config_dir_name(item), CONFIG_MOUNT, True)],
+            # cap_drop ALL, no-new-privileges, read-only root, tmpfs, pids, nofile.
+            **hardening.compose_keys(key),
         }
+        for spill in hardening.profile(key).spill:
+            out["volumes"].append(_volume(spill.volume, spill.path))
         if key in secret_services:
             out["env_file"] = [str(state / "env" / f"{key}.env")]
         return out
@@ -155,7 +160,8 @@ def compose_data(stack: Stack, state_dir: str, tags: dict[str, str]) -> dict:
     # start beside the running one and take over without downtime.
 
     storage = [e.storage_volume for e in stack.environments.values()]
-    volumes = [*pg.volumes, *redis.volumes, *storage]
+    spills = [s.volume for k in shared_keys(stack) for s in hardening.profile(k).spill]
+    volumes = [*pg.volumes, *redis.volumes, *storage, *spills]
     return {
         "name": stack.project,
         "services": services,
@@ -168,6 +174,11 @@ def compose_data(stack: Stack, state_dir: str, tags: dict[str, str]) -> dict:
         },
         "volumes": {v: {"name": f"{stack.project}_{v}"} for v in volumes},
     }
+
+
+def shared_keys(stack: Stack) -> list[str]:
+    """The compose services of the shared services (each names its hardening profile)."""
+    return [service_key(s) for s in stack.services.all()]
 
 
 def env_files_keys(stack: Stack) -> list[str]:

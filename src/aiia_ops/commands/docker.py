@@ -9,6 +9,7 @@ from pathlib import Path, PurePosixPath
 
 from aiia_ops import SERVICES_DIR
 from aiia_ops.commands.compose import CONFIG_MOUNT, app_environment, config_dir_name, service_key
+from aiia_ops.commands.hardening import run_flags
 from aiia_ops.model import Environment, Stack
 
 # Image build order: the app last, it changes most.
@@ -94,6 +95,7 @@ def one_off_app(
         "--label", f"org.eduaiia.stack={stack.project}",
         "--label", f"org.eduaiia.one-off={env.name}",
         "--env-file", str(state / "env" / f"{service_key(env)}.env"),
+        *run_flags("app"),  # the release's own hardening (hardening.py)
     ]  # fmt: skip
     for key, value in settings.items():
         argv += ["--env", f"{key}={value}"]

@@ -29,6 +29,7 @@ from aiia_ops.commands.charts import Chart, Series, document, panel
 from aiia_ops.commands.compose import CONFIG_MOUNT, config_dir_name
 from aiia_ops.commands.engine import Container
 from aiia_ops.commands.engine import Usage as Counters
+from aiia_ops.commands.hardening import run_flags
 
 # --- scenarios -----------------------------------------------------------------------
 
@@ -1006,6 +1007,7 @@ def bare_run_argv(stack, env, config_dir: str, image: str, app_dir: str) -> list
         "--no-healthcheck",
         "--label", f"org.eduaiia.stack={stack.project}",
         "--label", "org.eduaiia.service=loadtest_bare",
+        *run_flags("app"),  # the app's own hardening (hardening.py)
         "--mount", f"type=bind,source={app_dir},target=/loadtest,readonly",
         "--mount", f"type=bind,source={config_dir}/{config_dir_name(env)},"
         f"target={CONFIG_MOUNT},readonly",

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 
+from aiia_ops.commands.hardening import run_flags
 from aiia_ops.model import Stack
 from aiia_ops.model.units import Duration, Size
 
@@ -279,6 +280,7 @@ def _one_off(stack: Stack, state_root: str, mounts: Iterable[tuple[str, str, boo
         "--cpus", f"{CERTBOT_CPUS:g}",
         "--label", f"org.eduaiia.stack={stack.project}",
         "--label", "org.eduaiia.one-off=certbot",
+        *run_flags("certbot"),  # cap_drop ALL, no-new-privileges, read-only root
     ]  # fmt: skip
     for source, target, read_only in mounts:
         spec = f"type=bind,source={source},target={target}"
