@@ -255,8 +255,17 @@ def test_the_same_deploy_over_ssh_to_a_real_openssh_server(
     from tests.e2e.deploys import git
 
     data = yaml.safe_load(Path(load_stack().source).read_text())
-    local = next(iter(data["hosts"].values()))
-    data["hosts"]["sshbox"] = {**local, "ssh": sshd_host.spec, "state_dir": str(e2e_state)}
+    name, local = next(iter(data["hosts"].items()))
+    # Two hosts now: each needs its own private address and the shared services a host.
+    local["address"] = "127.0.0.1"
+    data["hosts"]["sshbox"] = {
+        **local,
+        "address": "127.0.0.2",
+        "ssh": sshd_host.spec,
+        "state_dir": str(e2e_state),
+    }
+    for service in ("nginx", "pgbouncer", "postgresql", "redis"):
+        data["services"][service]["host"] = name
     variant = tmp_path / "stack-ssh.yml"
     variant.write_text(yaml.safe_dump(data, sort_keys=False))
     head = git("rev-parse", "HEAD")[:12]
