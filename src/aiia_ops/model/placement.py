@@ -84,8 +84,19 @@ class HostLoad:
         return [*self.services, *self.instances]
 
 
+def placed_hosts(stack: Stack) -> set[str]:
+    """The hosts the stack places something on. Listing a second host alone (an SSH
+    target a deploy may name with --host) places nothing there."""
+    first = next(iter(stack.hosts), None)
+    placed = {s.host or first for s in stack.services.all()}
+    for env in stack.environments.values():
+        placed.update(env.hosts)
+        placed.update(i.host for i in env.instances)
+    return {h for h in placed if h in stack.hosts}
+
+
 def is_multi_host(stack: Stack) -> bool:
-    return len(stack.hosts) > 1
+    return len(placed_hosts(stack)) > 1
 
 
 def service_host(stack: Stack, service: Service) -> str:
