@@ -139,3 +139,22 @@ def test_nginx_reload_tests_the_config_first():
         "/etc/aiia/nginx.conf",
     ]
     assert reload[-4:] == ["-s", "reload", "-c", "/etc/aiia/nginx.conf"]
+
+
+def test_each_app_gets_its_own_redis_user_and_password():
+    secrets = Secrets(
+        "pg",
+        "redis-default",
+        "bouncer",
+        {e: EnvSecrets("db", "key", "tok", f"redis-{e}") for e in ("prod", "staging")},
+        "redis-admin",
+    )
+    files = env_files(STACK, secrets)
+    for env in ("prod", "staging"):
+        app_env = files[f"django_{env}"]
+        assert app_env["REDIS_USERNAME"] == f"app-{env}"
+        assert app_env["REDIS_PASSWORD"] == f"redis-{env}"
+    # The default user's password stays in Redis' own container (health check, monitor);
+    # the admin password is in no container at all.
+    assert files["redis"] == {"REDISCLI_AUTH": "redis-default"}
+    assert "redis-admin" not in yaml.safe_dump(files)
