@@ -174,12 +174,51 @@ def test_pruning_never_deletes_the_newest_verified_backup():
     assert all(r.id != records[0].id for r, _, _ in plan.delete_files)  # and whole
 
 
-def test_failed_verification_does_not_count_towards_retention():
+def test_a_failed_verification_does_not_make_a_set_deletable():
+    """Replaces the old "failed = deleted by the next prune" rule (issue 13): the newest 3
+    manual sets stay whatever their verification said; the oldest goes by age only."""
     records = [rec(n, "manual") for n in range(3)] + [rec(3, "manual", verify={"ok": False})]
     plan = bk.plan_prune(records, RETENTION)
     assert [(r.id, why) for r, why in plan.delete_sets] == [
-        (records[3].id, "its verification failed")
+        (records[0].id, "older than the newest 3 manual")
     ]
+    assert records[3] in survivors(records, plan)
+
+
+def test_three_failed_verifications_in_a_row_leave_the_newest_dumps_in_place():
+    good = rec(0, "daily", verify={"ok": True})
+    old = [rec(n, "daily") for n in range(1, 8)]
+    failed = [rec(n, "daily", verify={"ok": False, "problems": ["oom"]}) for n in (8, 9, 10)]
+    records = [good, *old, *failed]
+    plan = bk.plan_prune(records, RETENTION)
+    left = survivors(records, plan)
+    # The 7 newest dailies (the three failed ones among them) and the newest verified one.
+    assert [r.id for r in left] == [good.id] + [r.id for r in records[-7:]]
+    assert all(r in left for r in failed)
+    assert {r.id for r, _ in plan.delete_sets} == {r.id for r in old[:3]}
+    assert all(why == "older than the newest 7 daily" for _, why in plan.delete_sets)
+    # Pruning again after the same failures changes nothing more.
+    again = bk.plan_prune(left, RETENTION)
+    assert again.delete_sets == []
+    # And the failures are an alert, naming the sets and the newest restorable one.
+    (alert,) = bk.verify_alerts(records)
+    assert alert.startswith("ALERT prod: 3 backup(s) failed verification")
+    assert all(r.id in alert for r in failed) and f"Newest verified: {good.id}" in alert
+
+
+def test_old_sets_beyond_retention_go_whatever_their_verification():
+    records = [rec(n, "pre-deploy", verify={"ok": False}) for n in range(6)]
+    plan = bk.plan_prune(records, RETENTION)
+    assert [r.id for r, _ in plan.delete_sets] == [r.id for r in records[:3]]
+    assert survivors(records, plan) == records[3:]
+
+
+def test_no_alert_once_a_newer_set_verifies():
+    records = [rec(0, "daily", verify={"ok": False}), rec(1, "daily", verify={"ok": True})]
+    assert bk.verify_alerts(records) == []
+    assert bk.verify_alerts([rec(0, "daily"), rec(1, "manual", "staging")]) == []
+    (alert,) = bk.verify_alerts([rec(0, "daily", "staging", verify={"ok": False})])
+    assert alert.startswith("ALERT staging: 1 backup(s)") and "Newest verified: none" in alert
 
 
 def test_environments_are_pruned_separately():

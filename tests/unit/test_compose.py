@@ -194,3 +194,22 @@ def test_app_releases_and_one_offs_run_hardened():
         assert _flags_after(flags, "--pids-limit") == ["64"]
         assert _flags_after(flags, "--ulimit") == ["nofile=1024:1024"]
         assert "--cap-add" not in flags and "--privileged" not in flags
+
+
+def test_each_app_gets_its_own_redis_user_and_password():
+    secrets = Secrets(
+        "pg",
+        "redis-default",
+        "bouncer",
+        {e: EnvSecrets("db", "key", "tok", f"redis-{e}") for e in ("prod", "staging")},
+        "redis-admin",
+    )
+    files = env_files(STACK, secrets)
+    for env in ("prod", "staging"):
+        app_env = files[f"django_{env}"]
+        assert app_env["REDIS_USERNAME"] == f"app-{env}"
+        assert app_env["REDIS_PASSWORD"] == f"redis-{env}"
+    # The default user's password stays in Redis' own container (health check, monitor);
+    # the admin password is in no container at all.
+    assert files["redis"] == {"REDISCLI_AUTH": "redis-default"}
+    assert "redis-admin" not in yaml.safe_dump(files)

@@ -84,7 +84,11 @@ def fake_secrets(stack: Stack, tricky: bool = False) -> Secrets:
         postgres_password=pw("super"),
         redis_password=pw("redis"),
         pgbouncer_admin_password=pw("admin"),
-        environments={n: EnvSecrets(pw(f"db-{n}"), pw("key")) for n in stack.environments},
+        environments={
+            n: EnvSecrets(pw(f"db-{n}"), pw("key"), redis_password=pw(f"redis-{n}"))
+            for n in stack.environments
+        },
+        redis_admin_password=pw("redis-admin"),
     )
 
 

@@ -5,6 +5,8 @@ Pure: no engine. The real model (aiia_ops.model) and renderer (aiia_ops.commands
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,11 @@ from datasvc_testkit import (
     parse_redis_conf,
     render_ours,
     run_linter,
+    split_redis_args,
     stack_data,
 )
 
+from aiia_ops.commands.redis_acl import conf_quote
 from aiia_ops.commands.render import TEMPLATES
 
 HERE = Path(__file__).resolve().parents[1]
@@ -35,6 +39,10 @@ def secrets(stack):
 
 @pytest.fixture(scope="module")
 def conf(stack, secrets):
+    return parse_redis_conf(render_ours(stack, secrets)["redis/redis.conf"].text)
+
+
+def conf_of(stack, secrets):
     return parse_redis_conf(render_ours(stack, secrets)["redis/redis.conf"].text)
 
 
@@ -65,9 +73,57 @@ def test_network_process_and_files(conf):
     assert conf["save"] == [[""]]  # the AOF is the persistence: no RDB forks beside it
 
 
-def test_password_survives_quoting(conf, secrets):
+def test_passwords_are_hashed_and_never_in_the_file(stack, secrets):
+    """Was: requirepass held the one shared password, quoted. Now every user's password is
+    a SHA-256 hash (issue 13): nothing in redis.conf can be replayed, quoting or not."""
+    text = render_ours(stack, secrets)["redis/redis.conf"].text
+    conf = parse_redis_conf(text)
+    assert "requirepass" not in conf
     assert '"' in secrets.redis_password and "\\" in secrets.redis_password
-    assert conf["requirepass"] == [[secrets.redis_password]]
+    users = {args[0]: args[1:] for args in conf["user"]}
+    expected = {
+        "default": secrets.redis_password,
+        "admin": secrets.redis_admin_password,
+        **{f"app-{n}": e.redis_password for n, e in secrets.environments.items()},
+    }
+    assert set(users) == set(expected)
+    for name, password in expected.items():
+        assert "#" + hashlib.sha256(password.encode()).hexdigest() in users[name], name
+        assert users[name][0] == "on"
+    assert not [v for v in secrets.values() if v in text]
+
+
+def test_each_environment_user_is_fenced_to_its_db_and_prefix(stack, secrets):
+    users = {args[0]: args[1:] for args in conf_of(stack, secrets)["user"]}
+    for env in stack.environments.values():
+        rules = users[f"app-{env.name}"]
+        assert [r for r in rules if r.startswith("~")] == [f"~aiia:{env.name}:*"]
+        assert rules[-2:] == ["-select", f"+select|{env.redis_db}"]
+        assert ("+flushdb" in rules) == (env.redis_db == 0)
+        assert "resetchannels" in rules and "-@dangerous" in rules
+    assert users["default"][-5:] == ["-@all", "+ping", "+info", "+select", "+flushdb"]
+    assert not [r for r in users["default"] if r.startswith("~")]  # no key at all
+
+
+def test_a_missing_password_renders_the_user_off():
+    stack = load_test_stack()
+    bare = fake_secrets(stack)
+    bare = dataclasses.replace(
+        bare,
+        redis_admin_password="",
+        environments={
+            n: dataclasses.replace(e, redis_password="") for n, e in bare.environments.items()
+        },
+    )
+    users = {args[0]: args[1:] for args in conf_of(stack, bare)["user"]}
+    for name in ("admin", *(f"app-{n}" for n in stack.environments)):
+        assert users[name][:2] == ["off", "resetpass"]
+        assert not [r for r in users[name] if r.startswith(("#", ">"))]
+
+
+@pytest.mark.parametrize("arg", ['a"b', "a\\b", "two words", "", "~aiia:x:*", "+select|1"])
+def test_acl_arguments_survive_redis_quoting(arg):
+    assert split_redis_args(f"user {conf_quote(arg)} on") == ["user", arg, "on"]
 
 
 def test_commands_that_cross_environments_are_gone(conf):

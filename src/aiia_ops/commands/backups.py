@@ -234,10 +234,12 @@ class PrunePlan:
 
 
 def plan_prune(records: list[BackupRecord], retention: Retention) -> PrunePlan:
-    """Per environment: the newest N of each kind stay (N from the stack's retention); media
-    and config archives stay only in the newest `media`/`config` sets that keep them. The
-    newest verified backup always stays whole, whatever its age. A backup whose
-    verification failed does not count towards N (it cannot be restored)."""
+    """Per environment: the newest N of each kind stay (N from the stack's retention),
+    whatever their verification said; media and config archives stay only in the newest
+    `media`/`config` sets that keep them. The newest verified backup always stays whole,
+    whatever its age. A failed verification never makes a set deletable early: it can fail
+    for reasons unrelated to the dump (the scratch restore running out of memory), so it
+    raises an alert (`verify_alerts`) instead; only sets beyond their kind's N go."""
     plan = PrunePlan()
     for env in sorted({r.env for r in records}):
         mine = sorted((r for r in records if r.env == env), key=lambda r: r.id, reverse=True)
@@ -246,13 +248,10 @@ def plan_prune(records: list[BackupRecord], retention: Retention) -> PrunePlan:
         kept: list[BackupRecord] = []
         for kind in ALL_KINDS:
             of_kind = [r for r in mine if r.kind == kind]
-            good = [r for r in of_kind if not r.verify_failed]
-            keep = {r.id for r in good[: keep_count(kind, retention)]}
+            keep = {r.id for r in of_kind[: keep_count(kind, retention)]}
             for r in of_kind:
                 if r.id in keep or r.id == protected:
                     kept.append(r)
-                elif r.verify_failed:
-                    plan.delete_sets.append((r, "its verification failed"))
                 else:
                     plan.delete_sets.append(
                         (r, f"older than the newest {keep_count(kind, retention)} {kind}")
@@ -268,6 +267,30 @@ def plan_prune(records: list[BackupRecord], retention: Retention) -> PrunePlan:
                     plan.delete_files.append((r, name, f"older than the newest {limit} {label}"))
     plan.delete_sets.sort(key=lambda x: x[0].id)
     return plan
+
+
+def verify_alerts(records: list[BackupRecord]) -> list[str]:
+    """One line per environment whose newer sets failed verification since its newest
+    verified one: what `backup.list` shows and `backup.verify` sends. The sets are kept."""
+    out = []
+    for env in sorted({r.env for r in records}):
+        mine = sorted((r for r in records if r.env == env), key=lambda r: r.id, reverse=True)
+        failed = []
+        for r in mine:
+            if r.verified_ok:
+                break
+            if r.verify_failed:
+                failed.append(r.id)
+        if not failed:
+            continue
+        good = next((r.id for r in mine if r.verified_ok), None)
+        out.append(
+            f"ALERT {env}: {len(failed)} backup(s) failed verification since the last good one "
+            f"({', '.join(failed)}); they are kept (retention never deletes a set for a failed "
+            f"verification). Newest verified: {good or 'none'}. Find why (invoke backup.verify "
+            "--id ID prints the problems) and verify again"
+        )
+    return out
 
 
 # --- space -------------------------------------------------------------------------------

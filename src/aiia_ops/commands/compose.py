@@ -15,6 +15,7 @@ from pathlib import PurePosixPath
 import yaml
 
 from aiia_ops.commands import hardening
+from aiia_ops.commands.redis_acl import app_user
 from aiia_ops.model import Environment, Healthcheck, Service, Stack
 from aiia_ops.model.secrets import Secrets
 
@@ -92,7 +93,9 @@ def env_files(stack: Stack, secrets: Secrets) -> dict[str, dict[str, str]]:
         out[service_key(env)] = {
             "DJANGO_SECRET_KEY": s.secret_key,
             "DB_PASSWORD": s.db_password,
-            "REDIS_PASSWORD": secrets.redis_password,
+            # Its own Redis ACL user (commands/redis_acl.py), not the default user.
+            "REDIS_USERNAME": app_user(env),
+            "REDIS_PASSWORD": s.redis_password,
             "API_WRITE_TOKEN": s.api_write_token,
         }
     return out

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiia_ops import SERVICES_DIR
+from aiia_ops.commands import redis_acl
 from aiia_ops.commands.templating import render_file
 from aiia_ops.model import Environment, Stack
 from aiia_ops.model.secrets import Secrets
@@ -70,6 +71,7 @@ def render_stack(
         "upstreams": {**default_upstreams(stack), **(upstreams or {})},
         "secrets": secrets,
         "status_domain": stack.status_domain,
+        "redis_users": redis_acl.conf_lines(stack, secrets),
     }
     out: dict[str, RenderedFile] = {}
     for t in TEMPLATES:

@@ -157,6 +157,7 @@ def list_text(state: StateDir, env: str | None, as_json: bool) -> str:
         return bk.list_json(records, last)
     rows = bk.list_rows(records, _dt.datetime.now(_dt.UTC))
     lines = [table(bk.LIST_HEADERS, rows) if rows else "no backups yet (invoke backup)"]
+    lines += [paint(alert, "error") for alert in bk.verify_alerts(records)]
     for env_name, kinds in sorted(last.items()):
         for kind, run in sorted(kinds.items()):
             state_text = paint("ok", "ok") if run.get("ok") else paint("FAILED", "error")

@@ -34,6 +34,7 @@ from aiia_ops.flows.backup import (
 from aiia_ops.flows.output import paint
 from aiia_ops.flows.status import health_through_nginx
 from aiia_ops.flows.steps import confirm
+from aiia_ops.host.notify import notify
 from aiia_ops.host.releases import now_iso, who
 from aiia_ops.host.runners import Runner
 from aiia_ops.model import Environment, Stack
@@ -158,7 +159,15 @@ def verify(
             for p in result["problems"]:
                 say(f"  {p}")
     if failed:
-        raise OpsError(f"verification failed for {', '.join(failed)}; do not rely on it")
+        # An alert, not a deletion: retention keeps the set (docs/backups.md, Retention).
+        alerts = bk.verify_alerts(list_records(state, None, runner))
+        text = "; ".join(alerts) or f"verification failed for {', '.join(failed)}"
+        if performs(runner):
+            notify(f":warning: backup {text}"[:1500], state.root)
+        raise OpsError(
+            f"verification failed for {', '.join(failed)}; do not rely on it (the set is kept;"
+            " invoke backup.list shows the alert)"
+        )
 
 
 # --- restore -----------------------------------------------------------------------------

@@ -73,11 +73,15 @@ def load_secrets(state_dir: Path, environments: list[str], create: bool = True) 
     for name in environments:
         values = _load_group(folder / f"{name}.env", ENV_KEYS, f"{name.upper()}_", create)
         envs[name] = EnvSecrets(
-            values["DB_PASSWORD"], values["SECRET_KEY"], values["API_WRITE_TOKEN"]
+            values["DB_PASSWORD"],
+            values["SECRET_KEY"],
+            values["API_WRITE_TOKEN"],
+            values["REDIS_PASSWORD"],
         )
     return Secrets(
         shared["POSTGRES_PASSWORD"],
         shared["REDIS_PASSWORD"],
         shared["PGBOUNCER_ADMIN_PASSWORD"],
         envs,
+        shared["REDIS_ADMIN_PASSWORD"],
     )

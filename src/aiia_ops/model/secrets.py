@@ -7,8 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SHARED_KEYS = ("POSTGRES_PASSWORD", "REDIS_PASSWORD", "PGBOUNCER_ADMIN_PASSWORD")
-ENV_KEYS = ("DB_PASSWORD", "SECRET_KEY", "API_WRITE_TOKEN")
+# REDIS_PASSWORD (shared) is Redis' default user: health check, monitor, restore's FLUSHDB.
+SHARED_KEYS = (
+    "POSTGRES_PASSWORD",
+    "REDIS_PASSWORD",
+    "PGBOUNCER_ADMIN_PASSWORD",
+    "REDIS_ADMIN_PASSWORD",
+)
+# REDIS_PASSWORD (per environment) is the environment's own Redis ACL user's.
+ENV_KEYS = ("DB_PASSWORD", "SECRET_KEY", "API_WRITE_TOKEN", "REDIS_PASSWORD")
 
 
 @dataclass(frozen=True, repr=False)
@@ -16,6 +23,7 @@ class EnvSecrets:
     db_password: str
     secret_key: str
     api_write_token: str = ""  # bearer token of the app's write API
+    redis_password: str = ""  # its Redis ACL user's (empty: the user cannot log in)
 
     def __repr__(self) -> str:
         return "EnvSecrets(********)"
@@ -27,6 +35,7 @@ class Secrets:
     redis_password: str
     pgbouncer_admin_password: str
     environments: dict[str, EnvSecrets] = field(default_factory=dict)
+    redis_admin_password: str = ""  # Redis' admin user (empty: it cannot log in)
 
     def __repr__(self) -> str:
         return f"Secrets(******** for {', '.join(self.environments) or 'no environment'})"
@@ -35,6 +44,7 @@ class Secrets:
 
     def values(self) -> list[str]:
         out = [self.postgres_password, self.redis_password, self.pgbouncer_admin_password]
+        out += [self.redis_admin_password]
         for env in self.environments.values():
-            out += [env.db_password, env.secret_key, env.api_write_token]
-        return out
+            out += [env.db_password, env.secret_key, env.api_write_token, env.redis_password]
+        return [v for v in out if v]  # an unset (empty) one is no secret to redact

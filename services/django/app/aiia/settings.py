@@ -194,6 +194,8 @@ if CACHE_BACKEND == "redis":
             "TIMEOUT": 300,
             "OPTIONS": {
                 # Passed as an option, not in the URL, so no quoting of the password.
+                # The environment's own Redis ACL user (db and key prefix fenced in).
+                "username": env("REDIS_USERNAME") or None,
                 "password": env("REDIS_PASSWORD") or None,
                 # Short timeouts: a missing Redis must cost a request at most ~2 s,
                 # and redis-py does not retry on a pool given to it (0 retries).
