@@ -18,6 +18,7 @@ checked against the API schemas and by `kubectl kustomize` in tests/unit/test_k8
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import yaml
@@ -764,6 +765,9 @@ def manifest_tree(
         ]
     tree["secrets.example.yaml"] = secrets_example(stack)
     _check_no_secrets(tree, secrets)
+    bad = [f"{p}: {q}" for p, docs in tree.items() for q in bad_quantities(docs)]
+    if bad:
+        raise OpsError(f"not a Kubernetes quantity: {', '.join(bad)} (nothing was written)")
     return tree
 
 
@@ -793,6 +797,29 @@ def _check_no_secrets(tree: dict[str, list[dict]], secrets: Secrets) -> None:
                 "a secret value reached the Kubernetes manifests; commands/k8s.py must move it "
                 "to a Secret reference (nothing was written)"
             )
+
+
+# The API server's quantity grammar (k8s.io/apimachinery resource.Quantity). The JSON schemas
+# only say "string or number", so a schema validator accepts "lots"; this check does not.
+QUANTITY = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+|[KMGTPE]i|[numkMGTPE])?$")
+
+
+def bad_quantities(doc, path: str = "") -> list[str]:
+    """Every resources/storage quantity in `doc` the API server would refuse: key paths."""
+    found: list[str] = []
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            here = f"{path}.{key}" if path else str(key)
+            if key in ("requests", "limits") and isinstance(value, dict):
+                for name, q in value.items():
+                    if not (isinstance(q, int | float) or QUANTITY.match(str(q))):
+                        found.append(f"{here}.{name}={q!r}")
+            else:
+                found += bad_quantities(value, here)
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            found += bad_quantities(value, f"{path}[{i}]")
+    return found
 
 
 HEADER = (
