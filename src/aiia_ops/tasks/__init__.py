@@ -52,3 +52,7 @@ namespace.add_collection(_schedule.namespace)
 from aiia_ops.tasks import loadtest as _loadtest  # noqa: E402
 
 namespace.add_task(_loadtest.loadtest)
+
+from aiia_ops.tasks import k8s as _k8s  # noqa: E402
+
+namespace.add_collection(_k8s.namespace)
