@@ -59,7 +59,9 @@ def secret_refs(stack: Stack) -> list[SecretRef]:
     refs = [
         SecretRef("postgresql", "superuser-password", "the superuser's password (first start)"),
         SecretRef("redis", "password", "Redis' password (clients and the health check)"),
-        SecretRef("redis", "requirepass.conf", 'one line: requirepass "<the same password>"'),
+        SecretRef(
+            "redis", "requirepass.conf", "the ACL user lines of redis.conf (with their passwords)"
+        ),
         SecretRef(
             "pgbouncer-userlist",
             "userlist.txt",
@@ -301,10 +303,14 @@ def k8s_configs(stack: Stack, secrets: Secrets) -> dict[str, str]:
         if rel == "postgresql/pg_hba.conf":
             text = _swap(text, str(stack.network.subnet), POD_CIDR.ljust(15), rel)
         if rel == "redis/redis.conf":
-            line = next((li for li in text.splitlines() if li.startswith("requirepass ")), None)
-            if line is None:
-                raise OpsError(f"{rel}: no requirepass line to move into the redis Secret")
-            text = _swap(text, line, f"include {CONFIG_MOUNT}/requirepass.conf", rel)
+            # The lines that hold passwords (ACL users, or a requirepass) move to the Secret.
+            lines = text.splitlines()
+            secret = [li for li in lines if li.startswith(("requirepass ", "user "))]
+            if not secret:
+                raise OpsError(f"{rel}: no user or requirepass line to move into the redis Secret")
+            include = f"include {CONFIG_MOUNT}/requirepass.conf"
+            kept = [include if li == secret[0] else li for li in lines if li not in secret[1:]]
+            text = "\n".join(kept) + ("\n" if text.endswith("\n") else "")
         out[rel] = text
     return out
 
