@@ -272,8 +272,9 @@ def test_the_same_deploy_over_ssh_to_a_real_openssh_server(
         "deploy", "--env=staging", "--host=sshbox", f"--ref={head}", "--dry-run", env=env
     )
     assert dry.returncode == 0, dry.stdout + dry.stderr
-    assert "[sshbox] docker run --detach --name aiia_django_staging-next" in dry.stdout
-    assert "[sshbox] docker exec aiia_nginx nginx -s reload" in dry.stdout
+    staging, nginx = stack.environment("staging").container, stack.services.nginx.container
+    assert f"[sshbox] docker run --detach --name {staging}-next" in dry.stdout
+    assert f"[sshbox] docker exec {nginx} nginx -s reload" in dry.stdout
     assert read_releases(e2e_state, "staging") == releases
     with load_on_prod(stack, clients=10) as load:
         proc = run_invoke(
