@@ -55,7 +55,8 @@ def commits():
         "class Migration(migrations.Migration):\n"
         '    dependencies = [("courses", "0001_initial")]\n'
         "    operations = [\n"
-        '        migrations.AddField("course", "e2e_extra", models.IntegerField(default=0)),\n'
+        # nullable: the migration safety check accepts it, so `migrate` runs and raises
+        '        migrations.AddField("course", "e2e_extra", models.IntegerField(null=True)),\n'
         "        migrations.RunPython(boom),\n"
         "    ]\n"
     )
@@ -294,3 +295,108 @@ def test_the_same_deploy_over_ssh_to_a_real_openssh_server(
     last = read_releases(e2e_state, "staging")[-1]
     assert (last["commit"], last["result"]) == (head, "good")
     assert "Accepted publickey for root" in sshd_host.log()  # it really went over SSH
+
+
+MODELS = "services/django/app/courses/models.py"
+LEGACY = "services/django/app/courses/migrations/0002_e2e_legacy.py"
+DROP = "services/django/app/courses/migrations/0003_e2e_drop.py"
+
+
+def course_columns(stack) -> list[str]:
+    pg = stack.services.postgresql
+    sql = (
+        "select column_name from information_schema.columns "
+        "where table_name = 'courses_course' order by column_name"
+    )
+    out = subprocess.run(
+        ["docker", "exec", pg.container, "psql", "-U", "aiia", "-d",
+         stack.environment("prod").database, "-tAc", sql],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return out.split()
+
+
+def test_a_migration_dropping_a_column_the_live_release_reads_is_refused_unless_marked(
+    stack_up, stack, e2e_state
+):
+    """Issue #13 item 7. Release A adds a nullable column and reads it (every Course query
+    selects it); release B drops it: refused before anything changed, A keeps serving; the
+    same migration marked as a staged contract step deploys."""
+    from tests.e2e.deploys import git
+
+    models = head_file(MODELS)
+    reading = models.replace(
+        "    updated_at = models.DateTimeField(auto_now=True)\n",
+        "    updated_at = models.DateTimeField(auto_now=True)\n"
+        "    e2e_legacy = models.IntegerField(null=True)\n",
+        1,
+    )
+    assert reading != models, "courses/models.py changed shape; update this test"
+    legacy = (
+        "from django.db import migrations, models\n\n\n"
+        "class Migration(migrations.Migration):\n"
+        '    dependencies = [("courses", "0001_initial")]\n'
+        "    operations = [\n"
+        '        migrations.AddField("course", "e2e_legacy", models.IntegerField(null=True)),\n'
+        "    ]\n"
+    )
+
+    def drop(mark: str = "") -> str:
+        return (
+            "from django.db import migrations\n\n\n"
+            "class Migration(migrations.Migration):\n"
+            + (f"    aiia_safe = {mark!r}\n" if mark else "")
+            + '    dependencies = [("courses", "0002_e2e_legacy")]\n'
+            '    operations = [migrations.RemoveField("course", "e2e_legacy")]\n'
+        )
+
+    mark = "contract: course.e2e_legacy unused since the release before"
+    shas = {
+        "legacy": make_commit("legacy", {MODELS: reading, LEGACY: legacy}, "e2e: add a column"),
+        "drop": make_commit("drop", {LEGACY: legacy, DROP: drop()}, "e2e: drop it"),
+        "drop-safe": make_commit(
+            "drop-safe", {LEGACY: legacy, DROP: drop(mark)}, "e2e: drop it, marked safe"
+        ),
+    }
+    a, b, c = (shas[k][:12] for k in ("legacy", "drop", "drop-safe"))
+    try:
+        # A: a nullable AddField is accepted; the live release now reads e2e_legacy.
+        proc = deploy("prod", a)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert "migration safety: ok (pending migrations checked: courses.0002_e2e_legacy)" in (
+            proc.stdout
+        )
+        assert served_version(stack, "prod") == a and "e2e_legacy" in course_columns(stack)
+
+        # B: drops the column A reads: refused before migrate, A untouched and serving.
+        before = container_id(stack.environment("prod").container)
+        with load_on_prod(stack, clients=20) as load:
+            proc = deploy("prod", b)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, out
+        assert (
+            f"error: migration safety refused {b}: courses.0003_e2e_drop: RemoveField "
+            "course.e2e_legacy drops column courses_course.e2e_legacy, which breaks the "
+            "release still running during the deploy"
+        ) in proc.stderr
+        assert "split it: release N (expand)" in proc.stderr
+        assert "migrations (straight to PostgreSQL)" not in proc.stdout
+        assert "e2e_legacy" in course_columns(stack)
+        assert served_version(stack, "prod") == a
+        assert container_id(stack.environment("prod").container) == before
+        assert load.failures() == {}, (load.codes, load.errors)
+        last = read_releases(e2e_state, "prod")[-1]
+        assert (last["commit"], last["result"]) == (b, "failed")
+        assert "RemoveField course.e2e_legacy" in last["detail"]
+        assert not lock_held(e2e_state, "prod")
+
+        # The same migration marked as the contract step of a staged change: deployed.
+        proc = deploy("prod", c)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"courses.0003_e2e_drop is breaking but marked safe: {mark}" in proc.stdout
+        assert served_version(stack, "prod") == c
+        assert "e2e_legacy" not in course_columns(stack)
+        assert read_releases(e2e_state, "prod")[-1]["result"] == "good"
+    finally:
+        for name in shas:
+            git("update-ref", "-d", f"refs/aiia-e2e/{name}")

@@ -45,7 +45,7 @@ def tag() -> str:
 
 def phase_rows(output: str) -> dict[str, str]:
     """{phase: ok|FAIL} from the table the task prints at the end."""
-    return dict(re.findall(r"^(checks|migrations|tests|static)\s+(ok|FAIL)\s", output, re.M))
+    return dict(re.findall(r"^(checks|migrations|safety|tests|static)\s+(ok|FAIL)\s", output, re.M))
 
 
 def leftovers(run_id: str) -> list[str]:
@@ -66,7 +66,14 @@ def test_every_phase_passes_in_the_built_image(tag, env):
     proc = run_invoke("test", f"--env={env}", f"--tag={tag}", timeout=900)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
-    assert phase_rows(out) == {"checks": "ok", "migrations": "ok", "tests": "ok", "static": "ok"}
+    assert phase_rows(out) == {
+        "checks": "ok",
+        "migrations": "ok",
+        "safety": "ok",
+        "tests": "ok",
+        "static": "ok",
+    }
+    assert "migration safety: ok (every migration checked: courses.0001_initial" in out
     assert f"testing aiia/django:{tag} with the {env} settings" in out
     # The suite really ran on PostgreSQL, in the throwaway database.
     assert "Using existing test database for alias 'default' ('aiia_apptest')" in out
@@ -104,7 +111,7 @@ def test_a_missing_migration_fails_the_run_and_names_the_phase(image_missing_a_m
     assert rows["migrations"] == "FAIL"
     assert (rows["checks"], rows["static"]) == ("ok", "ok")
     assert "Forgotten" in out  # makemigrations says which model needs a migration
-    assert re.search(r"error: \d of 4 phases failed \(.*migrations.*\)", out), out
+    assert re.search(r"error: \d of 5 phases failed \(.*migrations.*\)", out), out
     assert leftovers(run_id_of(out)) == []
 
 

@@ -58,7 +58,7 @@ def test_setup_commands():
     )
 
 
-def test_the_four_phases_of_the_documents_test_phase():
+def test_the_phases_of_the_documents_test_phase_and_the_migration_safety_check():
     assert [(p.name, quote(p.argv)) for p in PLAN.phases] == [
         (
             "checks",
@@ -69,6 +69,10 @@ def test_the_four_phases_of_the_documents_test_phase():
             "migrations",
             f"{one_off('migrations')} aiia/django:abc123def456 "
             "manage.py makemigrations --check --dry-run --no-input",
+        ),
+        (
+            "safety",
+            f"{one_off('safety')} aiia/django:abc123def456 manage.py migration_safety --all",
         ),
         (
             "tests",

@@ -275,3 +275,31 @@ def release_build(stack: Stack, checkout: str, tag: str) -> list[list[str]]:
         [f"{django}/build-wheelhouse"],
         build_image(stack, "django", tag, tag, services_dir=Path(checkout) / "services"),
     ]
+
+
+# -- migration safety (the release's new migrations against the live release) ------------
+
+MIGRATION_SAFETY_ARGS = ["manage.py", "migration_safety"]
+MIGRATION_REFUSED_EXIT = 3  # the app's `manage.py migration_safety`: a breaking migration
+
+
+def migration_safety(stack: Stack, env: Environment, state_dir: str, tag: str) -> list[str]:
+    """A one-off container of the new release's image, straight to the live database: its
+    migrations not yet applied there, checked for operations that break the live release."""
+    from aiia_ops.commands.docker import one_off_app
+
+    return one_off_app(stack, env, state_dir, tag, MIGRATION_SAFETY_ARGS)
+
+
+def migration_safety_verdict(code: int, stdout: str, stderr: str) -> tuple[str, str]:
+    """("ok" | "refused" | "absent" | "error", detail) from the check's exit and output.
+    "absent": the release predates the check (no such management command)."""
+    text = "\n".join(part.strip() for part in (stdout, stderr) if part.strip())
+    if code == 0:
+        return "ok", stdout.strip()
+    if code == MIGRATION_REFUSED_EXIT:
+        lines = [line for line in text.splitlines() if line.startswith("migration safety:")]
+        return "refused", "\n".join(lines) or text
+    if "Unknown command: 'migration_safety'" in text:
+        return "absent", text
+    return "error", text

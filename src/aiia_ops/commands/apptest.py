@@ -1,14 +1,18 @@
 """The CI test phase of the architecture document (§6), as commands run in the built app image.
 
-`invoke test --env=ENV` runs four phases, each in a throwaway container of
+`invoke test --env=ENV` runs five phases, each in a throwaway container of
 `aiia/django:<tag>` (the image `invoke build` made for this commit):
 
 1. checks      - `check --deploy --fail-level WARNING --database default`: production
                  settings (DEBUG off, the environment's hosts), with the database checks
 2. migrations  - `makemigrations --check --dry-run`: models and migrations agree
-3. tests       - the app's own suite, its test settings (aiia.settings_test) with the
+3. safety      - `migration_safety --all`: no migration of the project's apps breaks
+                 the release running beside it during a deploy, unless marked staged
+                 (`aiia_safe = "contract: ..."`; the deploy runs the same check on the new
+                 migrations only, against the live database)
+4. tests       - the app's own suite, its test settings (aiia.settings_test) with the
                  database swapped for PostgreSQL (a settings overlay, SETTINGS_OVERLAY)
-4. static      - `collectstatic` into the throwaway container's own filesystem: nothing is
+5. static      - `collectstatic` into the throwaway container's own filesystem: nothing is
                  kept, but the manifest post-processing runs (a `--dry-run` skips it, and it
                  is what fails in production when a stylesheet names a missing file)
 
@@ -45,6 +49,7 @@ SECRET_VARS = (PG_PASSWORD_VAR, DB_PASSWORD_VAR, SECRET_KEY_VAR)
 # The phases' commands (the image's entrypoint runs `manage.py ...` and `collectstatic`).
 CHECK_ARGS = ["manage.py", "check", "--deploy", "--fail-level", "WARNING", "--database", "default"]
 MIGRATIONS_ARGS = ["manage.py", "makemigrations", "--check", "--dry-run", "--no-input"]
+SAFETY_ARGS = ["manage.py", "migration_safety", "--all"]
 TEST_ARGS = ["manage.py", "test", f"--settings={OVERLAY_MODULE}", "--keepdb", "--no-input",
              "--verbosity", "2"]  # fmt: skip
 STATIC_ARGS = ["collectstatic", "--noinput"]
@@ -190,6 +195,8 @@ def plan(
               one_off("checks", CHECK_ARGS)),
         Phase("migrations", "models and migrations agree (makemigrations --check --dry-run)",
               one_off("migrations", MIGRATIONS_ARGS)),
+        Phase("safety", "no migration breaks the release running beside it (migration_safety)",
+              one_off("safety", SAFETY_ARGS)),
         Phase("tests", "the app's test suite on PostgreSQL",
               one_off("tests", TEST_ARGS, overlay)),
         Phase("static", "collectstatic with the manifest, into the throwaway container",

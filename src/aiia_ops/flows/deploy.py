@@ -1,7 +1,8 @@
 """The deploy: one procedure, any runner (local engine, SSH, or a dry-run printer).
 
 preflight -> lock -> pre-deploy backup -> image (built where memory is plentiful, shipped
-over SSH when the host is remote) -> migrations (straight to PostgreSQL) -> collectstatic
+over SSH when the host is remote) -> migration safety (the new migrations must not break
+the live release) -> migrations (straight to PostgreSQL) -> collectstatic
 -> the new release beside the old one, healthy on its own address -> nginx pointed at it
 with a graceful reload -> health through nginx -> the old release drains and stops ->
 release recorded, audit line, notification -> lock released.
@@ -50,6 +51,11 @@ from aiia_ops.model.state import local_state_dir
 
 class DeployFailed(OpsError):
     pass
+
+
+class MigrationRefused(OpsError):
+    """The release's new migrations would break the live release: refused before anything
+    changed (recorded "failed": the release never ran, so it is not "bad")."""
 
 
 # -- facts ---------------------------------------------------------------------------------
@@ -173,6 +179,10 @@ class Deploy:
                     run(f"pre-deploy backup of {env.database}", self.take_backup)
                 run(f"image {env.image}:{tag}", lambda: self.ensure_image(commit, tag))
                 run(
+                    "migration safety (new migrations vs the live release)",
+                    lambda: self.check_migrations(tag),
+                )
+                run(
                     "migrations (straight to PostgreSQL)",
                     lambda: self.one_off(tag, ["migrate", "--noinput"]),
                 )
@@ -234,6 +244,32 @@ class Deploy:
         if self.ships_images:
             # No registry: the image travels over the SSH connection.
             self.runner.pipe_from_local(apps.save_image(image), apps.load_image())
+
+    def check_migrations(self, tag: str) -> None:
+        """The new image's `migration_safety` against the live database: its migrations not
+        applied there yet must not drop, rename or tighten what the live release uses."""
+        result = self.runner.run(
+            apps.migration_safety(self.stack, self.env, self.state_dir, tag), check=False
+        )
+        verdict, detail = apps.migration_safety_verdict(
+            result.code, self.runner.scrub(result.stdout), self.runner.scrub(result.stderr)
+        )
+        if verdict == "ok":
+            for line in detail.splitlines():
+                self.steps.out(f"   {line}")
+        elif verdict == "absent":
+            self.steps.out(
+                paint(f"   {tag} has no migration safety check (an older release): not checked",
+                      "warning")
+            )  # fmt: skip
+        elif verdict == "refused":
+            first = detail.splitlines()[0].removeprefix("migration safety: refused: ")
+            raise MigrationRefused(
+                f"migration safety refused {tag}: {first}\n{detail}\n"
+                "The live release keeps serving; nothing was migrated."
+            )
+        else:
+            raise OpsError(f"the migration safety check of {tag} could not run:\n{detail}")
 
     def one_off(self, tag: str, args: list[str]) -> None:
         self.runner.run(
@@ -508,6 +544,7 @@ __all__ = [
     "CommandFailed",
     "Deploy",
     "DeployFailed",
+    "MigrationRefused",
     "inspect_release",
     "live_upstreams",
     "resolve_ref",

@@ -149,6 +149,7 @@ def test_a_deploy_starts_on_the_free_slot_switches_nginx_then_retires_the_old_on
     planned = [
         ["mkdir", "-p", f"{STATE}/locks"],
         ["mkdir", lock],
+        apps.migration_safety(stack, env, STATE, TAG),
         cmd.one_off_app(stack, env, STATE, TAG, ["migrate", "--noinput"]),
         cmd.one_off_app(stack, env, STATE, TAG, ["collectstatic", "--noinput"]),
         apps.run_release(stack, env, STATE, TAG, str(env.standby_address), new),
@@ -248,6 +249,7 @@ def test_a_remote_host_without_the_image_gets_it_through_save_and_load(stack):
         d.runner.printed,
         [
             f"[box] {quote(apps.save_image(image))} | {quote(apps.load_image())}",
+            f"[box] {quote(apps.migration_safety(stack, env, STATE, TAG))}",
             f"[box] {quote(cmd.one_off_app(stack, env, STATE, TAG, ['migrate', '--noinput']))}",
         ],
     )
@@ -352,6 +354,7 @@ def test_a_dry_rollback_plans_the_release_without_build_or_migrations(stack):
     assert d.rollback(None)["release"] == B
     printed = "\n".join(d.runner.printed)
     assert "migrate --noinput" not in printed and "collectstatic --noinput" in printed
+    assert "migration_safety" not in printed  # a rollback runs no migrations to check
     assert f"{env.image}:{B}" in printed
 
 
@@ -443,3 +446,84 @@ def test_a_dry_run_prepares_printing_runners_that_read_the_real_ones(state_dir):
     assert dry.runner.host == "local" and dry.local.host == "build"
     secrets = set(dry.secrets.values())  # redacted from both printers' output
     assert secrets <= dry.runner.secrets and secrets <= dry.local.secrets
+
+
+# -- migration safety ----------------------------------------------------------------------
+
+REFUSAL = (
+    "migration safety: refused: courses.0002_drop: RemoveField course.summary drops column "
+    "courses_course.summary, which breaks the release still running during the deploy; "
+    "split it: release N (expand) ...\n"
+    "migration safety: 1 breaking operation(s) in pending migrations; nothing was migrated."
+)
+
+
+def test_the_safety_check_runs_the_new_image_against_the_live_database(stack):
+    env = stack.environment("prod")
+    argv = apps.migration_safety(stack, env, STATE, TAG)
+    assert argv == cmd.one_off_app(stack, env, STATE, TAG, ["manage.py", "migration_safety"])
+    assert f"{env.image}:{TAG}" in argv
+    assert f"DB_HOST={stack.services.postgresql.address}" in argv  # straight to PostgreSQL
+
+
+def test_a_breaking_migration_is_refused_before_anything_changes(stack):
+    env = stack.environment("prod")
+    facts = answers(stack, env, images={TAG: True})
+    check = apps.migration_safety(stack, env, STATE, TAG)
+    facts[quote(check)] = Result([], 3, "", REFUSAL + "\n")
+    d, host = real_deploy(stack, facts)
+    with pytest.raises(flow.MigrationRefused) as err:
+        d.deploy(None)
+    message = str(err.value)
+    assert message.startswith(
+        f"migration safety refused {TAG}: courses.0002_drop: RemoveField course.summary drops "
+        "column courses_course.summary"
+    )
+    assert "split it: release N (expand)" in message
+    assert message.endswith("The live release keeps serving; nothing was migrated.")
+    changes = host.commands
+    lock = lock_dir(STATE, deploy_lock("prod"))
+    # after the check: the recovery's sweep of a -next container and the lock's release;
+    # no migrate, no start, no nginx reload, the live release never stopped
+    assert changes[changes.index(check) + 1 :] == [
+        apps.remove_container(apps.next_name(env)),
+        ["rm", "-rf", lock],
+    ]
+    last = json.loads(host.files[f"{STATE}/releases/prod.jsonl"].splitlines()[-1])
+    assert (last["commit"], last["result"]) == (TAG, "failed")
+    assert "RemoveField course.summary" in last["detail"]
+
+
+def test_a_release_older_than_the_check_is_deployed_with_a_warning(stack):
+    env = stack.environment("prod")
+    facts = answers(stack, env, images={TAG: True})
+    facts[quote(apps.migration_safety(stack, env, STATE, TAG))] = Result(
+        [], 1, "", "Unknown command: 'migration_safety'\nType 'manage.py help' for usage.\n"
+    )
+    d, _ = real_deploy(stack, facts)
+    lines: list[str] = []
+    d.steps = Steps(out=lines.append)
+    d.check_migrations(TAG)  # no error: the deploy goes on to migrate
+    assert any("has no migration safety check (an older release)" in line for line in lines)
+
+
+def test_a_check_that_cannot_run_stops_the_deploy_naming_why(stack):
+    env = stack.environment("prod")
+    facts = answers(stack, env, images={TAG: True})
+    facts[quote(apps.migration_safety(stack, env, STATE, TAG))] = Result(
+        [], 1, "", "CommandError: cannot read the migrations: connection refused\n"
+    )
+    d, host = real_deploy(stack, facts)
+    with pytest.raises(OpsError, match="could not run:\nCommandError: cannot read the migr"):
+        d.deploy(None)
+    assert cmd.one_off_app(stack, env, STATE, TAG, ["migrate", "--noinput"]) not in host.commands
+
+
+def test_the_verdict_reads_the_exit_code_and_keeps_the_checks_own_lines():
+    assert apps.migration_safety_verdict(0, "migration safety: ok (x)\n", "") == (
+        "ok",
+        "migration safety: ok (x)",
+    )
+    verdict, detail = apps.migration_safety_verdict(3, "", "noise\n" + REFUSAL)
+    assert verdict == "refused" and detail == REFUSAL
+    assert apps.migration_safety_verdict(1, "", "Traceback ...")[0] == "error"

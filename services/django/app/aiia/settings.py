@@ -99,6 +99,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "courses",
+    "migration_safety",
 ]
 
 # The stock stack minus what a small JSON app behind nginx does not need (no GZip: nginx
