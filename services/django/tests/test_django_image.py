@@ -283,3 +283,31 @@ def test_migrate_collectstatic_and_manage(image):
         assert int(lines[-1]) > 0  # hashed names for nginx' long cache
     finally:
         docker("volume", "rm", "-f", volume, check=False)
+
+
+def test_psycopg_runs_its_c_implementation(image):
+    # psycopg-binary from the wheelhouse (issue 17): not the pure-Python implementation.
+    out = run_once(image, "python", "-c", "import psycopg; print(psycopg.pq.__impl__)")
+    assert out.strip().splitlines()[-1] in {"binary", "c"}, out
+
+
+def test_collectstatic_writes_gzip_files_for_nginx(image):
+    volume = f"aiia-django-test-{uuid.uuid4().hex[:8]}"
+    env = [*prod_env(), "-e", "DB_ENGINE=sqlite", "-e", "DB_NAME=/app/storage/db.sqlite3"]
+    mount = ("--mount", f"type=volume,source={volume},target=/app/storage")
+    try:
+        run_once(image, "collectstatic", env=env, extra=mount)
+        out = run_once(
+            image, "python", "-c",
+            "import gzip, pathlib; p = pathlib.Path('/app/storage/static/admin/css/base.css');"
+            " g = p.with_name(p.name + '.gz');"
+            " print(gzip.decompress(g.read_bytes()) == p.read_bytes(), g.stat().st_size,"
+            " p.stat().st_size, oct(g.stat().st_mode & 0o777))",
+            env=env, extra=mount,
+        )  # fmt: skip
+        same, gz_size, size, mode = out.split()[-4:]
+        assert same == "True"
+        assert int(gz_size) < int(size) / 2
+        assert mode == "0o644"  # nginx (another user) reads it
+    finally:
+        docker("volume", "rm", "-f", volume, check=False)

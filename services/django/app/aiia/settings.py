@@ -114,6 +114,14 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
+# /api/ and /health/ (aiia/handlers.py): no sessions, CSRF, auth or messages, which they
+# never use; the same security headers and ALLOWED_HOSTS check as the full stack.
+LEAN_MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
 ROOT_URLCONF = "aiia.urls"
 WSGI_APPLICATION = "aiia.wsgi.application"
 
@@ -186,7 +194,8 @@ if CACHE_BACKEND == "redis":
     _redis_db = env_int("REDIS_DB", {"prod": 0, "staging": 1}.get(AIIA_ENV, 0))
     CACHES = {
         "default": {
-            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            # Django's RedisCache, with one client per process (aiia/cache.py).
+            "BACKEND": "aiia.cache.RedisCache",
             "LOCATION": f"redis://{env('REDIS_HOST', '172.20.0.7')}:"
             f"{env_int('REDIS_PORT', 6379)}/{_redis_db}",
             # A separate Redis database per environment already isolates them; the prefix
@@ -271,7 +280,8 @@ STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     # Hashed names: nginx may cache static files for 30 days.
     "staticfiles": {
-        "BACKEND": "django.contrib.staticfiles.storage.ManifestStaticFilesStorage"
+        # + FILE.gz beside each text file, for nginx's gzip_static (aiia/storage.py).
+        "BACKEND": "aiia.storage.GzipManifestStaticFilesStorage"
         if not DEBUG
         else "django.contrib.staticfiles.storage.StaticFilesStorage"
     },
@@ -286,11 +296,14 @@ LOGGING = {
     "formatters": {
         "line": {"format": "%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"},
     },
+    # 4xx answers at INFO, at most 10 lines a minute per process (aiia/logfilters.py).
+    "filters": {"client_errors": {"()": "aiia.logfilters.ClientErrorFilter"}},
     "handlers": {
         "stdout": {
             "class": "logging.StreamHandler",
             "stream": "ext://sys.stdout",
             "formatter": "line",
+            "filters": ["client_errors"],
         },
     },
     "root": {"handlers": ["stdout"], "level": LOG_LEVEL},

@@ -125,3 +125,110 @@ class HealthTests(TestCase):
 
     def test_post_not_allowed(self):
         self.assertEqual(self.client.post("/health/", HTTP_HOST="127.0.0.1").status_code, 405)
+
+
+class ClientErrorLogTests(TestCase):
+    """Issue 17: a scanner's 4xx answers cannot flood the log."""
+
+    def setUp(self):
+        import logging
+
+        from .logfilters import ClientErrorFilter
+
+        self.now = 0.0
+        self.filter = ClientErrorFilter(burst=3, window=60, clock=lambda: self.now)
+        self.lines = []
+        test = self
+
+        class Collect(logging.Handler):
+            def emit(self, record):
+                test.lines.append((record.levelname, record.name, record.getMessage()))
+
+        self.handler = Collect()
+        self.handler.addFilter(self.filter)
+        self.loggers = [logging.getLogger(n) for n in ("django.request", "django.security")]
+        self.saved = [(lg.level, lg.propagate) for lg in self.loggers]
+        for lg in self.loggers:
+            lg.addHandler(self.handler)
+            lg.setLevel(logging.INFO)
+            lg.propagate = False  # only this handler: the suite's output stays quiet
+
+    def tearDown(self):
+        for lg, (level, propagate) in zip(self.loggers, self.saved, strict=True):
+            lg.removeHandler(self.handler)
+            lg.setLevel(level)
+            lg.propagate = propagate
+
+    def test_a_flood_of_404s_logs_a_few_info_lines_then_a_count(self):
+        self.client = self.client_class(HTTP_X_FORWARDED_PROTO="https")
+        for i in range(50):
+            self.assertEqual(self.client.get(f"/wp-admin/{i}.php").status_code, 404)
+        self.assertEqual(len(self.lines), 3)
+        self.assertEqual({level for level, _, _ in self.lines}, {"INFO"})
+        self.assertIn("Not Found: /wp-admin/0.php", self.lines[0][2])
+        self.now = 61.0  # the next window: one line says what was dropped
+        self.client.get("/wp-admin/next.php")
+        self.assertEqual(len(self.lines), 4)
+        self.assertIn("47 more client errors not logged", self.lines[3][2])
+        self.assertIn("/wp-admin/next.php", self.lines[3][2])
+
+    def test_server_errors_still_pass_at_error(self):
+        import logging
+
+        for _ in range(10):
+            logging.getLogger("django.request").error("boom", extra={"status_code": 500})
+        self.assertEqual(len(self.lines), 10)
+        self.assertEqual({level for level, _, _ in self.lines}, {"ERROR"})
+
+    def test_csrf_and_disallowed_host_warnings_are_limited_too(self):
+        with override_settings(ALLOWED_HOSTS=["eduaiia.com"]):
+            for _ in range(20):
+                response = self.client.get("/api/courses/", HTTP_HOST="evil.example")
+                self.assertEqual(response.status_code, 400)
+        self.assertEqual(len(self.lines), 3)
+        self.assertTrue(all(level == "INFO" for level, _, _ in self.lines))
+        self.assertIn("Invalid HTTP_HOST header", self.lines[0][2])
+
+    def test_the_filter_is_on_the_apps_stdout_handler(self):
+        from django.conf import settings
+
+        handler = settings.LOGGING["handlers"]["stdout"]
+        self.assertIn("client_errors", handler["filters"])
+        self.assertEqual(
+            settings.LOGGING["filters"]["client_errors"]["()"], "aiia.logfilters.ClientErrorFilter"
+        )
+
+
+class PrecompressedStaticTests(TestCase):
+    """Issue 17: collectstatic writes FILE.gz beside each text file, for gzip_static."""
+
+    def test_collectstatic_writes_gzip_beside_css_and_js(self):
+        import gzip
+        import json
+        import tempfile
+        from pathlib import Path
+
+        from django.core.management import call_command
+
+        storages = {
+            "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+            "staticfiles": {"BACKEND": "aiia.storage.GzipManifestStaticFilesStorage"},
+        }
+        with tempfile.TemporaryDirectory() as root:
+            with override_settings(STATIC_ROOT=root, STORAGES=storages):
+                call_command("collectstatic", interactive=False, verbosity=0)
+            root = Path(root)
+            manifest = json.loads((root / "staticfiles.json").read_text())["paths"]
+            for name in ("admin/css/base.css", manifest["admin/css/base.css"],
+                         manifest["admin/js/core.js"]):  # fmt: skip
+                original = (root / name).read_bytes()
+                packed = (root / (name + ".gz")).read_bytes()
+                self.assertEqual(gzip.decompress(packed), original, name)
+                self.assertLess(len(packed), len(original) / 2, name)
+                self.assertEqual(packed[4:8], b"\0\0\0\0", "mtime 0: the same bytes each run")
+            self.assertFalse(list(root.rglob("*.png.gz")), "images are not gzipped")
+            self.assertFalse(list(root.rglob("*.gz.gz")))
+            # A second run rewrites nothing that is current.
+            from .storage import gzip_tree
+
+            self.assertEqual(gzip_tree(root), [])

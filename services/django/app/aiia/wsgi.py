@@ -6,7 +6,10 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aiia.settings")
 
-application = get_wsgi_application()
+from aiia.handlers import LeanWSGIHandler, dispatching_application
+
+# /api/ and /health/ through settings.LEAN_MIDDLEWARE, the rest (admin) the full stack.
+application = dispatching_application(get_wsgi_application(), LeanWSGIHandler())
 
 
 def _warm_up() -> None:

@@ -37,7 +37,9 @@ class Lesson(models.Model):
     body = models.TextField(blank=True)
 
     class Meta:
-        ordering = ("course", "position")
+        # course_id, not course: ordering by the relation JOINs courses (and orders by
+        # the course's own ordering) on every lesson query.
+        ordering = ("course_id", "position")
         constraints = (
             models.UniqueConstraint(fields=("course", "position"), name="lesson_position_unique"),
         )

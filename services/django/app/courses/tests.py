@@ -1,6 +1,7 @@
 """The JSON API and the course-list cache with its invalidation."""
 
 import json
+from typing import ClassVar
 
 from django.core.cache import cache
 from django.test import Client, TestCase, override_settings
@@ -232,3 +233,137 @@ class ListCacheTests(ApiTestCase):
         self.assertEqual(response.status_code, 200)
         self.assertEqual(response["X-Cache"], "miss")
         self.assertEqual(response.json()["count"], 1)
+
+
+def _old_detail_bytes(slug):
+    """The detail answer as the view built it before issue 17 (model objects + as_dict)."""
+    from django.http import JsonResponse
+
+    course = Course.objects.prefetch_related("lessons").get(slug=slug)
+    return JsonResponse(course.as_dict(lessons=True)).content
+
+
+class SameAnswerTests(ApiTestCase):
+    """Issue 17: the cheaper paths answer byte for byte what the old ones did."""
+
+    PAYLOAD: ClassVar[dict] = {
+        "title": "Übung: Attention",
+        "summary": "Queries, keys, values.",
+        "lessons": [{"title": "Dot product", "body": "q·k"}, {"title": "Softmax"}],
+    }
+
+    def test_detail_from_values_equals_the_model_answer(self):
+        self.create(self.PAYLOAD)
+        with self.captureOnCommitCallbacks(execute=True):
+            other = Course.objects.create(title="Other", slug="other")
+            Lesson.objects.create(course=other, position=1, title="O1")
+        response = self.client.get("/api/courses/ubung-attention/")
+        self.assertEqual(response.status_code, 200)
+        self.assertEqual(response.content, _old_detail_bytes("ubung-attention"))
+        self.assertEqual(response["Content-Type"], "application/json")
+
+    def test_create_answers_what_a_later_read_returns_without_reading_back(self):
+        # The slug uniqueness check, SAVEPOINT, the INSERTs (course, lessons), RELEASE:
+        # no SELECT of the lessons just written.
+        with self.captureOnCommitCallbacks(execute=True), self.assertNumQueries(5):
+            created = self.post(self.PAYLOAD)
+        self.assertEqual(created.status_code, 201, created.content)
+        detail = self.client.get(created["Location"])
+        self.assertEqual(created.content, detail.content)
+
+    def test_cached_and_uncached_pages_are_byte_identical(self):
+        self.create(self.PAYLOAD)
+        self.create({"title": "Second", "lessons": [{"title": "x"}]})
+        miss, hit = self.list(), self.list()
+        self.assertEqual((miss["X-Cache"], hit["X-Cache"]), ("miss", "hit"))
+        self.assertEqual(miss.content, hit.content)
+        # The detail page, as the edge cache stores it, equals a fresh build of it.
+        first = self.client.get("/api/courses/second/").content
+        self.assertEqual(first, self.client.get("/api/courses/second/").content)
+        self.assertEqual(first, _old_detail_bytes("second"))
+
+    def test_detail_costs_two_queries_and_lesson_queries_join_nothing(self):
+        self.create(self.PAYLOAD)
+        with self.assertNumQueries(2) as ctx:
+            self.client.get("/api/courses/ubung-attention/")
+        for query in ctx.captured_queries:
+            self.assertNotIn("JOIN", query["sql"].upper())
+        lessons_sql = str(Lesson.objects.all().query).upper()
+        self.assertNotIn("JOIN", lessons_sql)
+        self.assertIn('ORDER BY "COURSES_LESSON"."COURSE_ID" ASC', lessons_sql)
+
+
+class DetailWritesTests(ApiTestCase):
+    """Issue 17: writes to a course's URL answer JSON 405 even with CSRF enforced, as a
+    real client meets them (the default test client skips the CSRF check)."""
+
+    def test_writes_to_detail_are_json_405_with_csrf_enforced(self):
+        Course.objects.create(title="A", slug="a")
+        client = Client(enforce_csrf_checks=True, HTTP_X_FORWARDED_PROTO="https")
+        for method in ("post", "put", "patch", "delete"):
+            response = getattr(client, method)("/api/courses/a/", **AUTH)
+            self.assertEqual(response.status_code, 405, (method, response.content[:200]))
+            self.assertEqual(response["Content-Type"], "application/json")
+            self.assertEqual(response.json(), {"error": "method not allowed"})
+            self.assertEqual(response["Allow"], "GET, HEAD")
+        self.assertTrue(Course.objects.filter(slug="a").exists())
+
+
+class LeanMiddlewareTests(ApiTestCase):
+    """Issue 17: /api/ and /health/ through settings.LEAN_MIDDLEWARE answer with the same
+    status, body and headers as through the full stack."""
+
+    def lean_client(self, **defaults):
+        from aiia.handlers import LeanMiddlewareMixin
+        from django.test.client import ClientHandler
+
+        class LeanClientHandler(LeanMiddlewareMixin, ClientHandler):
+            pass
+
+        client = Client(**defaults)
+        client.handler = LeanClientHandler(enforce_csrf_checks=False)
+        return client
+
+    def test_same_answers_and_headers_as_the_full_stack(self):
+        self.create({"title": "A", "lessons": [{"title": "L"}]})
+        full = Client(HTTP_X_FORWARDED_PROTO="https")
+        lean = self.lean_client(HTTP_X_FORWARDED_PROTO="https")
+        requests = [
+            ("get", "/api/courses/", {}),
+            ("get", "/api/courses/a/", {}),
+            ("get", "/api/courses/nope/", {}),
+            ("get", "/api/courses/?page=9", {}),
+            ("delete", "/api/courses/a/", {}),
+            ("post", "/api/courses/", {"data": "{}", "content_type": "application/json"}),
+            ("get", "/health/", {}),
+        ]
+        for method, path, kw in requests:
+            a = getattr(full, method)(path, **kw)
+            b = getattr(lean, method)(path, **kw)
+            self.assertEqual(a.status_code, b.status_code, path)
+            if path != "/health/":  # its body carries each probe's latency
+                self.assertEqual(a.content, b.content, path)
+            a_headers, b_headers = dict(a.headers), dict(b.headers)
+            a_headers.pop("X-Cache", None), b_headers.pop("X-Cache", None)  # miss, then hit
+            self.assertEqual(a_headers, b_headers, path)
+        response = lean.get("/api/courses/")
+        self.assertIn("max-age=31536000", response["Strict-Transport-Security"])
+        self.assertEqual(response["X-Content-Type-Options"], "nosniff")
+        self.assertEqual(response["X-Frame-Options"], "DENY")
+        self.assertEqual(response["Referrer-Policy"], "same-origin")
+
+    def test_lean_stack_redirects_plain_http_and_checks_allowed_hosts(self):
+        lean = self.lean_client()
+        self.assertEqual(lean.get("/api/courses/").status_code, 301)
+        with override_settings(ALLOWED_HOSTS=["eduaiia.com"]):
+            https = self.lean_client(HTTP_X_FORWARDED_PROTO="https")
+            self.assertEqual(https.get("/api/courses/", HTTP_HOST="evil.example").status_code, 400)
+            self.assertEqual(https.get("/api/courses/", HTTP_HOST="eduaiia.com").status_code, 200)
+
+    def test_only_the_api_and_health_take_the_lean_stack(self):
+        from aiia.handlers import is_lean_path
+
+        self.assertTrue(is_lean_path("/api/courses/"))
+        self.assertTrue(is_lean_path("/health/"))
+        for path in ("/admin/", "/admin/login/", "/api", "/health", "/healthz/", "/"):
+            self.assertFalse(is_lean_path(path), path)
