@@ -52,3 +52,7 @@ namespace.add_collection(_schedule.namespace)
 from aiia_ops.tasks import loadtest as _loadtest  # noqa: E402
 
 namespace.add_task(_loadtest.loadtest)
+
+from aiia_ops.tasks import lab as _lab  # noqa: E402
+
+namespace.add_collection(_lab.namespace)
