@@ -131,6 +131,17 @@ class LabHost:
         return f"{self.home}/sshd.log"
 
     @property
+    def daemon_json(self) -> str:
+        """The engine's own (empty) config: never /etc/docker/daemon.json of this machine."""
+        return f"{self.home}/daemon.json"
+
+    @property
+    def engine_key(self) -> str:
+        """The engine's identity key (its `docker info` ID): not /etc/docker/key.json, which
+        every engine of this machine would otherwise share."""
+        return f"{self.home}/key.json"
+
+    @property
     def sshd_config(self) -> str:
         return f"{self.home}/sshd_config"
 
@@ -461,6 +472,12 @@ def known_hosts_text(lab: Lab, host_keys: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def daemon_json_text(h: LabHost) -> str:
+    """Its own identity key (its `docker info` ID): dockerd 20.10 reads the key path only
+    from the config file; by default every engine here would share /etc/docker/key.json."""
+    return json.dumps({"deprecated-key-path": h.engine_key}, indent=2) + "\n"
+
+
 def sshd_argv(h: LabHost) -> Argv:
     """sshd daemonizes itself once it listens, and writes its PidFile."""
     return (NSENTER, f"--net={h.netns}", SSHD, "-f", h.sshd_config, "-E", h.sshd_log)
@@ -478,6 +495,7 @@ def dockerd_argv(h: LabHost) -> Argv:
         DOCKERD,
         *("--data-root", h.data_root, "--exec-root", h.exec_root),
         *("--pidfile", h.dockerd_pidfile, "-H", h.docker_host, "--bip", h.bip),
+        *("--config-file", h.daemon_json),
         *("--containerd-namespace", h.name, "--containerd-plugins-namespace", f"{h.name}-plugins"),
     )
 

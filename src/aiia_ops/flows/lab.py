@@ -127,11 +127,23 @@ def _run_steps(runner: Runner, steps: list[L.Step], out) -> None:
             runner.run(c.argv, check=c.check, timeout=120)
 
 
-def _wait(runner: Runner, what: str, check, seconds: float, hint: str) -> None:
+def _tail(runner: Runner, path: str, lines: int = 8) -> str:
+    text = _text(runner, path) or ""
+    return "\n".join(f"    {line}" for line in text.splitlines()[-lines:])
+
+
+def _wait(runner: Runner, what: str, check, alive, seconds: float, log: str) -> None:
+    """Poll `check` until it passes; fail at once when the daemon died (`alive` is False),
+    or after `seconds`, with the end of its log."""
     deadline = time.monotonic() + seconds
     while not check():
-        if time.monotonic() > deadline:
-            raise OpsError(f"{what}: no answer after {seconds:.0f}s. {hint}")
+        dead = not alive()
+        if dead or time.monotonic() > deadline:
+            why = "the daemon exited" if dead else f"no answer after {seconds:.0f}s"
+            raise OpsError(
+                f"{what}: {why}. The end of {log}:\n{_tail(runner, log)}\n"
+                "Fix the cause, then rerun `invoke lab.up` (it converges)."
+            )
         time.sleep(0.3)
 
 
@@ -150,13 +162,14 @@ def up(runner: Runner, n: int, environ=os.environ, out=_say) -> list[dict]:
     steps = Steps(out=out)
     with steps.step(f"network and keys for {len(lab.hosts)} hosts on {lab.net.bridge}"):
         _run_steps(runner, L.plan_network(lab, gather(runner, lab, probe=False)), out)
-    with steps.step("sshd configs, authorized key, known_hosts"):
+    with steps.step("sshd and dockerd configs, authorized key, known_hosts"):
         host_keys = {h.name: _text(runner, f"{h.host_key}.pub") or "" for h in lab.hosts}
         client_pub = _text(runner, f"{lab.client_key}.pub") or ""
         runner.write_file(lab.authorized_keys, client_pub, mode=0o600)
         runner.write_file(lab.known_hosts, L.known_hosts_text(lab, host_keys), mode=0o644)
         for h in lab.hosts:
             runner.write_file(h.sshd_config, L.sshd_config_text(h, lab), mode=0o644)
+            runner.write_file(h.daemon_json, L.daemon_json_text(h), mode=0o644)
         runner.write_file(L.RECORD, L.record_text(directory, [h.name for h in lab.hosts]))
     with steps.step("sshd and dockerd in every host"):
         _run_steps(runner, L.plan_daemons(lab, gather(runner, lab, probe=False)), out)
@@ -181,10 +194,17 @@ def _wait_host(runner: Runner, h: L.LabHost, host_pub: str) -> None:
     def engine_ok() -> bool:
         return runner.query(L.engine_ping_argv(h), timeout=5).ok
 
-    _wait(runner, f"{h.name}: sshd on {h.address}:22", ssh_ok, SSHD_WAIT,
-          f"Look at {h.sshd_log}, then rerun `invoke lab.up`.")  # fmt: skip
-    _wait(runner, f"{h.name}: dockerd on {h.socket}", engine_ok, ENGINE_WAIT,
-          f"Look at {h.dockerd_log}, then rerun `invoke lab.up`.")  # fmt: skip
+    def sshd_alive() -> bool:
+        return live_pid(runner, h.sshd_pidfile, "sshd")[0] is not None
+
+    def dockerd_alive() -> bool:  # dockerd writes its pidfile a moment after it starts
+        pid, stale = live_pid(runner, h.dockerd_pidfile, "dockerd")
+        return pid is not None or (not stale and time.monotonic() - started < 10)
+
+    started = time.monotonic()
+    _wait(runner, f"{h.name}: sshd on {h.address}:22", ssh_ok, sshd_alive, SSHD_WAIT, h.sshd_log)
+    _wait(runner, f"{h.name}: dockerd on {h.socket}", engine_ok, dockerd_alive, ENGINE_WAIT,
+          h.dockerd_log)  # fmt: skip
 
 
 # --- lab.status ------------------------------------------------------------------------------
