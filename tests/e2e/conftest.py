@@ -24,6 +24,7 @@ import pytest
 
 from aiia_ops.model import load_stack
 from tests.conftest import run_invoke
+from tests.lab import make_lab  # noqa: F401  (fixture: real hosts in namespaces)
 from tests.sshd import sshd_host  # noqa: F401  (fixture: a real OpenSSH server)
 from tests.stackfiles import (
     TEST_PORT_OFFSET,

@@ -56,3 +56,6 @@ namespace.add_task(_loadtest.loadtest)
 from aiia_ops.tasks import k8s as _k8s  # noqa: E402
 
 namespace.add_collection(_k8s.namespace)
+from aiia_ops.tasks import lab as _lab  # noqa: E402
+
+namespace.add_collection(_lab.namespace)
