@@ -162,8 +162,9 @@ def test_a_deploy_starts_on_the_free_slot_switches_nginx_then_retires_the_old_on
     in_order(printed, [f"[local] {quote(argv)}" for argv in planned])
     # the release and its one-offs start hardened (commands/hardening.py)
     hardened = "--cap-drop ALL --security-opt no-new-privileges:true --read-only --tmpfs "
+    # migration safety, migrate, collectstatic (one-offs) and the release itself
     runs = [line for line in printed if line.startswith("[local] docker run ")]
-    assert len(runs) == 3 and all(hardened in line for line in runs), runs
+    assert len(runs) == 4 and all(hardened in line for line in runs), runs
     assert all("--pids-limit 64 --ulimit nofile=1024:1024" in line for line in runs)
     # nginx's config is rewritten (upstream: the new release) before the reload
     nginx_test = printed.index(f"[local] {quote(cmd.nginx_reload(stack)[0])}")
