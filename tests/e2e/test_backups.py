@@ -289,10 +289,14 @@ def test_corrupted_or_truncated_backups_are_refused_by_verify_and_restore(
     assert r.returncode == 1 and "damaged or truncated" in r.stderr, r.stdout + r.stderr
     assert census(stack, env.database) == before and databases(stack) == dbs
     assert get(stack, env, "/health/")[0] == 200
-    # Bad sets do not count towards retention: prune removes them, never the verified one.
+    # Retention never deletes a set for a failed verification (issue 13): the newest sets of
+    # the kind stay whatever verify said, the verified one too, and the failures are alerted.
     invoke("backup.prune", "--env", env.name)
     left = set_dirs(e2e_state, env.name)
-    assert good in left and corrupted not in left and truncated not in left
+    assert {good, corrupted, truncated} <= left
+    listing = invoke("backup.list").stdout
+    assert f"ALERT {env.name}: 2 backup(s) failed verification" in listing, listing
+    assert corrupted in listing and truncated in listing
 
 
 def test_bad_input_is_a_clear_error_and_changes_nothing(stack_up, stack, e2e_state):

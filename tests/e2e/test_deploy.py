@@ -26,7 +26,11 @@ pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
 URLS = "services/django/app/aiia/urls.py"
 HEALTH = "services/django/app/aiia/health.py"
-BOOM = "services/django/app/courses/migrations/0002_e2e_boom.py"
+MIGRATIONS = REPO_ROOT / "services/django/app/courses/migrations"
+# The test migrations follow the app's newest one, whatever its number.
+LATEST = sorted(p.stem for p in MIGRATIONS.glob("0[0-9][0-9][0-9]_*.py"))[-1]
+N = int(LATEST[:4])
+BOOM = f"services/django/app/courses/migrations/{N + 1:04d}_e2e_boom.py"
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +57,7 @@ def commits():
         "def boom(apps, schema_editor):\n"
         '    raise RuntimeError("e2e: this migration fails on purpose")\n\n\n'
         "class Migration(migrations.Migration):\n"
-        '    dependencies = [("courses", "0001_initial")]\n'
+        f'    dependencies = [("courses", "{LATEST}")]\n'
         "    operations = [\n"
         # nullable: the migration safety check accepts it, so `migrate` runs and raises
         '        migrations.AddField("course", "e2e_extra", models.IntegerField(null=True)),\n'
@@ -298,8 +302,10 @@ def test_the_same_deploy_over_ssh_to_a_real_openssh_server(
 
 
 MODELS = "services/django/app/courses/models.py"
-LEGACY = "services/django/app/courses/migrations/0002_e2e_legacy.py"
-DROP = "services/django/app/courses/migrations/0003_e2e_drop.py"
+LEGACY_NAME = f"{N + 1:04d}_e2e_legacy"
+LEGACY = f"services/django/app/courses/migrations/{LEGACY_NAME}.py"
+DROP_NAME = f"{N + 2:04d}_e2e_drop"
+DROP = f"services/django/app/courses/migrations/{DROP_NAME}.py"
 
 
 def course_columns(stack) -> list[str]:
@@ -335,7 +341,7 @@ def test_a_migration_dropping_a_column_the_live_release_reads_is_refused_unless_
     legacy = (
         "from django.db import migrations, models\n\n\n"
         "class Migration(migrations.Migration):\n"
-        '    dependencies = [("courses", "0001_initial")]\n'
+        f'    dependencies = [("courses", "{LATEST}")]\n'
         "    operations = [\n"
         '        migrations.AddField("course", "e2e_legacy", models.IntegerField(null=True)),\n'
         "    ]\n"
@@ -346,7 +352,7 @@ def test_a_migration_dropping_a_column_the_live_release_reads_is_refused_unless_
             "from django.db import migrations\n\n\n"
             "class Migration(migrations.Migration):\n"
             + (f"    aiia_safe = {mark!r}\n" if mark else "")
-            + '    dependencies = [("courses", "0002_e2e_legacy")]\n'
+            + f'    dependencies = [("courses", "{LEGACY_NAME}")]\n'
             '    operations = [migrations.RemoveField("course", "e2e_legacy")]\n'
         )
 
@@ -363,7 +369,7 @@ def test_a_migration_dropping_a_column_the_live_release_reads_is_refused_unless_
         # A: a nullable AddField is accepted; the live release now reads e2e_legacy.
         proc = deploy("prod", a)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert "migration safety: ok (pending migrations checked: courses.0002_e2e_legacy)" in (
+        assert f"migration safety: ok (pending migrations checked: courses.{LEGACY_NAME})" in (
             proc.stdout
         )
         assert served_version(stack, "prod") == a and "e2e_legacy" in course_columns(stack)
@@ -375,7 +381,7 @@ def test_a_migration_dropping_a_column_the_live_release_reads_is_refused_unless_
         out = proc.stdout + proc.stderr
         assert proc.returncode == 1, out
         assert (
-            f"error: migration safety refused {b}: courses.0003_e2e_drop: RemoveField "
+            f"error: migration safety refused {b}: courses.{DROP_NAME}: RemoveField "
             "course.e2e_legacy drops column courses_course.e2e_legacy, which breaks the "
             "release still running during the deploy"
         ) in proc.stderr
@@ -393,7 +399,7 @@ def test_a_migration_dropping_a_column_the_live_release_reads_is_refused_unless_
         # The same migration marked as the contract step of a staged change: deployed.
         proc = deploy("prod", c)
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert f"courses.0003_e2e_drop is breaking but marked safe: {mark}" in proc.stdout
+        assert f"courses.{DROP_NAME} is breaking but marked safe: {mark}" in proc.stdout
         assert served_version(stack, "prod") == c
         assert "e2e_legacy" not in course_columns(stack)
         assert read_releases(e2e_state, "prod")[-1]["result"] == "good"
