@@ -107,6 +107,10 @@ def site(tmp_path_factory) -> Path:
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+    # collectstatic writes FILE.gz beside each text file; nginx serves it (gzip_static) and
+    # never compresses a static file itself.
+    css = root / "storage/prod/static/css/app.css"
+    css.with_name("app.css.gz").write_bytes(gzip.compress(CSS.encode(), mtime=0))
     (root / "status").mkdir()
     for d in [root, *root.rglob("*")]:
         if not str(d).startswith(str(root / "ssl")) and not str(d).startswith(str(root / "logs")):
