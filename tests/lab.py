@@ -8,10 +8,13 @@ and removed at the end of the session by `invoke lab.down` (docs/lab.md).
             r.run(["docker", "info"])            # lab1's own engine (DOCKER_HOST of its sshd)
         lab2.spec, lab2.key_path, lab2.known_hosts_path, lab2.docker_host
 
-`make_lab(n)` may be called by many tests: each call converges the lab (`lab.up` adds
-missing hosts and restarts dead daemons, ~2 s when all is up) and returns its first n hosts.
-One session uses the lab at a time: it holds /tmp/aiia-lab-tests.lock (an flock, released
-when the process ends). AIIA_LAB_KEEP=1 keeps the lab up after the session.
+`make_lab(n, first=1)` may be called by many tests: each call converges hosts
+lab<first>..lab<first+n-1> (`lab.up --first K --hosts N` adds missing hosts and restarts dead
+daemons, ~2 s when all is up; other hosts are left as they are) and returns them. Each host
+is used by one session at a time: the session holds /tmp/aiia-lab-<host>.lock (an flock,
+released when the process ends), so test areas on disjoint host ranges run side by side
+(level 3: lab1-5, swarm: lab6-8, off-site backups: lab9-10). At the end the session removes
+the hosts it used (`lab.down --hosts ...`); AIIA_LAB_KEEP=1 keeps them up.
 
 Register it in a conftest: `from tests.lab import make_lab  # noqa: F401`.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +33,8 @@ import pytest
 from tests.conftest import run_invoke
 from tests.sshd import ensure_sshd
 
-LOCK = Path("/tmp/aiia-lab-tests.lock")
+LOCK_DIR = Path("/tmp")
+LOCK_WAIT = 3600.0  # seconds another session may hold a host before this one gives up
 # The lab outlives any one test stack: not under a test's AIIA_STATE_DIR (which the e2e
 # package removes before session fixtures end), always the machine's lab dir.
 LAB_ENV = {"AIIA_LAB_DIR": "/var/lib/aiia-lab"}
@@ -74,28 +79,36 @@ def lab_status() -> dict:
     return json.loads(proc.stdout)
 
 
-def _hosts(data: dict, n: int) -> list[LabHost]:
+def _hosts(data: dict, names: list[str]) -> list[LabHost]:
+    by_name = {h["name"]: h for h in data["hosts"]}
     hosts = [
         LabHost(
             h["name"], h["address"], h["ssh_user"], h["ssh_port"], Path(h["key"]),
             Path(h["known_hosts"]), h["docker_host"],
         )
-        for h in data["hosts"][:n]
+        for h in (by_name[n] for n in names if n in by_name)
     ]  # fmt: skip
-    down = [h["name"] for h in data["hosts"][:n] if not h["up"]]
-    if len(hosts) < n or down:
+    down = [n for n in names if n in by_name and not by_name[n]["up"]]
+    if len(hosts) < len(names) or down:
         raise AssertionError(f"lab.up returned, yet hosts are missing or down: {data}")
     return hosts
 
 
-def _lock() -> int:
-    fd = os.open(LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
-        os.close(fd)
-        pytest.fail(f"the test lab is in use by {holder} ({LOCK}); wait for it to end")
+def _lock(name: str) -> int:
+    """Hold lab host `name` for this session (waits while another session holds it)."""
+    path = LOCK_DIR / f"aiia-lab-{name}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
+                os.close(fd)
+                pytest.fail(f"lab host {name} is in use by {holder} ({path}); wait for it to end")
+            time.sleep(1)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)
     return fd
@@ -103,27 +116,32 @@ def _lock() -> int:
 
 @pytest.fixture(scope="session")
 def make_lab():
-    """A factory: `make_lab(n)` -> n `LabHost`s that answer over SSH and Docker. The lab is
-    removed with `invoke lab.down` at the end of the session, even after a failure."""
+    """A factory: `make_lab(n, first=1)` -> n `LabHost`s (lab<first>...) that answer over SSH
+    and Docker. The hosts this session used are removed with `invoke lab.down --hosts ...` at
+    the end of the session, even after a failure."""
     if os.geteuid() != 0:
         pytest.skip("the lab needs root (namespaces, bridge, iptables, sshd, dockerd)")
     ensure_sshd()
-    lock = _lock()
-    used = False
+    locks: dict[str, int] = {}
 
-    def make(n: int) -> list[LabHost]:
-        nonlocal used
-        used = True
-        proc = run_invoke("lab.up", "--hosts", str(n), env=LAB_ENV, timeout=600)
+    def make(n: int, first: int = 1) -> list[LabHost]:
+        names = [f"lab{k}" for k in range(first, first + n)]
+        for name in names:  # ascending order: two sessions never wait on each other in a ring
+            if name not in locks:
+                locks[name] = _lock(name)
+        args = ("lab.up", "--hosts", str(n), "--first", str(first))
+        proc = run_invoke(*args, env=LAB_ENV, timeout=600)
         if proc.returncode != 0:
-            raise AssertionError(f"invoke lab.up --hosts {n} failed:\n{proc.stdout}\n{proc.stderr}")
-        return _hosts(lab_status(), n)
+            raise AssertionError(f"invoke {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+        return _hosts(lab_status(), names)
 
     try:
         yield make
     finally:
         try:
-            if used and os.environ.get("AIIA_LAB_KEEP") != "1":
-                run_invoke("lab.down", env=LAB_ENV, check=True, timeout=300)
+            if locks and os.environ.get("AIIA_LAB_KEEP") != "1":
+                used = ",".join(sorted(locks, key=lambda x: int(x[3:])))
+                run_invoke("lab.down", "--hosts", used, env=LAB_ENV, timeout=300)
         finally:
-            os.close(lock)
+            for fd in locks.values():
+                os.close(fd)

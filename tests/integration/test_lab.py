@@ -30,7 +30,9 @@ def sh(*argv: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def hosts(make_lab):
-    return make_lab(3)
+    # lab11-13: lab1-10 belong to the level-3, swarm and off-site test areas, which may run
+    # beside this module in another session.
+    return make_lab(3, first=11)
 
 
 def test_each_host_answers_over_ssh_with_its_own_engine(hosts):
@@ -95,7 +97,7 @@ def test_up_again_converges_and_restarts_a_dead_engine(hosts, make_lab):
     deadline = time.monotonic() + 30
     while sh("kill", "-0", str(pid)).returncode == 0 and time.monotonic() < deadline:
         time.sleep(0.2)
-    again = make_lab(3)
+    again = make_lab(3, first=11)
     assert [h.name for h in again] == [h.name for h in hosts]
     assert lab3.known_hosts_path.read_text() == known  # same host keys: nothing regenerated
     new_pid = int(Path(f"/run/aiia-lab/{lab3.name}-dockerd.pid").read_text())
@@ -104,41 +106,69 @@ def test_up_again_converges_and_restarts_a_dead_engine(hosts, make_lab):
         assert Engine(r).info()["DockerRootDir"] == f"/var/lib/aiia-lab/{lab3.name}/docker"
 
 
-def lab_traces() -> dict[str, object]:
-    """Everything of the lab this machine could still hold."""
+def test_up_of_another_range_leaves_these_hosts_as_they_are(hosts, make_lab):
+    """`lab.up --first 14 --hosts 1` adds lab14 and touches no daemon of lab11-13, not even a
+    stopped one (a test may have stopped it on purpose)."""
+    pids = {h.name: Path(f"/run/aiia-lab/{h.name}-dockerd.pid").read_text() for h in hosts}
+    stopped = hosts[1]
+    sh("kill", pids[stopped.name].strip())
+    deadline = time.monotonic() + 30
+    while sh("kill", "-0", pids[stopped.name].strip()).returncode == 0:
+        assert time.monotonic() < deadline, "lab12's dockerd did not stop"
+        time.sleep(0.2)
+    (lab14,) = make_lab(1, first=14)
+    assert lab14.address == "10.77.0.24"
+    with lab14.runner() as r:
+        assert Engine(r).info()["DockerRootDir"] == "/var/lib/aiia-lab/lab14/docker"
+    for h in (hosts[0], hosts[2]):
+        assert Path(f"/run/aiia-lab/{h.name}-dockerd.pid").read_text() == pids[h.name]
+    assert sh("docker", "-H", stopped.docker_host, "version").returncode != 0  # still stopped
+    known = hosts[0].known_hosts_path.read_text()
+    assert all(h.address + " ssh-ed25519" in known for h in (*hosts, lab14))
+    again = make_lab(3, first=11)  # and the range's own lab.up brings lab12 back
+    with again[1].runner() as r:
+        assert Engine(r).info()["DockerRootDir"] == "/var/lib/aiia-lab/lab12/docker"
+
+
+def lab_traces(names=("lab11", "lab12", "lab13", "lab14")) -> dict[str, object]:
+    """Everything of these lab hosts this machine could still hold."""
     netns = sh("ip", "netns", "list").stdout
     links = sh("ip", "-o", "link", "show").stdout
+    mine = "|".join(n.removeprefix("lab") for n in names)
+    runs = sh("sh", "-c", "ls -d /run/aiia-lab* /run/aiia-lab/* 2>/dev/null").stdout.split()
+    mounts = Path("/proc/mounts").read_text().splitlines()
     return {
-        "netns": re.findall(r"^lab\d+\b", netns, re.M),
-        "links": re.findall(r"\d+: (labbr0|vlab\d+)[@:]", links),
-        "rule": sh(
-            "iptables", "-C", "FORWARD", "-i", "labbr0", "-o", "labbr0", "-j", "ACCEPT"
-        ).returncode
-        == 0,
+        "netns": re.findall(rf"^lab(?:{mine})\b", netns, re.M),
+        "links": re.findall(rf"\d+: (vlab(?:{mine}))[@:]", links),
         "processes": [
             line
             for line in sh("ps", "-eo", "pid,args").stdout.splitlines()
-            if "aiia-lab" in line and "pytest" not in line
+            if any(f"aiia-lab/{n}/" in line or f"aiia-lab-{n}." in line for n in names)
         ],
-        "sockets": sh("sh", "-c", "ls -d /run/aiia-lab* 2>/dev/null").stdout.split(),
-        "mounts": [line for line in open("/proc/mounts") if "aiia-lab" in line],
-        "dir": sh("ls", "-A", "/var/lib/aiia-lab").stdout.split(),
-    }
+        "sockets": [
+            s for s in runs if any(f"{n}-" in s or f"-{n}." in s for n in names)
+        ],
+        "mounts": [m for m in mounts if any(f"aiia-lab/{n}/" in m for n in names)],
+        "dir": [d for d in sh("ls", "-A", "/var/lib/aiia-lab").stdout.split() if d in names],
+    }  # fmt: skip
 
 
-def test_down_leaves_nothing_of_the_lab(hosts):
-    """Last in this module: the factory brings the lab back if a later test asks for it."""
-    dry = run_invoke("lab.down", "--dry-run", env=LAB_ENV, check=True)
-    assert "would remove:" in dry.stdout and "[local] ip netns del lab1" in dry.stdout
-    assert sh("ip", "netns", "pids", "lab1").returncode == 0  # the dry run changed nothing
-    down = run_invoke("lab.down", env=LAB_ENV, check=True)
-    for name in ("lab1", "lab2", "lab3", "bridge labbr0", "iptables rule"):
+def test_down_leaves_nothing_of_the_hosts(hosts):
+    """Last in this module: the factory brings the hosts back if a later test asks for them.
+    `lab.down --hosts` removes these hosts only; the bridge, the rule and the keys go with the
+    last host (`invoke lab.down` without --hosts; the plan is in tests/unit)."""
+    names = "lab11,lab12,lab13,lab14"
+    dry = run_invoke("lab.down", "--hosts", names, "--dry-run", env=LAB_ENV, check=True)
+    assert "would remove:" in dry.stdout and "[local] ip netns del lab11" in dry.stdout
+    assert sh("ip", "netns", "pids", "lab11").returncode == 0  # the dry run changed nothing
+    bad = run_invoke("lab.down", "--hosts", "lab99", env=LAB_ENV)
+    assert bad.returncode == 1 and "no lab host lab99 is up; nothing was changed" in bad.stderr
+    assert sh("ip", "netns", "pids", "lab11").returncode == 0
+    down = run_invoke("lab.down", "--hosts", names, env=LAB_ENV, check=True)
+    for name in names.split(","):
         assert name in down.stdout
     root_engine = sh("docker", "version", "--format", "{{.Server.Version}}")
     assert root_engine.returncode == 0  # this machine's engine was not touched
     assert lab_traces() == {
-        "netns": [], "links": [], "rule": False, "processes": [], "sockets": [], "mounts": [],
-        "dir": [],
+        "netns": [], "links": [], "processes": [], "sockets": [], "mounts": [], "dir": [],
     }  # fmt: skip
-    nothing = run_invoke("lab.down", env=LAB_ENV, check=True)  # idempotent
-    assert "lab1" not in nothing.stdout

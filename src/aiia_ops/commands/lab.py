@@ -191,6 +191,19 @@ def check_count(n: object) -> int:
     return count
 
 
+def check_first(first: object, n: int) -> int:
+    try:
+        k = int(str(first))
+    except ValueError:
+        k = 0
+    if not k >= 1 or k + n - 1 > MAX_HOSTS:
+        raise OpsError(
+            f"--first {first!r} with --hosts {n}: hosts lab{first}..lab{k + n - 1} do not fit "
+            f"the lab's lab1..lab{MAX_HOSTS} (for example --first 1); nothing was changed"
+        )
+    return k
+
+
 def lab_dir(environ) -> str:
     """$AIIA_LAB_DIR, else $AIIA_STATE_DIR/lab, else /var/lib/aiia-lab."""
     if environ.get("AIIA_LAB_DIR"):

@@ -147,30 +147,36 @@ def _wait(runner: Runner, what: str, check, alive, seconds: float, log: str) -> 
         time.sleep(0.3)
 
 
-def up(runner: Runner, n: int, environ=os.environ, out=_say) -> list[dict]:
-    """Converge the lab to at least `n` hosts, each with a running sshd and dockerd that
-    answer. Returns `describe()` of every host."""
+def up(runner: Runner, n: int, environ=os.environ, out=_say, first: int = 1) -> list[dict]:
+    """Converge lab hosts first..first+n-1, each with a running sshd and dockerd that answer;
+    other hosts of the lab are kept as they are (a test may have stopped one on purpose).
+    Returns `describe()` of the converged hosts."""
     n = L.check_count(n)
+    first = L.check_first(first, n)
     rec = recorded(runner)
     directory = rec["dir"] if rec else L.lab_dir(environ)
     if rec and rec["dir"] != L.lab_dir(environ):
         out(f"(the lab that is up keeps its state in {directory}; converging that one)")
-    kept = [i for i in (L.host_index(x) for x in (rec or {}).get("hosts", [])) if i and i > n]
-    lab = L.Lab(directory, L.hosts_for(max([n, *kept]), directory))
+    wanted = range(first, first + n)
+    kept = [i for i in (L.host_index(x) for x in (rec or {}).get("hosts", [])) if i]
+    kept = sorted(set(kept) - set(wanted))
+    lab = L.Lab(directory, tuple(L.LabHost(k, directory) for k in wanted))
+    every = L.Lab(directory, tuple(L.LabHost(k, directory) for k in sorted({*wanted, *kept})))
     if kept:
-        out(f"(keeping {', '.join(f'lab{k}' for k in kept)}: `invoke lab.down` removes all)")
+        out(f"(keeping {', '.join(f'lab{k}' for k in kept)} as they are: "
+            "`invoke lab.down` removes all)")  # fmt: skip
     steps = Steps(out=out)
     with steps.step(f"network and keys for {len(lab.hosts)} hosts on {lab.net.bridge}"):
         _run_steps(runner, L.plan_network(lab, gather(runner, lab, probe=False)), out)
     with steps.step("sshd and dockerd configs, authorized key, known_hosts"):
-        host_keys = {h.name: _text(runner, f"{h.host_key}.pub") or "" for h in lab.hosts}
+        host_keys = {h.name: _text(runner, f"{h.host_key}.pub") or "" for h in every.hosts}
         client_pub = _text(runner, f"{lab.client_key}.pub") or ""
         runner.write_file(lab.authorized_keys, client_pub, mode=0o600)
-        runner.write_file(lab.known_hosts, L.known_hosts_text(lab, host_keys), mode=0o644)
+        runner.write_file(lab.known_hosts, L.known_hosts_text(every, host_keys), mode=0o644)
         for h in lab.hosts:
             runner.write_file(h.sshd_config, L.sshd_config_text(h, lab), mode=0o644)
             runner.write_file(h.daemon_json, L.daemon_json_text(h), mode=0o644)
-        runner.write_file(L.RECORD, L.record_text(directory, [h.name for h in lab.hosts]))
+        runner.write_file(L.RECORD, L.record_text(directory, [h.name for h in every.hosts]))
     with steps.step("sshd and dockerd in every host"):
         _run_steps(runner, L.plan_daemons(lab, gather(runner, lab, probe=False)), out)
     with steps.step("every sshd and engine answers"):
@@ -274,9 +280,10 @@ def _stop_all(runner: Runner, pids: dict[int, str], out) -> None:
         time.sleep(0.2)
 
 
-def down(runner: Runner, environ=os.environ, out=_say) -> list[str]:
-    """Remove every trace of the lab, found by its own names and pidfiles, and only those.
-    Returns what was removed (one line each)."""
+def down(runner: Runner, environ=os.environ, out=_say, names: list[str] | None = None) -> list[str]:
+    """Remove every trace of the lab (or only of hosts `names`), found by its own names and
+    pidfiles, and only those; the bridge, rule and keys go with the last host. Returns what
+    was removed (one line each)."""
     rec = recorded(runner)
     directory = rec["dir"] if rec else L.lab_dir(environ)
     netns = L.parse_netns(runner.query(L.NETNS_LIST, timeout=QUERY_TIMEOUT))
@@ -286,6 +293,15 @@ def down(runner: Runner, environ=os.environ, out=_say) -> list[str]:
         directory, netns, links, {p for p in pidfiles if p.endswith(".pid")},
         (rec or {}).get("hosts", []),
     )  # fmt: skip
+    if names is not None:
+        unknown = sorted(set(names) - {h.name for h in hosts})
+        if unknown:
+            raise OpsError(f"no lab host {', '.join(unknown)} is up; nothing was changed "
+                           "(`invoke lab.status` lists them)")  # fmt: skip
+        others = [h.name for h in hosts if h.name not in names]
+        hosts = [h for h in hosts if h.name in names]
+    else:
+        others = []
     removed: list[str] = []
     daemons: dict[int, str] = {}
     for h in hosts:
@@ -310,6 +326,10 @@ def down(runner: Runner, environ=os.environ, out=_say) -> list[str]:
                 out(f"   $ {quote(argv)}")
             runner.run(argv, check=argv[0] != "umount")
         removed.append(L.describe_host(h))
+    if others:  # the rest of the lab still uses the bridge, the rule and the keys
+        if not _dry(runner):
+            runner.write_file(L.RECORD, L.record_text(directory, others))
+        return removed
     lab_bridge = L.NET.bridge in links
     rule = runner.query(L.forward_check_argv(), timeout=QUERY_TIMEOUT).ok
     teardown = L.Teardown(hosts, lab_bridge, rule, directory)

@@ -28,11 +28,17 @@ def _print_hosts(hosts: list[dict]) -> None:
     print(table(["host", "address", "ssh", "docker", "engine", "state"], rows))
 
 
-@task(help={"hosts": "how many hosts (lab1..labN, 10.77.0.11...)", "dry_run": DRY})
-def up(c, hosts=3, dry_run=False):
+@task(
+    help={
+        "hosts": "how many hosts (lab1..labN, 10.77.0.11...)",
+        "first": "the first host's number (--first 6 --hosts 3: lab6..lab8; others kept)",
+        "dry_run": DRY,
+    }
+)
+def up(c, hosts=3, first=1, dry_run=False):
     """Bring up (or converge) N lab hosts: namespaces on labbr0, each with sshd and dockerd."""
     started = time.monotonic()
-    described = flow.up(_runner(dry_run), hosts)
+    described = flow.up(_runner(dry_run), hosts, first=first)
     if described:
         _print_hosts(described)
         lab = flow.current(LocalRunner())
@@ -40,10 +46,11 @@ def up(c, hosts=3, dry_run=False):
         print(f"lab.up took {time.monotonic() - started:.1f}s")
 
 
-@task(help={"dry_run": DRY})
-def down(c, dry_run=False):
+@task(help={"hosts": "lab6,lab7: only these hosts (default: the whole lab)", "dry_run": DRY})
+def down(c, hosts="", dry_run=False):
     """Remove the lab: its processes, namespaces, veths, bridge, iptables rule and files."""
-    removed = flow.down(_runner(dry_run))
+    names = [h.strip() for h in hosts.split(",") if h.strip()] or None
+    removed = flow.down(_runner(dry_run), names=names)
     print("would remove:" if dry_run else "removed:")
     for line in removed:
         print(f"  {line}")
