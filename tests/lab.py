@@ -13,8 +13,9 @@ lab<first>..lab<first+n-1> (`lab.up --first K --hosts N` adds missing hosts and 
 daemons, ~2 s when all is up; other hosts are left as they are) and returns them. Each host
 is used by one session at a time: the session holds /tmp/aiia-lab-<host>.lock (an flock,
 released when the process ends), so test areas on disjoint host ranges run side by side
-(level 3: lab1-5, swarm: lab6-8, off-site backups: lab9-10, Patroni: lab15-17). At the end the session removes
-the hosts it used (`lab.down --hosts ...`); AIIA_LAB_KEEP=1 keeps them up.
+(level 3: lab1-5, swarm: lab6-8, off-site backups: lab9-10, Patroni: lab15-17). At the
+end the session removes the hosts it used (`lab.down --hosts ...`); AIIA_LAB_KEEP=1 keeps
+them up.
 
 Register it in a conftest: `from tests.lab import make_lab  # noqa: F401`.
 """
