@@ -39,6 +39,18 @@ def state_dir(tmp_path, monkeypatch):
     return path
 
 
+# --- lab tests: their own engines, run beside the rest --------------------------------------
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that uses the lab (the `make_lab` fixture, directly or through another fixture)
+    is marked `lab`: it runs on the lab hosts' own engines, so `nox -s tests` runs the `lab`
+    group in a second pytest process beside the rest (noxfile.py)."""
+    for item in items:
+        if "make_lab" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.lab)
+
+
 # --- a skip is not a pass -------------------------------------------------------------------
 
 
