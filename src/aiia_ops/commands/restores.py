@@ -138,7 +138,9 @@ def parse_databases(text: str) -> DbFacts:
 
 def show_databases(stack: Stack) -> list[str]:
     """PgBouncer's SHOW DATABASES as CSV with its header (the columns differ by version)."""
-    return [*bouncer_admin(stack, "SHOW DATABASES")[:-2], "--csv", "-c", "SHOW DATABASES"]
+    argv = bouncer_admin(stack, "SHOW DATABASES")
+    at = argv.index("-At")
+    return [*argv[:at], "--csv", *argv[at + 1 :]]
 
 
 def parse_paused(text: str, database: str) -> bool | None:

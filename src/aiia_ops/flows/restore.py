@@ -205,9 +205,11 @@ def pause_wait(stack: Stack) -> float:
     return min(PAUSE_TIMEOUT, max(1.0, stack.backups.pause_limit.seconds / 3))
 
 
-def is_paused(stack: Stack, runner: Runner, database: str) -> bool:
+def is_paused(stack: Stack, runner: Runner, database: str) -> bool | None:
+    """PgBouncer's own answer (SHOW DATABASES; a database it does not list is not paused);
+    None when it gave no answer."""
     out = runner.query(rj.show_databases(stack), timeout=PAUSE_TIMEOUT)
-    return bool(out.ok and rj.parse_paused(out.stdout, database))
+    return bool(rj.parse_paused(out.stdout, database)) if out.ok else None
 
 
 def resume_if_paused(stack: Stack, runner: Runner, env: Environment) -> bool:
@@ -221,8 +223,11 @@ def resume_if_paused(stack: Stack, runner: Runner, env: Environment) -> bool:
 def _resume_if_paused(stack: Stack, runner: Runner, env: Environment) -> bool:
     if not running(runner, stack.services.pgbouncer.container):
         return False
-    if not is_paused(stack, runner, env.database):
+    state = is_paused(stack, runner, env.database)
+    if state is False:
         return False
+    # Paused, or PgBouncer would not say: RESUME (of a pool that is not paused: an error
+    # that changes nothing).
     say(f"   PgBouncer holds {env.database} paused (a killed restore): RESUME {env.database}")
     runner.run(bk.resume(stack, env.database), check=False, timeout=PAUSE_TIMEOUT)
     runner.run(rj.cancel_guard(stack, env.database), check=False, timeout=PAUSE_TIMEOUT)
@@ -335,7 +340,7 @@ def left_behind(stack: Stack, state: StateDir, env: Environment, runner: Runner)
     if runner.read_file(journal_file(state, env)) is not None:
         return True
     pgbouncer = stack.services.pgbouncer.container
-    return running(runner, pgbouncer) and is_paused(stack, runner, env.database)
+    return running(runner, pgbouncer) and is_paused(stack, runner, env.database) is not False
 
 
 @contextlib.contextmanager

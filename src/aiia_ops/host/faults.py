@@ -11,7 +11,12 @@ import os
 import signal
 
 ENV = "AIIA_FAILPOINT"
-SIGNALS = {"KILL": signal.SIGKILL, "TERM": signal.SIGTERM, "HUP": signal.SIGHUP}
+SIGNALS = {
+    "KILL": signal.SIGKILL,
+    "TERM": signal.SIGTERM,
+    "HUP": signal.SIGHUP,
+    "STOP": signal.SIGSTOP,  # frozen there, holding its locks, until SIGCONT
+}
 
 
 def failpoint(point: str) -> None:
