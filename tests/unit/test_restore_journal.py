@@ -202,3 +202,30 @@ def test_the_guard_resumes_after_the_limit_and_is_cancelled_by_its_pid_file():
     show = rj.show_databases(stack)
     assert "--csv" in show and "-At" not in show and "-t" not in show  # the header is read
     assert show[-2:] == ["-c", "SHOW DATABASES"]
+
+
+def test_the_guard_script_really_resumes_once_and_a_cancelled_one_never_does(tmp_path):
+    """The guard's shell text, run by sh here with a stand-in psql that logs its argv."""
+    import os
+    import subprocess
+    import time
+
+    stack = load_stack(DEFAULT_STACK)
+    log = tmp_path / "psql.log"
+    fake = tmp_path / "psql"
+    fake.write_text(f'#!/bin/sh\nprintf "%s|" "$@" >> {log}\necho >> {log}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    db = f"guard_test_{os.getpid()}"
+    subprocess.run(["sh", "-c", rj.start_guard(stack, db, 1)[-1]], env=env, timeout=10, check=True)
+    assert log.read_text().splitlines() == [
+        "-X|-q|-At|-h|/tmp|-p|6432|-U|pgbouncer|pgbouncer|-c|RESUME " + db + "|"
+    ]
+    log.unlink()
+    guard = subprocess.Popen(["sh", "-c", rj.start_guard(stack, db, 2)[-1]], env=env)
+    time.sleep(0.5)
+    subprocess.run(["sh", "-c", rj.cancel_guard(stack, db)[-1]], timeout=10, check=True)
+    assert guard.wait(timeout=5) == 0
+    time.sleep(2)
+    assert not log.exists()  # cancelled: no RESUME
+    assert not os.path.exists(rj.GUARD_PID.format(db=db))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+from aiia_ops.commands.argv import quote
 from aiia_ops.commands.backups import bouncer_admin, check_name
 from aiia_ops.errors import OpsError
 from aiia_ops.model import Stack
@@ -166,7 +167,7 @@ def start_guard(stack: Stack, database: str, seconds: int) -> list[str]:
     pause leaves it paused for at most `seconds`. The shell reaps its own children (sleep
     and psql), so a cancelled guard leaves no zombie for pgbouncer (PID 1) to collect."""
     db = check_name(database)
-    resume = " ".join(bouncer_admin(stack, f"RESUME {db}")[3:])
+    resume = quote(bouncer_admin(stack, f"RESUME {db}")[3:])
     pid_file = GUARD_PID.format(db=db)
     script = (
         f"echo $$ > {pid_file}; "

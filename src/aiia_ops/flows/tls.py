@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -33,6 +34,7 @@ from aiia_ops.host.runners import LocalRunner, PrintingRunner, Runner
 from aiia_ops.host.signals import interruptible, shielded
 from aiia_ops.model import Stack
 from aiia_ops.model.state import StateDir
+from aiia_ops.model.types import AcmeDirectory
 
 CERTBOT_CONTEXT = SERVICES_DIR / tls.CERTBOT_FOLDER
 RENEW_LOCK = "renew"
@@ -51,6 +53,16 @@ def _say(line: str) -> None:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def check_directory(url: str) -> str:
+    """--directory goes through the stack value's own rule (tls.acme.directory): it ends up
+    in certbot's argv and in the path of its account directory."""
+    rule = typing.get_args(AcmeDirectory)[1]
+    problem = rule.problem(url) if isinstance(url, str) else f"{url!r}: not a URL"
+    if problem:
+        raise OpsError(f"--directory {problem}. Nothing was changed")
+    return url
 
 
 def ca_bundle(option: str | None) -> str | None:
@@ -507,6 +519,7 @@ def ssl_renew(
 ) -> None:
     """`invoke ssl-renew`: the real host, or its facts with every change printed."""
     started = time.monotonic()
+    check_directory(directory)
     real = LocalRunner()
     runner = PrintingRunner(reader=real) if dry_run else real
     out(f"ssl-renew {_now():%Y-%m-%dT%H:%M:%SZ}: ACME directory {directory}")

@@ -1,0 +1,59 @@
+"""Issue #13, small gaps: hostile lock names and ACME directories are refused cleanly."""
+
+from __future__ import annotations
+
+import pytest
+
+from aiia_ops.errors import OpsError
+from aiia_ops.flows import locks
+from aiia_ops.flows import tls as renewal
+from aiia_ops.host import lock
+from aiia_ops.host.runners import LocalRunner
+from aiia_ops.model import load_stack
+from aiia_ops.model.state import local_state_dir
+from tests.conftest import run_invoke
+
+
+@pytest.mark.parametrize("name", ["../x", "..", ".", "a/b", "/etc", "x\ny", "-rf"])
+def test_a_lock_name_that_is_not_one_path_component_is_refused(state_dir, name):
+    model = load_stack()
+    outside = state_dir.parent / "x"
+    outside.mkdir()
+    with pytest.raises(OpsError, match="a lock name is 1-101 of"):
+        locks.release(model, name=name, yes=True)
+    assert outside.exists()  # nothing outside locks/ was touched
+    with pytest.raises(OpsError, match="Nothing was changed"):
+        lock.acquire(LocalRunner(), str(local_state_dir(model).root), name)
+
+
+def test_lock_release_task_refuses_a_traversal_without_a_traceback(state_dir):
+    proc = run_invoke("lock.release", "--name", "../x", "--yes")
+    assert proc.returncode == 1
+    assert "error: lock name '../x': a lock name is" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_stray_file_in_the_locks_dir_is_not_a_lock(state_dir):
+    model = load_stack()
+    root = str(local_state_dir(model).root)
+    lock.acquire(LocalRunner(), root, "renew", action="ssl-renew")
+    (local_state_dir(model).root / "locks" / ".holder.json.123.tmp").write_text("{}")
+    assert set(lock.held_locks(LocalRunner(), root)) == {"renew"}
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://x/../../etc", "https://a.b/dir\n--x", "file:///etc/passwd", "https://a b/",
+     "https://a.b/dir?x=1", "--server=https://evil"],
+)  # fmt: skip
+def test_ssl_renew_directory_goes_through_the_stack_value_s_rule(url):
+    with pytest.raises(OpsError, match="expected an ACME directory URL"):
+        renewal.check_directory(url)
+    assert renewal.check_directory("https://127.0.0.1:14000/dir") == "https://127.0.0.1:14000/dir"
+
+
+def test_ssl_renew_task_refuses_a_bad_directory_before_anything(state_dir):
+    proc = run_invoke("ssl-renew", "--directory", "https://x/../y", "--dry-run")
+    assert proc.returncode == 1
+    assert "error: --directory 'https://x/../y': expected an ACME directory URL" in proc.stderr
+    assert "Traceback" not in proc.stderr
