@@ -57,3 +57,31 @@ def test_ssl_renew_task_refuses_a_bad_directory_before_anything(state_dir):
     assert proc.returncode == 1
     assert "error: --directory 'https://x/../y': expected an ACME directory URL" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_restore_and_deploy_locks_exclude_each_other_naming_the_holder(tmp_path):
+    """The e2e test does this with a real restore and a real deploy; here the same lock
+    calls on a local state dir (flows/restore.py restore_locks, deploy's locks.acquire)."""
+    from aiia_ops.flows.restore import restore_locks
+    from aiia_ops.model.state import StateDir
+
+    model, state, runner = load_stack(), StateDir(tmp_path / "state"), LocalRunner()
+    prod = model.environment("prod")
+    root = str(state.root)
+    lock.acquire(runner, root, lock.deploy_lock("prod"), version="v1", action="deploy")
+    with pytest.raises(OpsError) as refused, restore_locks(runner, state, prod, "backup.restore X"):
+        pass
+    text = str(refused.value)
+    assert "cannot restore prod now: deploy-prod is locked by" in text
+    assert "(deploy of v1, pid" in text and "Nothing was changed" in text
+    assert not (state.root / "locks" / "backup-prod").exists()
+    lock.release(runner, root, lock.deploy_lock("prod"))
+
+    with restore_locks(runner, state, prod, "backup.restore X"):
+        with pytest.raises(lock.LockHeld) as deploy:
+            lock.acquire(runner, root, lock.deploy_lock("prod"), version="v2", action="deploy")
+        assert "deploy-prod is locked by" in str(deploy.value)
+        assert "(backup.restore X of -, pid" in str(deploy.value)
+        staging = lock.acquire(runner, root, lock.deploy_lock("staging"), action="deploy")
+        assert staging["name"] == "deploy-staging"  # the other environment is free
+    assert set(lock.held_locks(runner, root)) == {"deploy-staging"}
