@@ -85,3 +85,16 @@ def test_restore_and_deploy_locks_exclude_each_other_naming_the_holder(tmp_path)
         staging = lock.acquire(runner, root, lock.deploy_lock("staging"), action="deploy")
         assert staging["name"] == "deploy-staging"  # the other environment is free
     assert set(lock.held_locks(runner, root)) == {"deploy-staging"}
+
+
+def test_a_pause_limit_outside_3s_to_300s_is_a_key_path_error(tmp_path):
+    from aiia_ops import DEFAULT_STACK
+    from aiia_ops.model.types import StackError
+
+    for bad in ("0s", "1h"):
+        path = tmp_path / "stack.yml"
+        text = DEFAULT_STACK.read_text()
+        assert "pause_limit: 30s" in text
+        path.write_text(text.replace("pause_limit: 30s", f"pause_limit: {bad}"))
+        with pytest.raises(StackError, match=r"backups\.pause_limit: .* expected 3s-300s"):
+            load_stack(path)
