@@ -193,11 +193,13 @@ def test_a_restore_killed_at_every_step_leaves_prod_serving_and_a_rerun_finishes
     assert load.slowest <= BOUND, load.slowest
     print(f"answers other than 2xx: {dict(load.bad)}")
     assert load.errors == {}, load.errors  # every request was answered
-    # Only /health/, and only while a SIGKILLed restore's pause waits for its guard: the
-    # health view gives its database probe HEALTH_TIMEOUT (5 s) and then says 503, as it
-    # should; the requests of users (the API) wait for the RESUME and are answered.
-    allowed = {(f"{p}:KILL", "/health/", 503) for p in (rj.PAUSED, rj.SWAPPED)}
-    assert set(load.bad) <= allowed, dict(load.bad)
+    # Users' requests (the API) all answered 2xx: they wait out a pause in PgBouncer. Only
+    # /health/ may say 503: it gives its database probe HEALTH_TIMEOUT (5 s) and then says
+    # so, truthfully, while a pool is paused (10 s after a SIGKILL inside the pause; on 2
+    # busy shared cores even a normal swap's pause can outlast a probe already waiting).
+    assert {path for _, path, _ in load.bad} <= {"/health/"}, dict(load.bad)
+    assert {status for _, _, status in load.bad} <= {503}, dict(load.bad)
+    assert sum(load.bad.values()) <= load.total / 1000, dict(load.bad)  # at most 0.1 %
     assert load.total >= 500
 
 
