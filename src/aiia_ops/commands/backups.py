@@ -444,20 +444,27 @@ BEGIN
         RAISE EXCEPTION '% connections to % would not end', left_over, current_setting('aiia.db');
     END IF;
 END $$;
+BEGIN;
 ALTER DATABASE :"db" RENAME TO :"old";
+\\else
+BEGIN;
 \\endif
 ALTER DATABASE :"new" RENAME TO :"db";
+COMMIT;
 """
 
 
 def undo_swap_sql() -> str:
-    """Back to the database as it was before a restore whose health check failed."""
+    """Back to the database as it was before a restore whose health check failed (the
+    renames in one transaction, as in the swap)."""
     return """\
 ALTER DATABASE :"db" WITH ALLOW_CONNECTIONS false;
 SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :'db';
+BEGIN;
 ALTER DATABASE :"db" RENAME TO :"new";
-ALTER DATABASE :"old" WITH ALLOW_CONNECTIONS true;
 ALTER DATABASE :"old" RENAME TO :"db";
+COMMIT;
+ALTER DATABASE :"db" WITH ALLOW_CONNECTIONS true;
 """
 
 

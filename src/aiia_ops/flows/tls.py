@@ -15,6 +15,7 @@ import datetime as dt
 import json
 import os
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
@@ -30,8 +31,10 @@ from aiia_ops.host.files import context_sha
 from aiia_ops.host.notify import notify
 from aiia_ops.host.releases import audit
 from aiia_ops.host.runners import LocalRunner, PrintingRunner, Runner
+from aiia_ops.host.signals import interruptible, shielded
 from aiia_ops.model import Stack
 from aiia_ops.model.state import StateDir
+from aiia_ops.model.types import AcmeDirectory
 
 CERTBOT_CONTEXT = SERVICES_DIR / tls.CERTBOT_FOLDER
 RENEW_LOCK = "renew"
@@ -50,6 +53,16 @@ def _say(line: str) -> None:
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def check_directory(url: str) -> str:
+    """--directory goes through the stack value's own rule (tls.acme.directory): it ends up
+    in certbot's argv and in the path of its account directory."""
+    rule = typing.get_args(AcmeDirectory)[1]
+    problem = rule.problem(url) if isinstance(url, str) else f"{url!r}: not a URL"
+    if problem:
+        raise OpsError(f"--directory {problem}. Nothing was changed")
+    return url
 
 
 def ca_bundle(option: str | None) -> str | None:
@@ -248,7 +261,9 @@ def renew(
     failed: dict[str, str] = {}
     # A printing runner issues nothing: after the commands, there is nothing to report.
     printing = isinstance(runner, PrintingRunner)
-    with renew_lock(runner, state, out):
+    with interruptible(), renew_lock(runner, state, out):
+        if not printing:
+            _finish_cut_off(runner, model, state, out)
         decided = decisions(runner, model, state, directory, force)
         out(plan_table(decided))
         due = [d for d in decided if d.due]
@@ -273,6 +288,9 @@ def renew(
                 failed[d.lineage.name] = tls.certbot_error(result.stdout + "\n" + result.stderr)
                 out(paint(f"   failed after {time.monotonic() - t0:.1f}s", "error"))
                 continue
+            # Recorded before the install runs: a run killed from here on leaves a pair
+            # installed (atomically) that nginx has not loaded; the next run reloads it.
+            _mark_pending(runner, state, d.lineage.name)
             inst = _one_off(
                 runner, model, tls.install_argv(model, root, image, d.lineage, directory)
             )
@@ -301,6 +319,7 @@ def renew(
             return installed
         if installed:
             _reload(runner, model, state, image, installed, failed, out)
+        _clear_pending(runner, state)
     took = time.monotonic() - started
     _report(model, state, decided, installed, failed, directory, took, out)
     return installed
@@ -323,14 +342,69 @@ def _check_nginx_config(runner: Runner, model: Stack) -> None:
 
 def _one_off(runner: Runner, model: Stack, argv: list[str]):
     """Run a certbot one-off. Under the lock no other run can own its container name, so a
-    leftover (a run killed mid-way) is removed first, and again after a timeout (killing
-    the docker client does not stop the container)."""
+    leftover (a run killed mid-way) is removed first, and again after a timeout or a
+    signal (killing the docker client does not stop the container)."""
     runner.run(tls.remove_one_off_argv(model), check=False)
-    result = runner.run(argv, check=False, timeout=tls.CERTBOT_TIMEOUT)
+    try:
+        result = runner.run(argv, check=False, timeout=tls.CERTBOT_TIMEOUT)
+    except BaseException:
+        with shielded():
+            runner.run(tls.remove_one_off_argv(model), check=False)
+        raise
     if result.code == 124:
         runner.run(tls.remove_one_off_argv(model), check=False)
         result.stderr += f"\nError: no answer within {tls.CERTBOT_TIMEOUT:.0f}s; stopped"
     return result
+
+
+# --- a renewal cut off between its install and nginx's reload --------------------------------
+
+
+def pending_file(state: StateDir) -> str:
+    return str(state.sub("journal") / "renew.json")
+
+
+def _pending(runner: Runner, state: StateDir) -> list[str]:
+    data = runner.read_file(pending_file(state))
+    try:
+        names = json.loads(data).get("pending_reload", []) if data else []
+    except ValueError:
+        names = ["(unreadable journal)"]
+    return [n for n in names if isinstance(n, str)]
+
+
+def _mark_pending(runner: Runner, state: StateDir, name: str) -> None:
+    names = sorted({*_pending(runner, state), name})
+    runner.write_file(pending_file(state), json.dumps({"pending_reload": names}) + "\n")
+
+
+def _clear_pending(runner: Runner, state: StateDir) -> None:
+    runner.run(["rm", "-f", pending_file(state)], check=False)
+
+
+def _finish_cut_off(runner: Runner, model: Stack, state: StateDir, out) -> None:
+    """A run killed after installing a pair (each pair goes in atomically: nginx's files
+    are always a whole, checked pair) but before nginx reloaded: nginx -t, then the
+    graceful reload it missed; a pair nginx refuses goes back to the previous one."""
+    names = _pending(runner, state)
+    if not names:
+        return
+    nginx = model.services.nginx.container
+    out(f"-> a renewal was cut off after installing {', '.join(names)}: nginx reloads it now")
+    if _running(runner, nginx):
+        test, reload = cmd.nginx_reload(model)
+        checked = runner.run(test, check=False)
+        if checked.ok:
+            runner.run(reload)
+        else:
+            image = ensure_certbot_image(runner, out)
+            by_name = {lin.name: lin for lin in tls.lineages(model)}
+            for name in names:
+                if name in by_name:
+                    _one_off(runner, model, tls.rollback_argv(model, str(state.root), image,
+                                                              by_name[name]))  # fmt: skip
+            out(paint("   nginx -t refused it: the previous certificate is back", "error"))
+    _clear_pending(runner, state)
 
 
 def _set_account_aside(runner: Runner, state: StateDir, directory: str) -> Path:
@@ -445,6 +519,7 @@ def ssl_renew(
 ) -> None:
     """`invoke ssl-renew`: the real host, or its facts with every change printed."""
     started = time.monotonic()
+    check_directory(directory)
     real = LocalRunner()
     runner = PrintingRunner(reader=real) if dry_run else real
     out(f"ssl-renew {_now():%Y-%m-%dT%H:%M:%SZ}: ACME directory {directory}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -31,8 +32,21 @@ def locks_dir(state_dir: str) -> str:
     return f"{str(state_dir).rstrip('/')}/locks"
 
 
+LOCK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,100}")
+
+
+def check_lock_name(name: object) -> str:
+    """A lock is a directory under <state>/locks: its name is one plain path component."""
+    if not isinstance(name, str) or not LOCK_NAME.fullmatch(name):
+        raise OpsError(
+            f"lock name {name!r}: a lock name is 1-101 of A-Z a-z 0-9 _ . -, starting with a "
+            "letter or digit (invoke lock.status lists them). Nothing was changed"
+        )
+    return name
+
+
 def lock_dir(state_dir: str, name: str) -> str:
-    return f"{locks_dir(state_dir)}/{name}"
+    return f"{locks_dir(state_dir)}/{check_lock_name(name)}"
 
 
 def deploy_lock(env: str) -> str:
@@ -123,7 +137,8 @@ def held_locks(runner: Runner, state_dir: str) -> dict[str, dict]:
     """Every lock held on the host, by name."""
     listing = runner.query(["ls", "-1", locks_dir(state_dir)])
     names = listing.stdout.split() if listing.ok else []
-    return {n: h for n in sorted(names) if (h := read(runner, state_dir, n)) is not None}
+    names = [n for n in sorted(names) if LOCK_NAME.fullmatch(n)]  # never a stray file
+    return {n: h for n in names if (h := read(runner, state_dir, n)) is not None}
 
 
 def release(runner: Runner, state_dir: str, name: str) -> None:

@@ -392,6 +392,9 @@ class Retention:
 class Backups:
     daily_at: str
     retention: Retention
+    # The longest a restore may hold PgBouncer paused: a restore killed inside the pause
+    # (even with SIGKILL) is resumed by a guard in the pgbouncer container after this long.
+    pause_limit: Duration = Duration(30)
 
 
 @dataclass(frozen=True)

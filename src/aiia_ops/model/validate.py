@@ -260,6 +260,12 @@ def _settings(stack: Stack, problems: Problems) -> None:
             "backups.daily_at",
             f'{stack.backups.daily_at!r} is not a time; expected HH:MM (UTC), such as "02:00"',
         )
+    if not 3 <= stack.backups.pause_limit.seconds <= 300:
+        problems.add(
+            "backups.pause_limit",
+            f"{stack.backups.pause_limit} is not a pause bound; expected 3s-300s (requests wait"
+            " at most this long when a restore is killed inside its PgBouncer pause)",
+        )
     for env in stack.environments.values():
         g = env.gunicorn
         for key in ("workers", "threads", "max_requests"):

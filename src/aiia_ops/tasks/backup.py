@@ -108,7 +108,8 @@ def restore(
         return
     print(
         f"\n{env} restored from {report['id']} in {report['duration_s']}s "
-        f"(switch {report['switch_s']}s; safety backup: {report['safety_backup'] or 'none'}); "
+        f"(switch {report.get('switch_s', '-')}s; "
+        f"safety backup: {report['safety_backup'] or 'none'}); "
         "/health/ answers 200",
         flush=True,
     )
