@@ -12,8 +12,13 @@ cgroup v1, or cpu.stat on v2) before and after, so "CPU ms/request" is everythin
 container spent (gunicorn, Django, psycopg, redis-py), divided by N.
 
 Paths: health (GET /health/: database + Redis probes), list-hit (GET /api/courses/,
-served from the Redis-cached bytes), detail (GET /api/courses/<slug>/: two queries),
-write (POST /api/courses/ with two lessons, a unique slug each time).
+served from the Redis-cached bytes), list-miss (the same after the list's generation key
+was deleted in Redis: every request rebuilds page 1 from the database, one connection so
+no request is answered another's stale copy), detail (GET /api/courses/<slug>/: cached
+per course since issue 17, two queries before), detail-miss (the same after that course's
+version key was deleted: two queries), write (POST /api/courses/ with two lessons, a
+unique slug each time). The database's and Redis' CPU per request (their containers'
+cgroups, same counters) are reported beside the app's: a list miss is mostly PostgreSQL.
 
 The writes stay in the database: run it on a throwaway isolated stack
 (tests/stackfiles.py write_isolated_stack); it refuses the committed stack's project.
@@ -36,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
+from aiia_ops.commands.redis_acl import app_user  # noqa: E402
 from aiia_ops.host.secrets import load_secrets  # noqa: E402
 from aiia_ops.model import load_stack  # noqa: E402
 
@@ -82,7 +88,7 @@ class Target:
             headers |= {"Content-Type": "application/json", "Authorization": f"Bearer {self.token}"}
         conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
-        return resp.status, resp.read()
+        return resp.status, resp.read(), resp.getheader("X-Cache", "-")
 
 
 def course(slug: str) -> bytes:
@@ -94,13 +100,26 @@ def course(slug: str) -> bytes:
 PATHS = {
     "health": lambda i: ("GET", "/health/", None, 200),
     "list-hit": lambda i: ("GET", "/api/courses/", None, 200),
+    "list-miss": lambda i: ("GET", "/api/courses/", None, 200),
     "detail": lambda i: ("GET", f"/api/courses/{DETAIL_SLUG}/", None, 200),
+    "detail-miss": lambda i: ("GET", f"/api/courses/{DETAIL_SLUG}/", None, 200),
     "write": lambda i: ("POST", "/api/courses/", course(f"bench-{uuid.uuid4().hex[:16]}"), 201),
 }
 
 
-def run_path(target: Target, cid: str, name: str, n: int, concurrency: int, warmup: int) -> dict:
+# Deleted in Redis before each request of a *-miss path (Django's key: prefix:version:key).
+MISS_KEYS = {
+    "list-miss": "courses:list:generation",
+    "detail-miss": f"courses:detail:version:{DETAIL_SLUG}",
+}
+
+
+def run_path(target: Target, cids: dict, name: str, n: int, concurrency: int, warmup: int,
+             before_each=None) -> dict:  # fmt: skip
     make = PATHS[name]
+    if before_each is not None:
+        concurrency = 1  # each request a real miss, never another one's stale copy
+    caches: dict[str, int] = {}
     counter = iter(range(n))
     lock = threading.Lock()
     errors: list[str] = []
@@ -120,20 +139,26 @@ def run_path(target: Target, cid: str, name: str, n: int, concurrency: int, warm
                     if i is None:
                         return
                 method, path, body, want = make(i)
-                status, data = target.request(conn, method, path, body)
+                if before_each is not None:
+                    before_each()
+                status, data, how = target.request(conn, method, path, body)
+                caches[how] = caches.get(how, 0) + 1
                 if status != want:
                     errors.append(f"{method} {path}: {status} {data[:120]!r}")
         finally:
             conn.close()
 
     worker(warmup)  # caches filled, connections open, code paths warm
-    before, start = cpu_ns(cid), time.perf_counter()
+    caches.clear()
+    before, start = {k: cpu_ns(c) for k, c in cids.items()}, time.perf_counter()
     threads = [threading.Thread(target=worker, args=(None,)) for _ in range(concurrency)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall, cpu = time.perf_counter() - start, cpu_ns(cid) - before
+    wall = time.perf_counter() - start
+    used = {k: cpu_ns(c) - before[k] for k, c in cids.items()}
+    cpu = used["app"]
     return {
         "path": name,
         "requests": n,
@@ -143,6 +168,9 @@ def run_path(target: Target, cid: str, name: str, n: int, concurrency: int, warm
         "cpu_ms_per_request": round(cpu / n / 1e6, 3),
         "requests_per_s": round(n / wall, 1),
         "cpu_cores": round(cpu / 1e9 / wall, 2),
+        "db_cpu_ms_per_request": round((used["postgresql"] + used["pgbouncer"]) / n / 1e6, 3),
+        "redis_cpu_ms_per_request": round(used["redis"] / n / 1e6, 3),
+        "x_cache": caches,
     }
 
 
@@ -170,11 +198,22 @@ def main() -> int:
     token = load_secrets(Path(state), [env.name], create=False).environments[env.name]
     cid, address = container_facts(env.container)
     target = Target(address, env.port, env.domains[0], token.api_write_token)
+    svc = stack.services
+    cids = {"app": cid}
+    for key, service in (("postgresql", svc.postgresql), ("pgbouncer", svc.pgbouncer),
+                         ("redis", svc.redis)):  # fmt: skip
+        cids[key] = container_facts(service.container)[0]
+    import redis
+
+    rc = redis.Redis(host=container_facts(svc.redis.container)[1], port=svc.redis.port,
+                     db=env.redis_db, username=app_user(env),
+                     password=token.redis_password)  # fmt: skip
+    prefix = f"aiia:{env.name}:1:"
 
     conn = target.connect()  # the course the detail reads, once
-    status, body = target.request(conn, "GET", f"/api/courses/{DETAIL_SLUG}/")
+    status, body, _ = target.request(conn, "GET", f"/api/courses/{DETAIL_SLUG}/")
     if status == 404:
-        status, body = target.request(conn, "POST", "/api/courses/", course(DETAIL_SLUG))
+        status, body, _ = target.request(conn, "POST", "/api/courses/", course(DETAIL_SLUG))
         if status != 201:
             sys.exit(f"app_bench: could not create {DETAIL_SLUG}: {status} {body[:200]!r}")
     conn.close()
@@ -182,17 +221,22 @@ def main() -> int:
     version = docker("inspect", "-f", "{{.Config.Image}}", env.container).strip()
     results = []
     for name in args.paths.split(","):
-        runs = [run_path(target, cid, name, args.requests, args.concurrency, args.warmup)
-                for _ in range(args.repeat)]  # fmt: skip
+        key = MISS_KEYS.get(name)
+        before_each = (lambda k=prefix + key: rc.delete(k)) if key else None
+        runs = [run_path(target, cids, name, args.requests, args.concurrency, args.warmup,
+                         before_each) for _ in range(args.repeat)]  # fmt: skip
         best = min(runs, key=lambda r: r["cpu_ms_per_request"])
         best |= {"image": version, "loadavg": Path("/proc/loadavg").read_text().split()[:3],
                  "all_cpu_ms": [r["cpu_ms_per_request"] for r in runs]}  # fmt: skip
         results.append(best)
         print(json.dumps(best), flush=True)
-    print(f"\n{'path':<10} {'CPU ms/req':>10} {'req/s':>8} {'cores':>6} {'errors':>6}")
+    print(f"\n{'path':<12} {'CPU ms/req':>10} {'DB ms/req':>9} {'Redis':>6} {'req/s':>8} "
+          f"{'cores':>6} {'errors':>6}  X-Cache")  # fmt: skip
     for r in results:
-        print(f"{r['path']:<10} {r['cpu_ms_per_request']:>10.3f} {r['requests_per_s']:>8.1f} "
-              f"{r['cpu_cores']:>6.2f} {r['errors']:>6}")  # fmt: skip
+        print(f"{r['path']:<12} {r['cpu_ms_per_request']:>10.3f} "
+              f"{r['db_cpu_ms_per_request']:>9.3f} {r['redis_cpu_ms_per_request']:>6.3f} "
+              f"{r['requests_per_s']:>8.1f} {r['cpu_cores']:>6.2f} {r['errors']:>6}  "
+              f"{r['x_cache']}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 1 if any(r["errors"] for r in results) else 0

@@ -2,9 +2,10 @@
 
 Invalidation by generation: every page key contains the current generation token (a
 random value under one key). A write replaces the token, so pages of the old generation
-are never read again and expire after PAGE_TIMEOUT. A random token rather than a counter:
-if Redis (allkeys-lru) evicts the generation key, the fresh token cannot collide with
-pages cached under an earlier one.
+are never read again and expire after PAGE_TIMEOUT. While one request rebuilds a page of
+the new generation, the others answer the page's previous bytes (pagecache.fetch: no
+stampede). The total number of courses is kept under its own key by the writes
+(COUNT_KEY), so a miss reads one page of rows, not the whole table.
 
 QuerySet.update()/delete() send no signals: call invalidate() after them (PAGE_TIMEOUT
 bounds the staleness anyway). Redis failures degrade to "no cache": logged once per
@@ -13,56 +14,41 @@ request, the page is built from the database.
 
 from __future__ import annotations
 
-import logging
-import secrets
-
-from django.core.cache import cache
-
-log = logging.getLogger(__name__)
+from . import pagecache
 
 GENERATION_KEY = "courses:list:generation"
-PAGE_TIMEOUT = 300
-
-
-def _new_token() -> str:
-    return secrets.token_hex(8)
+COUNT_KEY = "courses:list:count"
+KIND = "courses:list"
+PAGE_TIMEOUT = pagecache.PAGE_TIMEOUT
 
 
 def generation() -> str | None:
     """The current generation token, or None when the cache cannot be used."""
-    try:
-        token = cache.get(GENERATION_KEY)
-        if token is None:
-            cache.add(GENERATION_KEY, _new_token(), timeout=None)  # add: first writer wins
-            token = cache.get(GENERATION_KEY)
-        return token
-    except Exception as exc:
-        log.warning("course list cache unavailable: %s: %s", type(exc).__name__, exc)
-        return None
+    return pagecache.version(GENERATION_KEY)
 
 
 def page_key(token: str, page: int, size: int) -> str:
-    return f"courses:list:{token}:{page}:{size}"
+    return f"{KIND}:{token}:{page}:{size}"
 
 
-def get_page(token: str, page: int, size: int) -> bytes | None:
-    try:
-        return cache.get(page_key(token, page, size))
-    except Exception as exc:
-        log.warning("course list cache read failed: %s: %s", type(exc).__name__, exc)
-        return None
+def fetch_page(token: str | None, page: int, size: int, build) -> tuple[int, bytes, str]:
+    return pagecache.fetch(KIND, token, f"{page}:{size}", build)
 
 
-def put_page(token: str, page: int, size: int, body: bytes) -> None:
-    try:
-        cache.set(page_key(token, page, size), body, PAGE_TIMEOUT)
-    except Exception as exc:
-        log.warning("course list cache write failed: %s: %s", type(exc).__name__, exc)
+def course_count(recount) -> int:
+    return pagecache.count(COUNT_KEY, recount)
 
 
-def invalidate() -> None:
-    try:
-        cache.set(GENERATION_KEY, _new_token(), timeout=None)
-    except Exception as exc:
-        # Nothing better to do: cached pages age out within PAGE_TIMEOUT.
-        log.error("course list cache invalidation failed: %s: %s", type(exc).__name__, exc)
+def forget_count() -> None:
+    """Drop the stored total: the next list miss counts (after bulk writes, no signals)."""
+    from django.core.cache import cache
+
+    cache.delete(COUNT_KEY)
+
+
+def invalidate(delta: int = 0) -> None:
+    """After a commit: the total first, then the generation (whoever sees the new
+    generation sees the new total)."""
+    if delta:
+        pagecache.adjust(COUNT_KEY, delta)
+    pagecache.bump(GENERATION_KEY)

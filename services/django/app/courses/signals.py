@@ -1,15 +1,61 @@
-"""Any saved or deleted course or lesson makes the cached course list stale."""
+"""Saved or deleted courses and lessons make cached answers stale: the list pages (and,
+for a new or deleted course, the list's total), and the detail of that course only."""
 
-from django.db import transaction
-from django.db.models.signals import post_delete, post_save
+from functools import partial
+
+from django.db import models, transaction
+from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
-from . import listcache
+from . import detailcache, listcache
 from .models import Course, Lesson
 
 
-@receiver([post_save, post_delete], sender=Course)
+# All after COMMIT: a reader that sees the new version also sees the new rows.
+def _after_course_write(delta: int, slug: str, old_slug: str | None, deleted: bool) -> None:
+    listcache.invalidate(delta)
+    detailcache.invalidate(slug, deleted=deleted)
+    if old_slug is not None and old_slug != slug:
+        detailcache.invalidate(old_slug, deleted=True)
+
+
+@receiver(post_save, sender=Course)
+def course_saved(sender, instance, created, **kwargs) -> None:
+    old_slug = getattr(instance, "_slug_before", None)
+    transaction.on_commit(
+        partial(_after_course_write, 1 if created else 0, instance.slug, old_slug, False)
+    )
+
+
+@receiver(pre_save, sender=Course)
+def course_renamed(sender, instance, **kwargs) -> None:
+    # An edit that changes the slug (the admin) must drop the old slug's detail too.
+    if instance.pk is not None and not kwargs.get("raw"):
+        before = Course.objects.filter(pk=instance.pk).values_list("slug", flat=True).first()
+        if before is not None:
+            instance._slug_before = before
+
+
+@receiver(post_delete, sender=Course)
+def course_deleted(sender, instance, **kwargs) -> None:
+    transaction.on_commit(partial(_after_course_write, -1, instance.slug, None, True))
+
+
 @receiver([post_save, post_delete], sender=Lesson)
-def invalidate_course_list(sender, **kwargs) -> None:
-    # After COMMIT: a reader that sees the new generation also sees the new rows.
-    transaction.on_commit(listcache.invalidate)
+def lesson_changed(sender, instance, **kwargs) -> None:
+    origin = kwargs.get("origin")
+    if isinstance(origin, Course) or (
+        isinstance(origin, models.QuerySet) and origin.model is Course
+    ):
+        return  # cascaded from a course's deletion, whose own signal covers it
+    course = instance._state.fields_cache.get("course")
+    slug = course.slug if course is not None else None
+    if slug is None:
+        slug = Course.objects.filter(pk=instance.course_id).values_list("slug", flat=True).first()
+    transaction.on_commit(partial(_after_lesson_write, slug))
+
+
+def _after_lesson_write(slug: str | None) -> None:
+    listcache.invalidate()
+    if slug is not None:
+        detailcache.invalidate(slug)

@@ -367,3 +367,235 @@ class LeanMiddlewareTests(ApiTestCase):
         self.assertTrue(is_lean_path("/health/"))
         for path in ("/admin/", "/admin/login/", "/api", "/health", "/healthz/", "/"):
             self.assertFalse(is_lean_path(path), path)
+
+
+def _old_list_bytes(page=1, size=20):
+    """A list page as the view built it before the list-miss rewrite (Paginator over the
+    annotated queryset, the whole table aggregated)."""
+    from django.core.paginator import Paginator
+    from django.core.serializers.json import DjangoJSONEncoder
+    from django.db.models import Count
+
+    queryset = Course.objects.annotate(lesson_count=Count("lessons")).order_by("-created_at", "-id")
+    paginator = Paginator(queryset, size)
+    current = paginator.page(page)
+    data = {
+        "count": paginator.count,
+        "page": page,
+        "page_size": size,
+        "num_pages": paginator.num_pages,
+        "next": page + 1 if current.has_next() else None,
+        "previous": page - 1 if current.has_previous() else None,
+        "results": [course.as_dict() for course in current.object_list],
+    }
+    return json.dumps(data, cls=DjangoJSONEncoder, separators=(",", ":")).encode()
+
+
+class ListMissTests(ApiTestCase):
+    """Issue 17: a list miss reads one page of rows and that page's lesson counts; the
+    total is kept by the writes; the bytes are the old Paginator's."""
+
+    def setUp(self):
+        super().setUp()
+        with self.captureOnCommitCallbacks(execute=True):
+            for i in range(45):
+                course = Course.objects.create(title=f"Course {i}", slug=f"course-{i}")
+                for p in range(i % 3):
+                    Lesson.objects.create(course=course, position=p + 1, title=f"L{p}")
+
+    def test_pages_equal_the_old_paginator_bytes(self):
+        for page, size in ((1, 20), (2, 20), (3, 20), (1, 7), (7, 7), (1, 100)):
+            miss = self.list(f"?page={page}&page_size={size}")
+            self.assertEqual(miss["X-Cache"], "miss")
+            self.assertEqual(miss.content, _old_list_bytes(page, size), (page, size))
+            hit = self.list(f"?page={page}&page_size={size}")
+            self.assertEqual((hit["X-Cache"], hit.content), ("hit", miss.content))
+
+    def test_a_miss_costs_two_queries_and_no_whole_table_aggregate(self):
+        self.list()  # the total is now stored
+        cache.delete(listcache.GENERATION_KEY)
+        with self.assertNumQueries(2) as ctx:
+            self.assertEqual(self.list("?page=2")["X-Cache"], "miss")
+        page_sql, counts_sql = (q["sql"].upper() for q in ctx.captured_queries)
+        self.assertIn("LIMIT 20 OFFSET 20", page_sql)
+        self.assertNotIn("COUNT", page_sql)
+        self.assertIn("IN (", counts_sql)  # the lessons of that page's 20 courses only
+
+    def test_writes_keep_the_total_without_a_recount(self):
+        self.assertEqual(self.list().json()["count"], 45)
+        self.create({"title": "Newer"})
+        with self.assertNumQueries(2):  # the page and its lesson counts: no COUNT(*)
+            self.assertEqual(self.list().json()["count"], 46)
+        with self.captureOnCommitCallbacks(execute=True):
+            Course.objects.filter(slug__in=["course-1", "course-2"]).delete()
+        response = self.list()
+        self.assertEqual(response.json()["count"], 44)
+        self.assertEqual(response.content, _old_list_bytes())
+
+    def test_a_lost_total_is_recounted(self):
+        self.list()
+        cache.delete(listcache.COUNT_KEY)
+        cache.delete(listcache.GENERATION_KEY)
+        with self.assertNumQueries(3):
+            self.assertEqual(self.list().json()["count"], 45)
+
+    def test_page_past_the_end_is_404_and_not_cached(self):
+        response = self.list("?page=4")
+        self.assertEqual(response.status_code, 404)
+        self.assertEqual(response.json(), {"error": "no page 4 (there are 3)"})
+        self.assertEqual(self.list("?page=4")["X-Cache"], "miss")
+
+
+class StampedeTests(ApiTestCase):
+    """Issue 17: while one request rebuilds a page, the others answer its previous bytes."""
+
+    def test_list_miss_while_another_rebuilds_answers_the_previous_bytes(self):
+        with self.captureOnCommitCallbacks(execute=True):
+            Course.objects.create(title="A", slug="a")
+        before = self.list().content
+        self.create({"title": "B"})  # new generation
+        cache.add("courses:list:lock:1:20", 1, 5)  # someone else is rebuilding page 1
+        with self.assertNumQueries(0):
+            stale = self.list()
+        self.assertEqual((stale["X-Cache"], stale.content), ("stale", before))
+        cache.delete("courses:list:lock:1:20")
+        fresh = self.list()
+        self.assertEqual(fresh["X-Cache"], "miss")
+        self.assertEqual(fresh.json()["results"][0]["slug"], "b")
+        self.assertEqual(self.list()["X-Cache"], "hit")
+
+    def test_no_previous_bytes_builds_without_waiting(self):
+        Course.objects.create(title="A", slug="a")
+        cache.add("courses:list:lock:1:20", 1, 5)
+        response = self.list()
+        self.assertEqual((response.status_code, response["X-Cache"]), (200, "miss"))
+        self.assertEqual(response.json()["count"], 1)
+
+    def test_detail_miss_while_another_rebuilds_answers_the_previous_bytes(self):
+        with self.captureOnCommitCallbacks(execute=True):
+            course = Course.objects.create(title="A", slug="a")
+        before = self.client.get("/api/courses/a/").content
+        with self.captureOnCommitCallbacks(execute=True):
+            Lesson.objects.create(course=course, position=1, title="L1")
+        cache.add("courses:detail:lock:a", 1, 5)
+        with self.assertNumQueries(0):
+            stale = self.client.get("/api/courses/a/")
+        self.assertEqual((stale["X-Cache"], stale.content), ("stale", before))
+        cache.delete("courses:detail:lock:a")
+        self.assertEqual(len(self.client.get("/api/courses/a/").json()["lessons"]), 1)
+
+
+class DetailCacheTests(ApiTestCase):
+    """Issue 17: details cached per course; a write invalidates that course only."""
+
+    def setUp(self):
+        super().setUp()
+        self.create({"title": "A", "lessons": [{"title": "La", "body": "x"}]})
+        self.create({"title": "B", "summary": "Ünïcode ✓", "lessons": [{"title": "Lb"}]})
+
+    def get(self, slug):
+        return self.client.get(f"/api/courses/{slug}/")
+
+    def test_cached_and_uncached_detail_are_byte_identical(self):
+        miss = self.get("b")
+        with self.assertNumQueries(0):
+            hit = self.get("b")
+        self.assertEqual((miss["X-Cache"], hit["X-Cache"]), ("miss", "hit"))
+        self.assertEqual(miss.content, hit.content)
+        self.assertEqual(hit.content, _old_detail_bytes("b"))
+        self.assertEqual(hit["Content-Type"], miss["Content-Type"])
+        self.assertEqual(hit["Content-Type"], "application/json")
+
+    def test_a_write_invalidates_only_its_course(self):
+        self.get("a"), self.get("b")
+        with self.captureOnCommitCallbacks(execute=True):
+            course = Course.objects.get(slug="a")
+            course.summary = "revised"
+            course.save()
+        a, b = self.get("a"), self.get("b")
+        self.assertEqual((a["X-Cache"], b["X-Cache"]), ("miss", "hit"))
+        self.assertEqual(a.json()["summary"], "revised")
+        self.assertEqual(a.content, _old_detail_bytes("a"))
+
+    def test_lesson_writes_invalidate_their_course(self):
+        self.get("a"), self.get("b")
+        with self.captureOnCommitCallbacks(execute=True):
+            lesson = Lesson.objects.get(course__slug="b")
+            lesson.title = "Lb, revised"
+            lesson.save()
+        b = self.get("b")
+        self.assertEqual((b["X-Cache"], self.get("a")["X-Cache"]), ("miss", "hit"))
+        self.assertEqual(b.json()["lessons"][0]["title"], "Lb, revised")
+        with self.captureOnCommitCallbacks(execute=True):
+            lesson.delete()
+        self.assertEqual(self.get("b").json()["lessons"], [])
+
+    def test_a_deleted_course_is_404_not_its_previous_bytes(self):
+        self.get("a")
+        with self.captureOnCommitCallbacks(execute=True):
+            Course.objects.filter(slug="a").delete()
+        cache.add("courses:detail:lock:a", 1, 5)  # even while "another" request rebuilds
+        self.assertEqual(self.get("a").status_code, 404)
+        self.assertEqual(self.get("a").status_code, 404)
+
+    def test_a_renamed_course_drops_its_old_slug(self):
+        self.get("a")
+        with self.captureOnCommitCallbacks(execute=True):
+            course = Course.objects.get(slug="a")
+            course.slug = "a2"
+            course.save()
+        self.assertEqual(self.get("a").status_code, 404)
+        self.assertEqual(self.get("a2").status_code, 200)
+
+    def test_404_is_not_cached(self):
+        self.assertEqual(self.get("later").status_code, 404)
+        self.create({"title": "Later"})
+        self.assertEqual(self.get("later").status_code, 200)
+
+    def test_cache_down_serves_the_detail_from_the_database(self):
+        with override_settings(CACHES=REDIS_NOWHERE), self.assertLogs("courses", "WARNING"):
+            response = self.get("a")
+        self.assertEqual((response.status_code, response["X-Cache"]), (200, "miss"))
+        self.assertEqual(response.content, _old_detail_bytes("a"))
+
+
+class SeedCommandTests(ApiTestCase):
+    """Issue 17: `manage.py seed_courses N` makes the catalogue N courses big."""
+
+    def seed(self, *args):
+        from io import StringIO
+
+        from django.core.management import call_command
+
+        out = StringIO()
+        call_command("seed_courses", *map(str, args), stdout=out)
+        return out.getvalue()
+
+    def test_seeds_idempotently_in_batches_and_removes(self):
+        self.create({"title": "Mine"})
+        self.assertEqual(self.list().json()["count"], 1)
+        self.assertIn("created 30 courses (0 were there)", self.seed(30, "--batch", "7"))
+        self.assertEqual(Course.objects.filter(slug__startswith="seed-").count(), 30)
+        self.assertEqual(Lesson.objects.filter(course__slug="seed-000030").count(), 2)
+        response = self.list()  # bulk writes sent no signals: the command reset the cache
+        self.assertEqual((response["X-Cache"], response.json()["count"]), ("miss", 31))
+        self.assertEqual(response.content, _old_list_bytes())
+        self.assertIn("created 5 courses (30 were there)", self.seed(35, "--lessons", "0"))
+        self.assertEqual(self.list().json()["count"], 36)
+        self.assertIn("removed 35 seeded courses", self.seed(0))
+        self.assertEqual(list(Course.objects.values_list("slug", flat=True)), ["mine"])
+        self.assertEqual(Lesson.objects.count(), 0)
+        self.assertEqual(self.list().json()["count"], 1)
+
+    def test_bad_arguments_are_refused_and_change_nothing(self):
+        from django.core.management.base import CommandError
+
+        for args, message in (
+            ((-1,), "count must be from 0"),
+            ((10, "--lessons", "51"), "--lessons must be"),
+            ((10, "--batch", "0"), "--batch must be"),
+            ((10, "--prefix", "a b"), "--prefix must be"),
+        ):
+            with self.assertRaisesMessage(CommandError, message):
+                self.seed(*args)
+        self.assertEqual(Course.objects.count(), 0)

@@ -1,0 +1,27 @@
+"""Each course's detail page, cached in Redis as the ready-made JSON bytes.
+
+Versioned per course (a token under `courses:detail:version:<slug>`): a write to a course
+or its lessons replaces that course's token only, so the other courses' cached details
+stay valid. Misses rebuild one at a time, the others answer the previous bytes
+(pagecache.fetch). A deleted course loses its stale copy as well.
+"""
+
+from __future__ import annotations
+
+from . import pagecache
+
+KIND = "courses:detail"
+
+
+def version_key(slug: str) -> str:
+    return f"{KIND}:version:{slug}"
+
+
+def fetch(slug: str, build) -> tuple[int, bytes, str]:
+    return pagecache.fetch(KIND, pagecache.version(version_key(slug)), slug, build)
+
+
+def invalidate(slug: str, *, deleted: bool = False) -> None:
+    pagecache.bump(version_key(slug))
+    if deleted:
+        pagecache.forget_stale(KIND, slug)
