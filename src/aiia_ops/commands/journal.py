@@ -229,7 +229,9 @@ def reconcile(
         actions.append(Action("switch", keep.name, keep.address, keep.release))
     other = nxt if keep is final else final
     if other is not None:
-        if other.running:
+        # Stopped gracefully (after nginx drained) only if it served requests: the previous
+        # release, or the one nginx is being pointed away from. A -next never served just goes.
+        if other.running and (other is final or other.address == served):
             actions.append(Action("stop", other.name, str(drain_seconds)))
         actions.append(Action("remove", other.name))
     if keep.name != final_name:
