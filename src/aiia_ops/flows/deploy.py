@@ -314,6 +314,14 @@ class Deploy:
         for note in plan.notes:
             self.steps.out(f"   {note}")
         old: set[str] | None = None  # nginx workers from before our switch (None: unknown)
+        kinds = {a.kind for a in plan.actions}
+        if "stop" in kinds and "switch" not in kinds:
+            # The switch state may be ahead of nginx (a run killed between recording it and
+            # the reload): make nginx serve what is recorded before anything is stopped.
+            self.steps.out("   nginx made to serve the recorded switch state")
+            old = sw.switch(
+                self.runner, self.stack, self.secrets, self.state_dir, out=self.steps.out
+            )
         for a in plan.actions:
             self.steps.out(f"   {a}")
             if a.kind == "start":

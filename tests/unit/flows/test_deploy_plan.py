@@ -636,9 +636,17 @@ def test_a_served_next_left_by_a_killed_deploy_is_adopted_never_removed(stack):
     changes = host.commands
     lock = changes.index(["mkdir", lock_dir(STATE, deploy_lock("prod"))])
     after = changes[lock + 1 :]
-    # the old release (no longer served) drained and removed, the served -next renamed
-    assert after[:3] == [
+    switch_lock = lock_dir(STATE, "switch")
+    # nginx first made to serve the recorded state (the killed run may not have reloaded)
+    assert after[:6] == [
+        ["mkdir", "-p", f"{STATE}/locks"],
+        ["mkdir", switch_lock],
+        *cmd.nginx_reload(stack),
+        ["rm", "-rf", switch_lock],
+        # then the old release (no longer served) drained and removed, the -next renamed
         apps.stop_container(env.container, stack.deploy.drain_timeout.whole_seconds),
+    ]
+    assert after[6:8] == [
         apps.remove_container(env.container),
         apps.rename_container(new, env.container),
     ]
