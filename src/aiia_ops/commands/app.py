@@ -182,7 +182,16 @@ def parse_workers(text: str) -> set[str]:
     return {line.split()[0] for line in text.splitlines()[1:] if "worker process" in line}
 
 
+def parse_draining(text: str) -> set[str]:
+    """The pids of nginx workers still finishing requests after a reload."""
+    return {line.split()[0] for line in text.splitlines()[1:] if "is shutting down" in line}
+
+
 # -- changes -------------------------------------------------------------------------------
+
+
+def start_container(name: str) -> list[str]:
+    return ["docker", "start", name]
 
 
 def remove_container(name: str) -> list[str]:

@@ -29,20 +29,22 @@ from pathlib import Path
 
 from aiia_ops.commands import app as apps
 from aiia_ops.commands import docker as cmd
+from aiia_ops.commands import journal as jn
 from aiia_ops.commands.argv import quote
-from aiia_ops.commands.render import host_files
 from aiia_ops.errors import CommandFailed, OpsError
+from aiia_ops.flows import switch as sw
 from aiia_ops.flows.output import paint
 from aiia_ops.flows.status import health_through_nginx
 from aiia_ops.flows.steps import Steps
+from aiia_ops.flows.switch import inspect_release, live_upstreams, write_host_files
 from aiia_ops.flows.targets import target, target_secrets
 from aiia_ops.host import git
 from aiia_ops.host import lock as locks
-from aiia_ops.host.files import sync_files
 from aiia_ops.host.git import resolve_ref
 from aiia_ops.host.notify import notify
-from aiia_ops.host.releases import audit_line, parse_releases, release_line
+from aiia_ops.host.releases import audit_line, now_iso, parse_releases, release_line
 from aiia_ops.host.runners import LocalRunner, PrintingRunner, Runner
+from aiia_ops.host.signals import Interrupted, interruptible, shielded
 from aiia_ops.model import Environment, Host, Stack
 from aiia_ops.model.budget import check_budget, has_errors
 from aiia_ops.model.secrets import Secrets
@@ -53,29 +55,20 @@ class DeployFailed(OpsError):
     pass
 
 
+class DeployInterrupted(OpsError):
+    """SIGINT/SIGTERM/SIGHUP during a release: the recovery ran, then the task stops."""
+
+
+# A deploy lock older than this whose holder cannot be checked (another machine) is stale.
+DEPLOY_LOCK_MAX_AGE = 6 * 3600.0
+
+
 class MigrationRefused(OpsError):
     """The release's new migrations would break the live release: refused before anything
     changed (recorded "failed": the release never ran, so it is not "bad")."""
 
 
 # -- facts ---------------------------------------------------------------------------------
-
-
-def inspect_release(runner: Runner, stack: Stack, name: str) -> apps.Running | None:
-    """What the engine says about app container `name` (None: there is none)."""
-    result = runner.query(apps.inspect_container(name))
-    if not result.ok or not result.stdout.strip():
-        return None
-    return apps.parse_inspect(result.stdout, stack.network.name)
-
-
-def live_upstreams(runner: Runner, stack: Stack) -> dict[str, str]:
-    """Where nginx should send each environment: the live release's address, if any."""
-    lives = {
-        env.name: inspect_release(runner, stack, env.container)
-        for env in stack.environments.values()
-    }
-    return apps.upstreams(stack, lives)
 
 
 def has_image(runner: Runner, image: str) -> bool:
@@ -154,11 +147,17 @@ class Deploy:
         raise apps.no_rollback_target(self.env.name, self.stack.deploy.keep_releases)
 
     def _release(self, tag: str, action: str, commit: str) -> dict:
+        """The whole release inside `interruptible()`: SIGTERM/SIGHUP (and Ctrl-C) run the
+        recovery, itself `shielded()` so a second signal cannot cut it short."""
+        with interruptible():
+            return self._run_release(tag, action, commit)
+
+    def _run_release(self, tag: str, action: str, commit: str) -> dict:
         env, run = self.env, self.steps.run
         if self.dry_run:
             self.steps.out(f"# dry run: {action} {tag} to {env.name}; nothing is changed\n")
         started = time.monotonic()
-        live = run("preflight: stack, budget, engine, disk, current release", self.preflight)
+        run("preflight: stack, budget, engine, disk, current release", self.preflight)
         run(
             f"lock {env.name}",
             lambda: locks.acquire(
@@ -168,46 +167,175 @@ class Deploy:
                 version=tag,
                 action=action,
                 release_hint=f"invoke lock.release --env={env.name}",
+                max_age=DEPLOY_LOCK_MAX_AGE,
+                out=self.steps.out,
             ),
         )
         new_name = apps.next_name(env)
-        switched = False
+        self.journal: jn.Journal | None = None
+        address = ""
         try:
-            self.clear_leftover()
-            if action == "deploy":
-                if self.take_backup:
-                    run(f"pre-deploy backup of {env.database}", self.take_backup)
-                run(f"image {env.image}:{tag}", lambda: self.ensure_image(commit, tag))
-                run(
-                    "migration safety (new migrations vs the live release)",
-                    lambda: self.check_migrations(tag),
-                )
-                run(
-                    "migrations (straight to PostgreSQL)",
-                    lambda: self.one_off(tag, ["migrate", "--noinput"]),
-                )
-            run("collectstatic", lambda: self.one_off(tag, ["collectstatic", "--noinput"]))
-            address = apps.free_slot(env, live)
-            run(
-                f"start {tag} beside the live release on {address}",
-                lambda: self.start_new(tag, address, new_name),
-            )
-            run(f"health of {tag} on its own address", lambda: self.wait_healthy(new_name))
-            run(
-                "switch nginx to the new release (graceful reload)",
-                lambda: self.point_nginx(f"{address}:{env.port}"),
-            )
-            switched = True
-            run("health through nginx", lambda: self.check_through_nginx(tag))
-            run("drain and stop the previous release", lambda: self.retire(live, new_name))
+            left = self.adopt_leftover()
+            live = self.live()  # re-read: the preflight's snapshot may be stale now
+            self.journal = jn.Journal(
+                env.name, action, tag, "lock", new_name,
+                old_name=live.name if live else "",
+                old_address=live.address if live else "",
+                old_release=live.release if live else "",
+                pid=os.getpid(), started=now_iso(),
+            )  # fmt: skip
+            self._mark("lock")
+            if (
+                left
+                and left.tag == tag
+                and left.action == action
+                and live
+                and (live.release == tag and left.switched and self._served() == live.address)
+            ):
+                # A killed run of this same release had switched: finish it, no redeploy.
+                self.steps.out(f"   {tag} already serves (left by pid {left.pid}): finishing")
+                run("health through nginx", lambda: self.check_through_nginx(tag))
+                address = live.address
+            else:
+                address = self._steps(tag, action, commit, live, new_name)
         except BaseException as exc:
             detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-            self.recover(live, new_name, switched)
-            result = "bad" if switched or isinstance(exc, DeployFailed) else "failed"
-            self.finish(tag, action, result, started, detail)
+            interrupted = isinstance(exc, (Interrupted, KeyboardInterrupt))
+            switched = bool(self.journal and self.journal.switched)
+            try:
+                with shielded():
+                    clean = self.recover()
+                    result = (
+                        "interrupted" if interrupted
+                        else "bad" if switched or isinstance(exc, DeployFailed) else "failed"
+                    )  # fmt: skip
+                    self.finish(tag, action, result, started, detail, clean=clean)
+            except (Interrupted, KeyboardInterrupt):
+                pass  # a second signal during the recovery: it was held until the end
+            if interrupted:
+                raise DeployInterrupted(
+                    f"{action} of {env.name} to {tag} {detail}; the recovery ran (see above); "
+                    f"run the same command again to finish it"
+                ) from None
             raise
-        self.finish(tag, action, "good", started, "")
+        with shielded():
+            self.finish(tag, action, "good", started, "")
         return {"release": tag, "address": address, "seconds": time.monotonic() - started}
+
+    def _steps(
+        self, tag: str, action: str, commit: str, live: apps.Running | None, new_name: str
+    ) -> str:
+        env, run = self.env, self.steps.run
+        if action == "deploy":
+            if self.take_backup:
+                run(f"pre-deploy backup of {env.database}", self.take_backup)
+                self._mark("backup")
+            run(f"image {env.image}:{tag}", lambda: self.ensure_image(commit, tag))
+            self._mark("image")
+            run(
+                "migration safety (new migrations vs the live release)",
+                lambda: self.check_migrations(tag),
+            )
+            run(
+                "migrations (straight to PostgreSQL)",
+                lambda: self.one_off(tag, ["migrate", "--noinput"]),
+            )
+            self._mark("migrate")
+        run("collectstatic", lambda: self.one_off(tag, ["collectstatic", "--noinput"]))
+        address = apps.free_slot(env, live)
+        self._mark("collectstatic", new_address=address)
+        run(
+            f"start {tag} beside the live release on {address}",
+            lambda: self.start_new(tag, address, new_name),
+        )
+        self._mark("start")
+        run(f"health of {tag} on its own address", lambda: self.wait_healthy(new_name))
+        self._mark("health")
+        run(
+            "switch nginx to the new release (graceful reload)",
+            lambda: self.point_nginx(address, tag, new_name),
+        )
+        run("health through nginx", lambda: self.check_through_nginx(tag))
+        run("drain and stop the previous release", lambda: self.retire(live, new_name))
+        return address
+
+    # -- the journal and what a killed run left ------------------------------------------
+
+    def _mark(self, step: str, **changes) -> None:
+        """The journal at a step boundary, written atomically on the target."""
+        if self.journal is None:
+            return
+        self.journal = self.journal.at(step, **changes)
+        if not self.dry_run:
+            path = jn.journal_path(self.state_dir, self.env.name)
+            self.runner.write_file(path, self.journal.to_json(), mode=0o644)
+
+    def read_journal(self) -> jn.Journal | None:
+        return jn.parse_journal(
+            self.runner.read_file(jn.journal_path(self.state_dir, self.env.name))
+        )
+
+    def _served(self) -> str | None:
+        """The address nginx is told to serve for this environment: its recorded switch
+        state, else (never switched this way) the final-name container's, if it runs."""
+        state = sw.recorded(self.runner, self.state_dir, self.env.name)
+        if state is not None:
+            return state.address
+        live = self.live()
+        return live.address if live and live.running else None
+
+    def adopt_leftover(self) -> jn.Journal | None:
+        """What a killed run left (we hold the lock now, so no running deploy owns it),
+        resolved from what the engine shows and what nginx is told to serve: a `-next`
+        that serves is adopted, never removed. Returns the killed run's journal."""
+        left = self.read_journal()
+        if left is not None and left.finished:
+            left = None
+        nxt = inspect_release(self.runner, self.stack, apps.next_name(self.env))
+        final = self.live()
+        if left is None and nxt is None and (final is None or final.running):
+            return None
+        if left is not None:
+            self.steps.out(
+                f"   a {left.action} of {left.tag} (pid {left.pid}, started {left.started}) "
+                f"stopped after step {left.step!r}: resolving what it left"
+            )
+        plan = jn.reconcile(
+            self.env.container, final, nxt, self._served(),
+            drain_seconds=self.stack.deploy.drain_timeout.whole_seconds,
+        )  # fmt: skip
+        self.apply_plan(plan)
+        return left
+
+    def apply_plan(self, plan: jn.Plan) -> None:
+        """Carry out a reconcile plan (journal.py), step by step, printed."""
+        if plan.changes:
+            self.steps.out(f"   {plan.why}")
+        for note in plan.notes:
+            self.steps.out(f"   {note}")
+        old: set[str] | None = None  # nginx workers from before our switch (None: unknown)
+        kinds = {a.kind for a in plan.actions}
+        if "stop" in kinds and "switch" not in kinds:
+            # The switch state may be ahead of nginx (a run killed between recording it and
+            # the reload): make nginx serve what is recorded before anything is stopped.
+            self.steps.out("   nginx made to serve the recorded switch state")
+            old = sw.switch(
+                self.runner, self.stack, self.secrets, self.state_dir, out=self.steps.out
+            )
+        for a in plan.actions:
+            self.steps.out(f"   {a}")
+            if a.kind == "start":
+                self.runner.run(apps.start_container(a.name))
+                self.wait_healthy(a.name)
+            elif a.kind == "switch":
+                old = self._switch(f"{a.to}:{self.env.port}", a.release, a.name)
+            elif a.kind == "stop":
+                self.wait_drained(old)
+                self.runner.run(apps.stop_container(a.name, int(a.to)))
+            elif a.kind == "remove":
+                self.runner.run(apps.remove_container(a.name))
+            elif a.kind == "rename":
+                self.runner.run(apps.rename_container(a.name, a.to))
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -228,13 +356,6 @@ class Deploy:
             if self.runner.query(apps.is_running(name)).stdout.strip() != "true":
                 raise OpsError(f"{name} is not running; start the stack first: invoke up")
         return self.live()
-
-    def clear_leftover(self) -> None:
-        """A <name>-next container left by a deploy that died (we hold the lock now, so no
-        running deploy owns it). Never the live release."""
-        leftover = inspect_release(self.runner, self.stack, apps.next_name(self.env))
-        if leftover:
-            self.runner.run(apps.remove_container(leftover.name))
 
     def ensure_image(self, commit: str, tag: str) -> None:
         image = f"{self.env.image}:{tag}"
@@ -304,15 +425,23 @@ class Deploy:
             f"--- last log lines of {name} ---\n{(logs.stdout + logs.stderr).strip()}"
         )
 
-    def point_nginx(self, upstream: str) -> None:
-        upstreams = live_upstreams(self.runner, self.stack)
-        upstreams[self.env.name] = upstream
-        changed = write_host_files(self.runner, self.stack, self.secrets, self.state_dir, upstreams)
-        self._old_workers = self.nginx_workers()
-        for argv in cmd.nginx_reload(self.stack):
-            self.runner.run(argv)
-        if any("/config/pgbouncer/" in path for path in changed):
-            self.runner.run(cmd.pgbouncer_reload(self.stack))
+    def _switch(self, upstream: str, release: str, container: str, **kw) -> set[str] | None:
+        return sw.switch(
+            self.runner, self.stack, self.secrets, self.state_dir,
+            env=self.env.name, upstream=upstream, release=release, container=container,
+            out=self.steps.out, **kw,
+        )  # fmt: skip
+
+    def point_nginx(self, address: str, tag: str, name: str) -> None:
+        """Record the switch (journal first, then the switch state) and reload, under the
+        host-wide switch lock."""
+        self._old_workers = self._switch(
+            f"{address}:{self.env.port}",
+            tag,
+            name,
+            before_record=lambda: self._mark("switch", switched=True),
+        )
+        self._mark("reload")
 
     def check_through_nginx(self, tag: str) -> None:
         domain = self.env.domains[0]
@@ -336,44 +465,60 @@ class Deploy:
         spec = getattr(self.runner, "spec", None)  # an SSH target: its own address
         return spec.address if spec else "127.0.0.1"
 
-    def nginx_workers(self) -> set[str]:
-        return apps.parse_workers(self.runner.query(apps.nginx_processes(self.stack)).stdout)
-
-    def wait_nginx_drained(self) -> None:
+    def wait_drained(self, old: set[str] | None) -> None:
         """After a reload, nginx's old workers finish their requests (some still bound for
-        the previous release) before exiting: stop that release only once they are gone."""
+        the previous release) before exiting: stop that release only once they are gone.
+        `old` None (the reload was a killed run's): every worker shutting down."""
         timeout = self.stack.deploy.drain_timeout
         if self.dry_run:  # no reload happened: today's workers would never leave
             self.steps.out(f"   (dry run: would wait up to {timeout} for nginx's old workers)")
             return
-        old = getattr(self, "_old_workers", set())
-        deadline = time.monotonic() + timeout.seconds
-        while old and time.monotonic() < deadline:
-            if not old & self.nginx_workers():
-                return
-            time.sleep(0.2)
-        if old and old & self.nginx_workers():
+        if not sw.wait_drained(self.runner, self.stack, old, timeout.seconds):
             self.steps.out(paint("   nginx workers still draining; stopping anyway", "warning"))
 
     def retire(self, live: apps.Running | None, new_name: str) -> None:
-        self.wait_nginx_drained()
+        self.wait_drained(getattr(self, "_old_workers", None) or set())
+        self.steps.out("   nginx drained")
+        self._mark("drain")
         if live:
             # nginx's old workers finish their requests; gunicorn gets SIGTERM and drains.
             drain = self.stack.deploy.drain_timeout.whole_seconds
             self.runner.run(apps.stop_container(live.name, drain))
             self.runner.run(apps.remove_stopped(live.name))
+            self.steps.out(f"   previous release stopped: {live.name} ({live.release})")
+        self._mark("retire")
         self.runner.run(apps.rename_container(new_name, self.env.container))
 
-    def recover(self, live: apps.Running | None, new_name: str, switched: bool) -> None:
-        """Put the previous release back in front; remove the new one. Never raises."""
+    def recover(self) -> bool:
+        """After a failure or a signal: re-read the engine and the recorded switch state,
+        then go back to the previous release if it still runs, else keep what serves
+        (never nginx at a stopped container, never the served one removed). Never raises;
+        True if everything it planned was done."""
         try:
-            if switched and live and live.running:
-                self.point_nginx(f"{live.address}:{self.env.port}")
-        except (OpsError, OSError) as exc:
-            self.steps.out(paint(f"   could not switch nginx back: {exc}", "error"))
-        self.runner.run(apps.remove_container(new_name), check=False)
+            final = self.live()
+            nxt = inspect_release(self.runner, self.stack, apps.next_name(self.env))
+            plan = jn.reconcile(
+                self.env.container, final, nxt, self._served(), prefer_old=True,
+                drain_seconds=self.stack.deploy.drain_timeout.whole_seconds,
+            )  # fmt: skip
+            self.apply_plan(plan)
+            if nxt is None:  # the engine did not report one (an inspect that failed?): swept
+                self.runner.run(apps.remove_container(apps.next_name(self.env)), check=False)
+            if plan.serves:
+                self.steps.out(f"   {self.env.name} serves {plan.serves.release}")
+            return True
+        except (Exception, Interrupted, KeyboardInterrupt) as exc:
+            msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            self.steps.out(
+                paint(f"   recovery stopped: {msg}; the next deploy resolves what is left", "error")
+            )
+            return False
 
-    def finish(self, tag: str, action: str, result: str, started: float, detail: str) -> None:
+    def finish(
+        self, tag: str, action: str, result: str, started: float, detail: str, clean=True
+    ) -> None:
+        """Record the release, audit, prune, notify; the journal closed (if the state is
+        clean) and the lock released. A failure of one part does not skip the next."""
         env = self.env.name
         try:
             entry = {
@@ -386,6 +531,8 @@ class Deploy:
             }
             self._append(f"releases/{env}.jsonl", release_line(env, entry))
             self._append("audit.log", audit_line(f"{action} {env} {tag}: {result}"))
+            self.steps.out(f"   recorded: {action} of {env} to {tag}: {result}")
+            self._mark("record")
             if result == "good":
                 self.prune_images(tag)
             msg = f"{action} of {env} to {tag}: {result}" + (f" ({detail})" if detail else "")
@@ -394,7 +541,11 @@ class Deploy:
             else:
                 self.steps.out(f"-> notify: {notify(msg, Path(self.state_dir))}")
         finally:
-            locks.release(self.runner, self.state_dir, locks.deploy_lock(env))
+            try:
+                if clean:
+                    self._mark("done")
+            finally:
+                locks.release(self.runner, self.state_dir, locks.deploy_lock(env))
 
     def _append(self, rel: str, line: str) -> None:
         """Append to a log on the host (the environment's lock is held: no other writer)."""
@@ -417,15 +568,6 @@ class Deploy:
         keep = self.stack.deploy.keep_releases
         for tag in apps.images_to_prune(current, histories, lives, keep):
             self.runner.run(apps.remove_image(f"{self.env.image}:{tag}"), check=False)
-
-
-def write_host_files(
-    runner: Runner, stack: Stack, secrets: Secrets, state_dir: str, upstreams: dict[str, str]
-) -> list[str]:
-    from aiia_ops.host.git import shared_image_tags
-
-    files = host_files(stack, secrets, state_dir, shared_image_tags(stack), upstreams)
-    return sync_files(runner, files)
 
 
 # -- what the tasks call -------------------------------------------------------------------
@@ -544,6 +686,7 @@ __all__ = [
     "CommandFailed",
     "Deploy",
     "DeployFailed",
+    "DeployInterrupted",
     "MigrationRefused",
     "inspect_release",
     "live_upstreams",

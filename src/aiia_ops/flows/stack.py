@@ -63,11 +63,14 @@ def prepare_state(runner: Runner, state: StateDir) -> None:
 
 def write_configs(runner: Runner, stack: Stack, state: StateDir, secrets: Secrets) -> bool:
     """Render configs, the compose file and env files into the state dir, with nginx
-    pointing at the live releases. True if anything changed."""
-    from aiia_ops.flows.deploy import live_upstreams, write_host_files
+    pointing where each environment's recorded switch state says (the live releases when
+    none is recorded), under the host-wide switch lock. True if anything changed."""
+    from aiia_ops.flows import switch as sw
 
-    upstreams = live_upstreams(runner, stack)
-    return bool(write_host_files(runner, stack, secrets, str(state.root), upstreams))
+    root = str(state.root)
+    with sw.switch_lock(runner, root, out=_say):
+        ups = sw.upstreams(runner, stack, root)
+        return bool(sw.write_host_files(runner, stack, secrets, root, ups))
 
 
 def require_images(runner: Runner, model: Stack) -> None:
@@ -176,8 +179,11 @@ def setup(
         was_running = running(runner, model.services.nginx.container)
         runner.run(cmd.up(model, root, cmd.shared_service_keys(model)), stream=True)
         if was_running and changed:
-            for argv in cmd.nginx_reload(model):
-                runner.run(argv)
+            from aiia_ops.flows import switch as sw
+
+            with sw.switch_lock(runner, root, out=out):
+                for argv in cmd.nginx_reload(model):
+                    runner.run(argv)
     with steps.step(f"database and role for {target.name} ({target.database})"):
         runner.run(
             cmd.ensure_database(model, target),

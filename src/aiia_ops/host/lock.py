@@ -18,6 +18,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 
 from aiia_ops.errors import OpsError
 from aiia_ops.host.releases import now_iso, who
@@ -72,6 +73,17 @@ def holder_alive(held: dict) -> bool | None:
     return True
 
 
+def age_seconds(held: dict, now: float | None = None) -> float | None:
+    """How long ago the holder took the lock (None: unknown)."""
+    try:
+        since = datetime.fromisoformat(str(held["since"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return None
+    if since.tzinfo is None:
+        return None
+    return (now if now is not None else time.time()) - since.timestamp()
+
+
 def describe(held: dict) -> str:
     return (
         f"{held.get('holder', 'someone')} since {held.get('since', '?')} "
@@ -90,8 +102,11 @@ def acquire(
     wait: float = 0.0,
     release_hint: str | None = None,
     out=print,
+    max_age: float | None = None,
 ) -> dict:
-    """Take lock `name` or raise LockHeld; waits up to `wait` seconds for a live holder."""
+    """Take lock `name` or raise LockHeld; waits up to `wait` seconds for a live holder.
+    Stale, reported and taken over: a holder on this machine whose pid is gone, or (with
+    `max_age`) one that cannot be checked from here and is older than `max_age` seconds."""
     path = lock_dir(state_dir, name)
     runner.run(["mkdir", "-p", locks_dir(state_dir)])
     info = {
@@ -106,8 +121,17 @@ def acquire(
     deadline = time.monotonic() + wait
     while not runner.run(["mkdir", path], check=False).ok:
         held = read(runner, state_dir, name) or {}
-        if holder_alive(held) is False:
+        alive = holder_alive(held)
+        if alive is False:
             out(f"   taking over a stale lock {name}: {describe(held)} is no longer running")
+            runner.run(["rm", "-rf", path])
+            continue
+        age = age_seconds(held)
+        if alive is None and max_age is not None and age is not None and age > max_age:
+            out(
+                f"   taking over a stale lock {name}: {describe(held)} is older than "
+                f"{max_age / 3600:g} h"
+            )
             runner.run(["rm", "-rf", path])
             continue
         if time.monotonic() < deadline:

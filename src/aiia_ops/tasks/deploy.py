@@ -17,13 +17,23 @@ from aiia_ops.tasks.common import load, task
         "dry_run": "print the exact commands, per host, in order; change nothing",
         "accept_new_host_key": "first contact with an SSH host: record its key (a changed "
         "key is still refused)",
+        "backup": "take the pre-deploy backup (default; --no-backup skips it)",
     }
 )
-def deploy(c, env, host=None, ref=None, dry_run=False, accept_new_host_key=False, stack=None):
-    """Zero-downtime, health-gated deploy of a commit, with automatic switch-back."""
+def deploy(
+    c, env, host=None, ref=None, dry_run=False, accept_new_host_key=False, backup=True, stack=None
+):
+    """Zero-downtime, health-gated deploy of a commit, with automatic switch-back. A deploy
+    killed at any step is resumed by running it again."""
     model, _ = load(stack)
     result = flow.deploy(
-        model, env, ref, host=host, dry_run=dry_run, accept_new_host_key=accept_new_host_key
+        model,
+        env,
+        ref,
+        host=host,
+        dry_run=dry_run,
+        accept_new_host_key=accept_new_host_key,
+        backup=backup,
     )
     if not result["dry_run"]:
         print(f"\n{env} now serves {result['release']} ({result['seconds']:.0f}s).")

@@ -14,6 +14,7 @@ import pytest
 
 from aiia_ops.commands import app as apps
 from aiia_ops.commands import docker as cmd
+from aiia_ops.commands import journal as jn
 from aiia_ops.commands.argv import Result, quote
 from aiia_ops.errors import OpsError
 from aiia_ops.flows import deploy as flow
@@ -419,8 +420,13 @@ def test_a_failure_after_the_switch_points_nginx_back_at_the_live_release(stack,
     reload = cmd.nginx_reload(stack)
     changes = host.commands
     first = changes.index(reload[1])
+    switch_lock = lock_dir(STATE, "switch")  # every reload under the host-wide switch lock
     assert changes[first + 1 :] == [
+        ["rm", "-rf", switch_lock],
+        ["mkdir", "-p", f"{STATE}/locks"],
+        ["mkdir", switch_lock],
         *reload,  # the second reload: back to the live release
+        ["rm", "-rf", switch_lock],
         apps.remove_container(new),
         ["rm", "-rf", lock_dir(STATE, deploy_lock("prod"))],
     ]
@@ -528,3 +534,206 @@ def test_the_verdict_reads_the_exit_code_and_keeps_the_checks_own_lines():
     verdict, detail = apps.migration_safety_verdict(3, "", "noise\n" + REFUSAL)
     assert verdict == "refused" and detail == REFUSAL
     assert apps.migration_safety_verdict(1, "", "Traceback ...")[0] == "error"
+
+
+# -- issue #13: crash safety (journal, adoption, switch state, signals) --------------------
+
+
+class Engine(Host):
+    """A Host whose app containers change with the commands run: `docker run/stop/start/
+    rm/rename` update what `docker inspect` answers, as a real engine would."""
+
+    def __init__(self, stack, facts, containers: dict[str, tuple[str, str, bool]], **kw):
+        super().__init__(facts, **kw)
+        self.stack = stack
+        self.fail: dict[str, Result] = {}  # argv prefix -> failure, for the first match
+        self.containers = dict(containers)  # name -> (tag, address, running)
+        self._sync()
+
+    def _sync(self) -> None:
+        for env in self.stack.environments.values():
+            for name in (env.container, apps.next_name(env)):
+                c = self.containers.get(name)
+                key = quote(apps.inspect_container(name))
+                self.answers[key] = (
+                    inspect_json(self.stack, env, name, c[0], c[1], running=c[2]) if c else MISSING
+                )
+        self.answers = dict(sorted(self.answers.items(), key=lambda kv: -len(kv[0])))
+
+    def _execute(self, argv, *, input, env, timeout, stream) -> Result:
+        argv = list(map(str, argv))
+        for prefix, failure in list(self.fail.items()):
+            if quote(argv).startswith(prefix):
+                del self.fail[prefix]
+                self.commands.append(argv)
+                return failure
+        result = super()._execute(argv, input=input, env=env, timeout=timeout, stream=stream)
+        c = self.containers
+        if argv[:3] == ["docker", "run", "--detach"]:
+            name, ip = argv[argv.index("--name") + 1], argv[argv.index("--ip") + 1]
+            c[name] = (argv[-1].rsplit(":", 1)[1], ip, True)
+        elif argv[:2] == ["docker", "stop"] and argv[-1] in c:
+            c[argv[-1]] = (*c[argv[-1]][:2], False)
+        elif argv[:2] == ["docker", "start"] and argv[-1] in c:
+            c[argv[-1]] = (*c[argv[-1]][:2], True)
+        elif argv[:2] == ["docker", "rm"]:
+            c.pop(argv[-1], None)
+        elif argv[:2] == ["docker", "rename"]:
+            c[argv[3]] = c.pop(argv[2])
+        self._sync()
+        return result
+
+
+def engine_deploy(stack, containers, files=None, out=None):
+    env = stack.environment("prod")
+    host = Engine(stack, answers(stack, env, images={TAG: True}), containers, files=files)
+    flow.write_host_files(host, stack, SECRETS, STATE, {"prod": f"{env.address}:{env.port}"})
+    lines = out if out is not None else []
+    d = Deploy(stack, env, STATE, host, SECRETS, local=Host({}), steps=Steps(out=lines.append))
+    d.check_through_nginx = lambda tag: lines.append(f"   (checked {tag} through nginx)")
+    return d, host, lines
+
+
+def nginx_text(host) -> str:
+    return b"".join(v for p, v in host.files.items() if "/config/nginx/" in p).decode()
+
+
+def test_each_step_boundary_is_journaled_and_the_deploy_ends_done(stack):
+    env = stack.environment("prod")
+    d, host, _ = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
+    seen = []
+    real_mark = d._mark
+
+    def mark(step, **kw):
+        real_mark(step, **kw)
+        seen.append(json.loads(host.files[jn.journal_path(STATE, "prod")])["step"])
+
+    d._mark = mark
+    d.deploy(None)
+    assert seen == ["lock", "image", "migrate", "collectstatic", "start", "health", "switch",
+                    "reload", "drain", "retire", "record", "done"]  # fmt: skip
+    journal = jn.parse_journal(host.files[jn.journal_path(STATE, "prod")])
+    assert journal.finished and journal.switched and journal.old_release == LIVE_TAG
+    state = jn.parse_switch(host.files[jn.switch_path(STATE, "prod")])
+    assert state.upstream == f"{env.standby_address}:{env.port}" and state.release == TAG
+    assert host.containers == {env.container: (TAG, str(env.standby_address), True)}
+
+
+def test_a_served_next_left_by_a_killed_deploy_is_adopted_never_removed(stack):
+    env = stack.environment("prod")
+    new, a, b = apps.next_name(env), str(env.address), str(env.standby_address)
+    killed = jn.Journal("prod", "deploy", TAG, "reload", new, b, env.container, a, LIVE_TAG,
+                        switched=True, pid=999999)  # fmt: skip
+    files = {
+        jn.journal_path(STATE, "prod"): killed.to_json().encode(),
+        jn.switch_path(STATE, "prod"): jn.SwitchState("prod", f"{b}:{env.port}", TAG).to_json(),
+    }
+    lines: list[str] = []
+    d, host, _ = engine_deploy(
+        stack, {env.container: (LIVE_TAG, a, True), new: (TAG, b, True)}, files, lines
+    )
+    result = d.deploy(None)
+    changes = host.commands
+    lock = changes.index(["mkdir", lock_dir(STATE, deploy_lock("prod"))])
+    after = changes[lock + 1 :]
+    switch_lock = lock_dir(STATE, "switch")
+    # nginx first made to serve the recorded state (the killed run may not have reloaded)
+    assert after[:6] == [
+        ["mkdir", "-p", f"{STATE}/locks"],
+        ["mkdir", switch_lock],
+        *cmd.nginx_reload(stack),
+        ["rm", "-rf", switch_lock],
+        # then the old release (no longer served) drained and removed, the -next renamed
+        apps.stop_container(env.container, stack.deploy.drain_timeout.whole_seconds),
+    ]
+    assert after[6:8] == [
+        apps.remove_container(env.container),
+        apps.rename_container(new, env.container),
+    ]
+    assert apps.remove_container(new) not in changes
+    # the same release was already switched: finished without a second rollout
+    assert not [c for c in changes if c[:3] == ["docker", "run", "--detach"]]
+    assert result["address"] == b
+    assert any("stopped after step 'reload'" in line for line in lines)
+    assert any(f"{TAG} already serves" in line for line in lines)
+    assert host.containers == {env.container: (TAG, b, True)}
+
+
+def test_the_issues_bug_a_failure_in_retire_keeps_the_new_release_serving(stack):
+    """The rename fails after the old release was stopped: recovery must not point nginx
+    back at the stopped container nor remove the healthy new one."""
+    env = stack.environment("prod")
+    new, a, b = apps.next_name(env), str(env.address), str(env.standby_address)
+    d, host, lines = engine_deploy(stack, {env.container: (LIVE_TAG, a, True)})
+    host.fail[quote(apps.rename_container(new, env.container))] = Result([], 1, "", "rename: no")
+    with pytest.raises(OpsError):
+        d.deploy(None)
+    assert apps.remove_container(new) not in host.commands
+    # nginx still (and only) told to serve the new release
+    state = jn.parse_switch(host.files[jn.switch_path(STATE, "prod")])
+    assert state.upstream == f"{b}:{env.port}"
+    assert f"{b}:{env.port}" in nginx_text(host) and f"{a}:{env.port}" not in nginx_text(host)
+    # the recovery finished the retire: the served release under the final name
+    assert host.containers == {env.container: (TAG, b, True)}
+    assert any("prod serves " + TAG in line for line in lines)
+
+
+def test_another_environments_switch_state_is_rendered_not_the_engines_view(stack):
+    """prod's switch renders staging's upstream from staging's recorded switch state (a
+    staging deploy in its drain), not from the container it sees under the final name."""
+    env, staging = stack.environment("prod"), stack.environment("staging")
+    recorded = jn.SwitchState("staging", f"{staging.standby_address}:{staging.port}", "s2")
+    d, host, _ = engine_deploy(
+        stack,
+        {
+            env.container: (LIVE_TAG, str(env.address), True),
+            staging.container: ("s1", str(staging.address), True),
+            apps.next_name(staging): ("s2", str(staging.standby_address), True),
+        },
+        files={jn.switch_path(STATE, "staging"): recorded.to_json().encode()},
+    )
+    d.deploy(None)
+    text = nginx_text(host)
+    assert f"{staging.standby_address}:{staging.port}" in text
+    assert f"{staging.address}:{staging.port}" not in text
+    assert f"{env.standby_address}:{env.port}" in text  # prod's own new upstream
+    # staging's containers untouched by prod's deploy
+    assert host.containers[apps.next_name(staging)] == ("s2", str(staging.standby_address), True)
+
+
+def test_sigterm_during_a_step_runs_the_recovery_and_stops_cleanly(stack, monkeypatch):
+    import os
+    import signal
+
+    env = stack.environment("prod")
+    d, host, _ = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
+
+    def killed(self, name):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the new release is checked
+        time.sleep(1)
+
+    import time
+
+    monkeypatch.setattr(Deploy, "wait_healthy", killed)
+    with pytest.raises(flow.DeployInterrupted, match="interrupted by SIGTERM"):
+        d.deploy(None)
+    assert host.containers == {env.container: (LIVE_TAG, str(env.address), True)}
+    assert not [c for c in host.commands if c[:2] == ["docker", "stop"]]
+    last = json.loads(host.files[f"{STATE}/releases/prod.jsonl"].splitlines()[-1])
+    assert last["result"] == "interrupted"
+    assert ["rm", "-rf", lock_dir(STATE, deploy_lock("prod"))] == host.commands[-1]
+    assert jn.parse_journal(host.files[jn.journal_path(STATE, "prod")]).finished
+
+
+def test_a_recovery_that_cannot_finish_leaves_the_journal_for_the_next_run(stack):
+    env = stack.environment("prod")
+    new = apps.next_name(env)
+    d, host, lines = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
+    host.fail[quote(apps.health_probe(new))] = Result([], 1, "", "")
+    host.answers[quote(apps.container_status(new))] = "exited\n"
+    host.fail[quote(apps.remove_container(new))] = Result([], 1, "", "connection lost")
+    with pytest.raises(DeployFailed):
+        d.deploy(None)
+    journal = jn.parse_journal(host.files[jn.journal_path(STATE, "prod")])
+    assert journal.step == "record" and not journal.finished
+    assert any("recovery stopped" in line for line in lines)

@@ -1,0 +1,85 @@
+"""Issue #13: a stale lock is reported with its holder and taken over, or refused with the
+exact command that clears it (host/lock.py, real files through a LocalRunner)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from aiia_ops.host import lock
+from aiia_ops.host.runners import LocalRunner
+
+NAME = lock.deploy_lock("prod")
+HINT = "invoke lock.release --env=prod"
+
+
+def plant(root, **holder) -> None:
+    path = lock.lock_dir(str(root), NAME)
+    os.makedirs(path)
+    info = {"name": NAME, "holder": "ops@box", "since": "2026-12-02T01:00:00Z"}
+    info |= {"version": "abc123", "action": "deploy", "pid": 1, "from": "elsewhere", **holder}
+    with open(f"{path}/holder.json", "w") as fh:
+        json.dump(info, fh)
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_dead_holder_on_this_machine_is_named_and_taken_over(tmp_path):
+    plant(tmp_path, pid=dead_pid(), **{"from": socket.gethostname()})
+    lines: list[str] = []
+    info = lock.acquire(LocalRunner(), str(tmp_path), NAME, version="new", out=lines.append)
+    assert info["pid"] == os.getpid()
+    assert lock.read(LocalRunner(), str(tmp_path), NAME)["version"] == "new"
+    (line,) = lines
+    assert "taking over a stale lock deploy-prod: ops@box since 2026-12-02T01:00:00Z" in line
+    assert "(deploy of abc123, pid" in line and "is no longer running" in line
+
+
+def test_a_live_holder_is_refused_with_the_exact_command(tmp_path):
+    plant(tmp_path, pid=os.getppid(), **{"from": socket.gethostname()})
+    with pytest.raises(lock.LockHeld) as err:
+        lock.acquire(LocalRunner(), str(tmp_path), NAME, release_hint=HINT, max_age=1.0)
+    message = str(err.value)
+    assert message.startswith("deploy-prod is locked by ops@box since 2026-12-02T01:00:00Z")
+    assert f"pid {os.getppid()} on {socket.gethostname()}" in message
+    assert message.endswith(f"if it died: {HINT}")
+
+
+def test_a_holder_on_another_machine_older_than_the_limit_is_taken_over(tmp_path):
+    plant(tmp_path, since="2000-01-01T00:00:00Z")
+    lines: list[str] = []
+    lock.acquire(LocalRunner(), str(tmp_path), NAME, max_age=3600, out=lines.append)
+    assert "is older than 1 h" in lines[0] and "pid 1 on elsewhere" in lines[0]
+
+
+def test_a_recent_holder_on_another_machine_is_refused(tmp_path):
+    plant(tmp_path, since=lock.now_iso())
+    with pytest.raises(lock.LockHeld) as err:
+        lock.acquire(LocalRunner(), str(tmp_path), NAME, max_age=3600, release_hint=HINT)
+    assert str(err.value).endswith(f"if it died: {HINT}")
+    assert lock.read(LocalRunner(), str(tmp_path), NAME)["from"] == "elsewhere"  # untouched
+
+
+def test_without_a_limit_an_old_holder_elsewhere_is_refused(tmp_path):
+    plant(tmp_path, since="2000-01-01T00:00:00Z")  # nothing proves it is dead
+    with pytest.raises(lock.LockHeld):
+        lock.acquire(LocalRunner(), str(tmp_path), NAME)
+
+
+@pytest.mark.parametrize("since", ["", "yesterday", "2026-12-02T01:00:00"])
+def test_an_unknown_age_is_never_stale(since):
+    assert lock.age_seconds({"since": since}) is None
+    assert lock.age_seconds({}) is None
+
+
+def test_age_is_measured_from_since():
+    assert lock.age_seconds({"since": "2026-12-02T01:00:00Z"}, now=1796173200.0 + 90) == 90
