@@ -16,6 +16,8 @@ from aiia_ops.flows.status import (
 )
 from aiia_ops.host.runners import Runner
 from aiia_ops.model import Stack, load_stack
+from aiia_ops.model.placement import is_multi_host
+from aiia_ops.model.state import local_state_dir
 from aiia_ops.tasks.common import load, task
 
 
@@ -93,10 +95,18 @@ def logs(c, service=None, tail=100, follow=False, stack=None):
     help={
         "env": "environment to set up: prod or staging",
         "skip_build": "use the images already built for this commit",
+        "ref": "several hosts: the app release to deploy (git ref; default HEAD)",
     }
 )
-def setup(c, env="prod", skip_build=False, stack=None):
-    """From nothing to a healthy environment: provision, build, secrets, databases, app."""
-    model, state = load(stack)
+def setup(c, env="prod", skip_build=False, stack=None, profile=None, ref=None):
+    """From nothing to a healthy environment: provision, build, secrets, databases, app.
+    A stack on several hosts (a level-3 profile): every host over SSH (flows/cluster.py)."""
+    model = load_stack(stack, profile)
+    if is_multi_host(model):
+        from aiia_ops.flows import cluster
+
+        cluster.setup(model, local_state_dir(model), ref=ref)
+        return
+    model, state = load(stack, profile)
     flow.setup(model, state, env, skip_build)
     _print_status(model)
