@@ -59,3 +59,7 @@ namespace.add_collection(_k8s.namespace)
 from aiia_ops.tasks import lab as _lab  # noqa: E402
 
 namespace.add_collection(_lab.namespace)
+
+from aiia_ops.tasks import cluster as _cluster  # noqa: E402
+
+namespace.add_collection(_cluster.namespace)

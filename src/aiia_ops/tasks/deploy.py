@@ -21,7 +21,7 @@ from aiia_ops.tasks.common import load, task
 )
 def deploy(c, env, host=None, ref=None, dry_run=False, accept_new_host_key=False, stack=None):
     """Zero-downtime, health-gated deploy of a commit, with automatic switch-back."""
-    model, _ = load(stack)
+    model, _ = load(stack, swarm=True)
     result = flow.deploy(
         model, env, ref, host=host, dry_run=dry_run, accept_new_host_key=accept_new_host_key
     )
@@ -39,7 +39,7 @@ def deploy(c, env, host=None, ref=None, dry_run=False, accept_new_host_key=False
 )
 def rollback(c, env, to=None, host=None, dry_run=False, stack=None):
     """Back to the previous good release in seconds (the database is not rolled back)."""
-    model, _ = load(stack)
+    model, _ = load(stack, swarm=True)
     result = flow.rollback(model, env, to, host=host, dry_run=dry_run)
     if not result["dry_run"]:
         print(

@@ -97,6 +97,7 @@ def logs(c, service=None, tail=100, follow=False, stack=None):
 )
 def setup(c, env="prod", skip_build=False, stack=None):
     """From nothing to a healthy environment: provision, build, secrets, databases, app."""
-    model, state = load(stack)
+    model, state = load(stack, swarm=True)
     flow.setup(model, state, env, skip_build)
-    _print_status(model)
+    if model.runtime != "swarm":  # a swarm's services: invoke cluster.services
+        _print_status(model)
