@@ -422,7 +422,9 @@ def setup(model: Stack, env_name: str, out=_say, tag: str | None = None) -> dict
             secrets = _secrets(c)
         live = live_tags(c)
         release = tag or live.get(env.name) or image_tag("django")
-        tags = {**shared_image_tags(model), **live, env.name: release}
+        # An environment not set up yet gets this release's image, at 0 replicas.
+        unset = {e: release for e in model.environments}
+        tags = {**unset, **shared_image_tags(model), **live, env.name: release}
         replicas = {
             e: (len(app_instances(model.environment(e))) if e in live else 0)
             for e in model.environments
