@@ -31,7 +31,7 @@ from aiia_ops.host.runners import LocalRunner, Runner
 from aiia_ops.host.secrets import load_secrets
 from aiia_ops.model import Environment, Stack
 from aiia_ops.model.budget import check_budget, has_errors
-from aiia_ops.model.placement import app_instances
+from aiia_ops.model.placement import APP_ROLE, SERVICE_ROLES, app_instances
 from aiia_ops.model.secrets import Secrets
 
 POLL_S = 1.0
@@ -362,13 +362,15 @@ def run_job(c: Cluster, env: Environment, tag: str, args: list[str], timeout: fl
         c.leader.run(sw.service_rm(name), check=False)
 
 
-def ship_images(c: Cluster, images: list[str], steps: Steps) -> None:
-    """Every node gets every image from this machine's engine when it lacks it (no
-    registry: docker save | docker load over SSH)."""
+def ship_images(c: Cluster, images: dict[str, str], steps: Steps) -> None:
+    """`images`: image -> the role of the nodes that may run it. Each such node gets the
+    image from this machine's engine when it lacks it (no registry: docker save | docker
+    load over SSH)."""
     local = LocalRunner()
     for name, t in c.targets.items():
-        for image in images:
-            if t.runner.query(cmd.image_inspect(image)).ok:
+        labels = sw.node_labels(c.model, name)
+        for image, role in sorted(images.items()):
+            if sw.role_label(role) not in labels or t.runner.query(cmd.image_inspect(image)).ok:
                 continue
             if not local.query(cmd.image_inspect(image)).ok:
                 raise OpsError(
@@ -397,10 +399,11 @@ def _require_cluster(c: Cluster) -> None:
         )
 
 
-def _images(model: Stack, tags: dict[str, str]) -> list[str]:
-    out = [f"{getattr(model.services, s).image}:{tags[s]}" for s in SHARED]
-    out += [f"{e.image}:{tags[e.name]}" for e in model.environments.values() if e.name in tags]
-    return sorted(set(out))
+def _images(model: Stack, tags: dict[str, str]) -> dict[str, str]:
+    out = {f"{getattr(model.services, k).image}:{tags[k]}": SERVICE_ROLES[k] for k in SHARED}
+    for e in model.environments.values():
+        out[f"{e.image}:{tags[e.name]}"] = APP_ROLE
+    return out
 
 
 def _timeout(model: Stack, replicas: int) -> float:
@@ -528,7 +531,7 @@ def deploy(
             action="deploy",
             release_hint=f"invoke lock.release --env={env.name}",
         ):
-            ship_images(c, [image], steps)
+            ship_images(c, {image: APP_ROLE}, steps)
             with steps.step(f"migrations of {release}"):
                 run_job(c, env, release, ["migrate", "--noinput"], _timeout(model, 1))
             with steps.step(f"docker service update {name} -> {release} (start-first)"):
