@@ -49,11 +49,11 @@ def sock(host) -> list[str]:
     return ["docker", "-H", host.docker_host]
 
 
-def invoke(*args, timeout=600, locked=False):
+def invoke(*args, timeout=600, locked=False, env=ENV):
     prefix = ["flock", DOCKER_LOCK] if locked else []
     proc = subprocess.run(
         [*prefix, sys.executable, "-m", "invoke", *args], cwd=ROOT, text=True,
-        capture_output=True, env={**os.environ, **ENV}, timeout=timeout,
+        capture_output=True, env={**os.environ, **env}, timeout=timeout,
     )  # fmt: skip
     assert proc.returncode == 0, f"invoke {' '.join(args)}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
@@ -66,11 +66,12 @@ def reset(hosts) -> None:
     deadline = time.monotonic() + 60
     for h in hosts:
         while time.monotonic() < deadline:
-            ps = subprocess.run([*sock(h), "ps", "-aq"], capture_output=True, text=True)
+            ps = subprocess.run([*sock(h), "ps", "-q"], capture_output=True, text=True)
             if not ps.stdout.strip():
                 break
             time.sleep(1)
         subprocess.run([*sock(h), "swarm", "leave", "--force"], capture_output=True)
+        subprocess.run([*sock(h), "container", "prune", "-f"], capture_output=True)
         vols = subprocess.run([*sock(h), "volume", "ls", "-q"], capture_output=True, text=True)
         names = [v for v in vols.stdout.split() if v.startswith("aiia_")]
         if names:
@@ -87,7 +88,7 @@ def lab(make_lab):
     missing = subprocess.run(["docker", "image", "inspect", f"aiia/django:{tag}"],
                              capture_output=True).returncode  # fmt: skip
     if missing:
-        invoke("build", "--service", "django", locked=True)
+        invoke("build", "--service", "django", locked=True, env={})  # this machine's engine
     return {"hosts": hosts, "model": model, "tag": tag}
 
 
