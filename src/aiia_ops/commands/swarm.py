@@ -638,6 +638,17 @@ def one_off_service(
     ]
 
 
+def task_inspect(ids: list[str]) -> Argv:
+    """Per task: `ID NODE-ID CONTAINER-ID` (`docker service ps` names nodes by hostname,
+    which several hosts may share)."""
+    fmt = "{{.ID}} {{.NodeID}} {{.Status.ContainerStatus.ContainerID}}"
+    return ["docker", "inspect", "--format", fmt, *ids]
+
+
+def service_logs(name: str, tail: int) -> Argv:
+    return ["docker", "service", "logs", "--tail", str(tail), name]
+
+
 def service_rm(name: str) -> Argv:
     return ["docker", "service", "rm", name]
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from aiia_ops.commands import app as apps
 from aiia_ops.commands import docker as cmd
 from aiia_ops.commands import swarm as sw
 from aiia_ops.commands.compose import service_key
@@ -271,8 +272,7 @@ def _task_nodes(c: Cluster, tasks: list[sw.Task], ids: dict[str, str]) -> dict[s
     """Task id -> (host name, container id)."""
     if not tasks:
         return {}
-    fmt = "{{.ID}} {{.NodeID}} {{.Status.ContainerStatus.ContainerID}}"
-    result = c.leader.query(["docker", "inspect", "--format", fmt, *(t.id for t in tasks)])
+    result = c.leader.query(sw.task_inspect([t.id for t in tasks]))
     out = {}
     for line in result.stdout.splitlines():
         parts = line.split()
@@ -351,7 +351,7 @@ def run_job(c: Cluster, env: Environment, tag: str, args: list[str], timeout: fl
             if "complete" in states:
                 return
             if states & {"failed", "rejected"}:
-                logs = c.leader.query(["docker", "service", "logs", "--tail", "20", name])
+                logs = c.leader.query(sw.service_logs(name, 20))
                 raise OpsError(
                     f"{' '.join(args)} of {tag} failed on {env.name}: {logs.stdout.strip()[-1500:]}"
                 )
@@ -378,7 +378,7 @@ def ship_images(c: Cluster, images: dict[str, str], steps: Steps) -> None:
                     "(invoke build) and run again"
                 )
             with steps.step(f"{name}: shipping {image}"):
-                t.runner.pipe_from_local(["docker", "save", image], ["docker", "load"])
+                t.runner.pipe_from_local(apps.save_image(image), apps.load_image())
 
 
 def _check(model: Stack) -> None:
