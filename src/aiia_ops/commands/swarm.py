@@ -60,6 +60,7 @@ RESOLVE_VALID_S = 2  # nginx re-asks DNS at most this often: how late it follows
 DRAIN_S = 3  # > RESOLVE_VALID_S: a stopping app task keeps serving while nginx forgets it
 SECRETS_DIR = "/run/secrets"
 MONITOR = "20s"  # a new task failing within this after it started rolls the update back
+JOB_ATTEMPTS = 3  # a one-off task (migrations) is tried this many times by the engine
 
 # What each image runs (its Dockerfile's ENTRYPOINT + CMD), for the services whose entry
 # point the secret-loading prelude wraps. A unit test keeps it equal to the Dockerfiles.
@@ -615,6 +616,10 @@ def one_off_service(
         name,
         "--mode",
         "replicated-job",
+        "--restart-condition",
+        "on-failure",
+        "--restart-max-attempts",
+        str(JOB_ATTEMPTS - 1),
         "--network",
         stack.network.name,
         "--constraint",

@@ -350,10 +350,13 @@ def run_job(c: Cluster, env: Environment, tag: str, args: list[str], timeout: fl
             states = {t.state for t in tasks}
             if "complete" in states:
                 return
-            if states & {"failed", "rejected"}:
+            failed = [t for t in tasks if t.state in ("failed", "rejected")]
+            if len(failed) >= sw.JOB_ATTEMPTS:  # the engine retried it: a real failure
                 logs = c.leader.query(sw.service_logs(name, 20))
+                why = "; ".join(f"{t.current} {t.error}".strip() for t in failed)
                 raise OpsError(
-                    f"{' '.join(args)} of {tag} failed on {env.name}: {logs.stdout.strip()[-1500:]}"
+                    f"{' '.join(args)} of {tag} failed on {env.name} ({why}): "
+                    f"{(logs.stdout + logs.stderr).strip()[-1500:]}"
                 )
             if time.monotonic() - started > timeout:
                 raise OpsError(f"{' '.join(args)} of {tag} did not finish in {timeout:.0f}s")
