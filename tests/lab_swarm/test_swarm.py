@@ -92,7 +92,9 @@ def lab_lacks(hosts, images: list[str]) -> bool:
 @pytest.fixture(scope="module")
 def lab(make_lab):
     hosts = make_lab(3, first=6)
-    reset(hosts)
+    os.environ.update(ENV)  # the flows called in-process reach the hosts as the tasks do
+    if os.environ.get("AIIA_SWARM_REUSE") != "1":  # 1: keep the swarm of an earlier run
+        reset(hosts)
     model = load_stack(None, PROFILE)
     tag = image_tag("django")
     images = [f"aiia/django:{tag}"] + [
@@ -201,8 +203,9 @@ def test_deploy_under_load_has_zero_failed_requests(lab, tmp_path):
     # 10 s (wrk's --timeout; its default of 2 s counts a slow answer on a loaded machine).
     script = wrk_script(tmp_path)
     load = subprocess.Popen(
-        ["wrk", "-c50", "-t2", "-d60s", "--timeout", "10s", "-s", str(script), "-H", "Cookie: sessionid=swarm-load",
-         f"https://eduaiia.com{LOAD_PATH}"], stdout=subprocess.PIPE, text=True,
+        ["wrk", "-c50", "-t2", "-d60s", "--timeout", "10s", "-s", str(script),
+         "-H", "Cookie: sessionid=swarm-load", f"https://eduaiia.com{LOAD_PATH}"],
+        stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     time.sleep(3)
     t0 = time.monotonic()
