@@ -655,11 +655,21 @@ def explained(d: Deploy, fn: Callable[[], dict]) -> dict:
 
 def deploy(model: Stack, env_name: str, ref: str | None = None, **options) -> dict:
     """invoke deploy: `options` are prepare()'s (host, dry_run, accept_new_host_key)."""
+    if model.runtime == "swarm":  # issue 16: the engine updates and rolls back
+        from aiia_ops.flows import swarm
+
+        swarm.refuse_options(options)
+        return {**swarm.deploy(model, env_name, ref), "dry_run": False}
     d = prepare(model, env_name, **options)
     return {**explained(d, lambda: d.deploy(ref)), "dry_run": d.dry_run}
 
 
 def rollback(model: Stack, env_name: str, to: str | None = None, **options) -> dict:
+    if model.runtime == "swarm":  # issue 16: the engine's own rollback (previous spec)
+        from aiia_ops.flows import swarm
+
+        swarm.refuse_options({**options, "to": to})
+        return {**swarm.rollback(model, env_name), "dry_run": False}
     d = prepare(model, env_name, backup=False, **options)
     return {**explained(d, lambda: d.rollback(to)), "dry_run": d.dry_run}
 

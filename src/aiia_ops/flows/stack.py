@@ -158,6 +158,11 @@ def setup(
 ) -> None:
     """From nothing to a healthy environment: provision, build, secrets, databases, app,
     schedule. Ends with the addresses it serves."""
+    if model.runtime == "swarm":  # issue 16: the swarm runtime's own procedure
+        from aiia_ops.flows import swarm
+
+        swarm.setup(model, env, out=out)
+        return
     started = time.monotonic()
     check_fits(model)
     target = model.environment(env)

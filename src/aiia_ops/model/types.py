@@ -464,7 +464,7 @@ class Monitoring:
 class Stack:
     project: ProjectName
     machine: Machine
-    runtime: Literal["compose"]
+    runtime: Literal["compose", "swarm"]
     hosts: dict[HostName, Host]
     network: Network
     tls: Tls

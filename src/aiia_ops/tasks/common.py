@@ -49,12 +49,16 @@ def task(*args, help: dict[str, str] | None = None, **kwargs):
     return decorate
 
 
-def load(stack: str | None, profile: str | None = None) -> tuple[Stack, StateDir]:
+def load(
+    stack: str | None, profile: str | None = None, swarm: bool = False
+) -> tuple[Stack, StateDir]:
     """The stack file (--stack, $AIIA_STACK, deploy/stack.yml) with its profile (--profile,
     $AIIA_PROFILE), and this host's state dir. A stack on several hosts is refused: the
-    tasks that use this drive one engine."""
+    tasks that use this drive one engine (`swarm`: unless the task has a swarm runtime
+    path and the stack says `runtime: swarm`)."""
     model = load_stack(stack, profile)
-    refuse_multi_host(model, "this task")
+    if not (swarm and model.runtime == "swarm"):
+        refuse_multi_host(model, "this task")
     return model, local_state_dir(model)
 
 

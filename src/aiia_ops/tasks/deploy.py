@@ -25,7 +25,7 @@ def deploy(
 ):
     """Zero-downtime, health-gated deploy of a commit, with automatic switch-back. A deploy
     killed at any step is resumed by running it again."""
-    model, _ = load(stack)
+    model, _ = load(stack, swarm=True)
     result = flow.deploy(
         model,
         env,
@@ -49,7 +49,7 @@ def deploy(
 )
 def rollback(c, env, to=None, host=None, dry_run=False, stack=None):
     """Back to the previous good release in seconds (the database is not rolled back)."""
-    model, _ = load(stack)
+    model, _ = load(stack, swarm=True)
     result = flow.rollback(model, env, to, host=host, dry_run=dry_run)
     if not result["dry_run"]:
         print(

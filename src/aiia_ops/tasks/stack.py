@@ -102,11 +102,12 @@ def setup(c, env="prod", skip_build=False, stack=None, profile=None, ref=None):
     """From nothing to a healthy environment: provision, build, secrets, databases, app.
     A stack on several hosts (a level-3 profile): every host over SSH (flows/cluster.py)."""
     model = load_stack(stack, profile)
-    if is_multi_host(model):
+    if is_multi_host(model) and model.runtime != "swarm":
         from aiia_ops.flows import cluster
 
         cluster.setup(model, local_state_dir(model), ref=ref)
         return
-    model, state = load(stack, profile)
+    model, state = load(stack, profile, swarm=True)
     flow.setup(model, state, env, skip_build)
-    _print_status(model)
+    if model.runtime != "swarm":  # a swarm's services: invoke cluster.services
+        _print_status(model)
