@@ -653,12 +653,15 @@ TABLE_HEADERS = ["check", "subject", "env", "state", "value", "warn / crit", "de
 
 def archive_checks(facts: dict, pitr) -> list[Check]:
     """Continuous archiving (flows/pitr.status facts; `pitr`: the stack's backups.pitr):
-    seconds since the last archived WAL segment, age of the newest base backup. A stopped
-    archive is CRITICAL after lag_critical; never archived is CRITICAL at once."""
+    how long the oldest finished WAL segment has waited for the repository (0 when none
+    waits), age of the newest base backup. A stopped archive is CRITICAL after lag_critical;
+    never archived is CRITICAL at once."""
     lag, age = facts.get("archive_lag_s"), facts.get("backup_age_s")
     w, c = pitr.lag_warning.seconds, pitr.lag_critical.seconds
     failed = facts.get("archive_failed") or 0
-    detail = f"last {facts.get('last_archived_wal') or 'none'}; {failed} failed pushes"
+    waiting = facts.get("waiting_segments") or 0
+    last = facts.get("last_archived_wal") or "none"
+    detail = f"{waiting} waiting; last {last}; {failed} failed pushes"
     lag_state = CRIT if lag is None else evaluate(lag, w, c)
     bw, bc = pitr.backup_age_warning.seconds, pitr.backup_age_critical.seconds
     age_state = CRIT if age is None else evaluate(age, bw, bc)

@@ -56,6 +56,9 @@ def archiver(stack: Stack, runner: Runner) -> dict:
         " 'last_failed_wal', last_failed_wal,"
         " 'last_failed_time', extract(epoch from last_failed_time),"
         " 'current_wal', pg_walfile_name(pg_current_wal_lsn()),"
+        " 'ready', (SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'),"
+        " 'oldest_ready', (SELECT extract(epoch from min(modification))"
+        "   FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'),"
         " 'now', extract(epoch from now())) FROM pg_stat_archiver;"
     )
     out = runner.query(bk.psql(stack), input=sql)
@@ -80,7 +83,14 @@ def status(stack: Stack, runner: Runner) -> dict:
     arch = archiver(stack, runner)
     now = float(arch["now"])
     facts["last_archived_wal"] = arch["last_wal"]
-    facts["archive_lag_s"] = None if arch["last_time"] is None else now - float(arch["last_time"])
+    # Lag: how long the oldest finished segment has waited for the repository (0 when none
+    # waits: an idle server archives nothing and is not late). Never archived: None.
+    waiting = arch["oldest_ready"]
+    if waiting is not None:
+        facts["archive_lag_s"] = max(0.0, now - float(waiting))
+    else:
+        facts["archive_lag_s"] = None if arch["last_time"] is None else 0.0
+    facts["waiting_segments"] = arch["ready"]
     facts["archive_failed"] = arch["failed"]
     facts["newest"] = (
         None if arch["last_time"] is None else datetime.fromtimestamp(arch["last_time"], UTC)
@@ -109,7 +119,8 @@ def list_text(stack: Stack, runner: Runner) -> str:
         f"\npoint-in-time recovery: {f['repository']} ({f['status']})",
         f"  recoverable window: {_when(f['oldest'])} .. {_when(f['newest'])}",
         f"  archive lag: {'never archived' if lag is None else bk.human_age(lag)}"
-        f" (last WAL {f['last_archived_wal'] or '-'}, {f['archive_failed']} failed pushes)",
+        f" ({f['waiting_segments']} segments waiting; last archived"
+        f" {f['last_archived_wal'] or '-'}, {f['archive_failed']} failed pushes)",
         f"  newest base backup: {'none' if age is None else bk.human_age(age) + ' old'}",
     ]
     lines += [
