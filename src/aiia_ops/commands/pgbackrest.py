@@ -150,7 +150,11 @@ def restore(stack: Stack, target: datetime | None) -> list[str]:
 
     --delta keeps files that already match; the target is the last commit at or before it
     (inclusive); at the target PostgreSQL promotes and takes a new timeline."""
-    argv = [*_base(stack), "restore", "--delta", "--log-level-console=info"]
+    # restore_command written explicitly: with the project's config path (pgBackRest's own
+    # default names /etc/pgbackrest/pgbackrest.conf, which the image does not have).
+    get = f'pgbackrest --config={CONFIG} --stanza={require(stack).stanza} archive-get %f "%p"'
+    argv = [*_base(stack), "restore", "--delta", "--log-level-console=info",
+            f"--recovery-option=restore_command={get}"]  # fmt: skip
     if target is None:
         return [*argv, "--type=default"]
     when = target.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f+00")

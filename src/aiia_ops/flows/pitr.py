@@ -216,7 +216,7 @@ def _wait_promoted(runner: Runner, container: str) -> None:
     deadline = time.monotonic() + PROMOTE_TIMEOUT
     while time.monotonic() < deadline:
         if _inspect(runner, "{{.State.Running}}", container) != "true":
-            logs = runner.query(pb.logs(container))
+            logs = runner.query(pb.logs(container, 40))
             last = [ln for ln in (logs.stderr + logs.stdout).splitlines() if "FATAL" in ln]
             raise OpsError(
                 "the restored copy did not start"
