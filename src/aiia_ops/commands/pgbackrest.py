@@ -309,7 +309,7 @@ def restore_into_volume(stack: Stack, image: str, options: list[str], target) ->
 
 def scratch_server(name: str, image: str, options: list[str], shared_buffers: str) -> list[str]:
     """PostgreSQL on the restored volume: archiving off (it must never write to the
-    repository: it would add a timeline), small memory, few connections."""
+    repository: it would add a timeline), small shared_buffers. max_connections stays the
+    live server's: recovery refuses a lower value than the primary had."""
     return ["docker", "run", "-d", "--name", name, *options, image, "postgres",
-            "-c", "archive_mode=off", "-c", f"shared_buffers={shared_buffers}",
-            "-c", "max_connections=10"]  # fmt: skip
+            "-c", "archive_mode=off", "-c", f"shared_buffers={shared_buffers}"]  # fmt: skip
