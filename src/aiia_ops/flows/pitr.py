@@ -83,13 +83,16 @@ def status(stack: Stack, runner: Runner) -> dict:
     arch = archiver(stack, runner)
     now = float(arch["now"])
     facts["last_archived_wal"] = arch["last_wal"]
-    # Lag: how long the oldest finished segment has waited for the repository (0 when none
-    # waits: an idle server archives nothing and is not late). Never archived: None.
-    waiting = arch["oldest_ready"]
-    if waiting is not None:
-        facts["archive_lag_s"] = max(0.0, now - float(waiting))
+    # Lag: while finished segments wait for the repository, seconds since the last one went
+    # (0 when none waits: an idle server archives nothing and is not late). Never: None.
+    # (The .ready files' mtime is no measure: it moves while the archiver retries; seen on
+    # the lab's stopped store. So: time since the last success while segments wait.)
+    if arch["last_time"] is None:
+        facts["archive_lag_s"] = None
+    elif arch["ready"]:
+        facts["archive_lag_s"] = max(0.0, now - float(arch["last_time"]))
     else:
-        facts["archive_lag_s"] = None if arch["last_time"] is None else 0.0
+        facts["archive_lag_s"] = 0.0
     facts["waiting_segments"] = arch["ready"]
     facts["archive_failed"] = arch["failed"]
     facts["newest"] = (
