@@ -34,6 +34,10 @@ SET_FILES = (DUMP, MEDIA, CONFIG)
 KINDS = ("manual", "daily", "pre-deploy")  # what `invoke backup --kind` takes
 SAFETY_KIND = "pre-restore"  # taken by `backup.restore` before it replaces a database
 ALL_KINDS = (*KINDS, SAFETY_KIND)
+# A set `backup.pitr` makes from the off-site repository, restores, then deletes: no
+# retention of its own (the repository keeps that moment).
+PITR_KIND = "pitr"
+ID_KINDS = (*ALL_KINDS, PITR_KIND)
 PARTIAL_SUFFIX = ".partial"
 LAST_RUN = "last-run.json"
 # Disk kept free beyond a backup's estimated size: logs and the database keep growing.
@@ -49,7 +53,7 @@ _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 def new_id(now: _dt.datetime, env: str, kind: str, existing: set[str] = frozenset()) -> str:
     """<UTC time>-<env>-<kind>: sorts by time, says what it is, unique across environments."""
-    if kind not in ALL_KINDS:
+    if kind not in ID_KINDS:
         raise OpsError(f"unknown backup kind {kind!r}; expected one of: {', '.join(KINDS)}")
     base = f"{now.astimezone(_dt.UTC):%Y%m%dT%H%M%SZ}-{env}-{kind}"
     candidate, n = base, 1
@@ -65,7 +69,7 @@ def parse_id(backup_id: str) -> tuple[_dt.datetime, str, str]:
         "see invoke backup.list"
     )
     m = _ID_RE.fullmatch(backup_id) if isinstance(backup_id, str) else None
-    if not m or m.group(3) not in ALL_KINDS:
+    if not m or m.group(3) not in ID_KINDS:
         raise refused
     try:  # the pattern holds digits; the calendar decides (month 13, 25 o'clock)
         when = _dt.datetime.strptime(m.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=_dt.UTC)

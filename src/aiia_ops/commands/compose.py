@@ -14,7 +14,7 @@ from pathlib import PurePosixPath
 
 import yaml
 
-from aiia_ops.commands import hardening
+from aiia_ops.commands import hardening, pgbackrest
 from aiia_ops.commands.redis_acl import app_user
 from aiia_ops.model import Environment, Healthcheck, Service, Stack
 from aiia_ops.model.secrets import Secrets
@@ -85,7 +85,11 @@ def app_environment(stack: Stack, env: Environment, version: str) -> dict[str, s
 def env_files(stack: Stack, secrets: Secrets) -> dict[str, dict[str, str]]:
     """Secret env vars per compose service, written to <state>/env/<service>.env (0600)."""
     out = {
-        "postgresql": {"POSTGRES_PASSWORD": secrets.postgres_password},
+        # + pgBackRest's keys when archiving is on (archive_command inherits them)
+        "postgresql": {
+            "POSTGRES_PASSWORD": secrets.postgres_password,
+            **pgbackrest.env(stack, secrets),
+        },
         "redis": {"REDISCLI_AUTH": secrets.redis_password},
     }
     for env in stack.environments.values():

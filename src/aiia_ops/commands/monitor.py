@@ -61,6 +61,8 @@ LABELS = {
     "http_error_percent": "HTTP errors",
     "http_latency_p95": "HTTP p95",
     "cert_days": "certificate",
+    "archive_lag": "WAL archive lag",
+    "base_backup_age": "base backup age",
 }
 ORDER = list(LABELS)
 
@@ -647,3 +649,24 @@ def table_rows(checks: list[Check]) -> list[list[str]]:
 
 
 TABLE_HEADERS = ["check", "subject", "env", "state", "value", "warn / crit", "detail"]
+
+
+def archive_checks(facts: dict, pitr) -> list[Check]:
+    """Continuous archiving (flows/pitr.status facts; `pitr`: the stack's backups.pitr):
+    how long the oldest finished WAL segment has waited for the repository (0 when none
+    waits), age of the newest base backup. A stopped archive is CRITICAL after lag_critical;
+    never archived is CRITICAL at once."""
+    lag, age = facts.get("archive_lag_s"), facts.get("backup_age_s")
+    w, c = pitr.lag_warning.seconds, pitr.lag_critical.seconds
+    failed = facts.get("archive_failed") or 0
+    waiting = facts.get("waiting_segments") or 0
+    last = facts.get("last_archived_wal") or "none"
+    detail = f"{waiting} waiting; last {last}; {failed} failed pushes"
+    lag_state = CRIT if lag is None else evaluate(lag, w, c)
+    bw, bc = pitr.backup_age_warning.seconds, pitr.backup_age_critical.seconds
+    age_state = CRIT if age is None else evaluate(age, bw, bc)
+    age_detail = str(facts.get("status") or "")[:120] if age is None else "repo1"
+    return [
+        Check("archive_lag", "postgresql", lag_state, lag, "s", w, c, detail=detail),
+        Check("base_backup_age", "repo1", age_state, age, "s", bw, bc, detail=age_detail),
+    ]

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aiia_ops import SERVICES_DIR
-from aiia_ops.commands import redis_acl
+from aiia_ops.commands import pgbackrest, redis_acl
 from aiia_ops.commands.templating import render_file
 from aiia_ops.model import Environment, Stack
 from aiia_ops.model.secrets import Secrets
@@ -72,6 +72,7 @@ def render_stack(
         "secrets": secrets,
         "status_domain": stack.status_domain,
         "redis_users": redis_acl.conf_lines(stack, secrets),
+        "archiving": pgbackrest.postgres_settings(stack),
     }
     out: dict[str, RenderedFile] = {}
     for t in TEMPLATES:
@@ -85,6 +86,8 @@ def render_stack(
             rel = t.output.format(env=env.name) if env else t.output
             text = render_file(path, **context, svc=svc, env=env)
             out[rel] = RenderedFile(text, t.secret)
+    if pgbackrest.pitr_of(stack) is not None:  # no secrets in it: the keys are env vars
+        out["postgresql/pgbackrest.conf"] = RenderedFile(pgbackrest.conf_text(stack))
     return out
 
 

@@ -53,6 +53,18 @@ def jobs(stack: Stack, utc_offset: _dt.timedelta = _dt.timedelta(0)) -> list[Job
                 + (f" + {10 * i} min" if i else ""),
             )
         )
+    pitr = stack.backups.pitr
+    if pitr is not None and pitr.enabled:  # pgBackRest base backup: full weekly, diff daily
+        bh, bm = utc_to_local(pitr.base_at, utc_offset)
+        out.append(
+            Job(
+                str(bm),
+                str(bh),
+                ["backup.base", "--kind", "auto"],
+                f"pgBackRest base backup at {pitr.base_at} UTC: full on {pitr.full_weekday}, "
+                "differential the other days",
+            )
+        )
     rh, rm = utc_to_local("03:30", utc_offset)
     out.append(
         Job(

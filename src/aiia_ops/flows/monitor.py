@@ -538,6 +538,8 @@ def collect(
     for vhost, env in vhosts.items():
         checks += m.http_checks(vhost, env, m.window(rows, vhost, start, now), t)
 
+    checks += _archive_checks(stack, runner)  # pgBackRest archiving, when the stack has it
+
     # Availability over 24 h: the stored probes (summed in SQL) then this run's, which
     # ends the last stored one's interval and adds no downtime of its own yet.
     interval = stack.monitoring.interval.seconds
@@ -642,3 +644,16 @@ def run_once(stack: Stack, state: StateDir, page_url: str | None = None) -> tupl
 
 
 __all__ = ["CRIT", "OK", "UNKNOWN", "WARN", "collect", "run_once"]
+
+
+def _archive_checks(stack: Stack, runner: Runner | None) -> list[Check]:
+    from aiia_ops.commands import pgbackrest
+    from aiia_ops.flows import pitr
+
+    policy = pgbackrest.pitr_of(stack)
+    if policy is None:
+        return []
+    try:
+        return m.archive_checks(pitr.status(stack, runner or LocalRunner()), policy)
+    except OpsError as exc:
+        return [Check("archive_lag", "postgresql", UNKNOWN, None, "s", detail=str(exc)[:120])]

@@ -13,7 +13,7 @@ import secrets as _random
 from pathlib import Path
 
 from aiia_ops.errors import OpsError
-from aiia_ops.model.secrets import ENV_KEYS, SHARED_KEYS, EnvSecrets, Secrets
+from aiia_ops.model.secrets import ENV_KEYS, OFFSITE_KEYS, SHARED_KEYS, EnvSecrets, Secrets
 
 
 def _generate(key: str) -> str:
@@ -69,6 +69,14 @@ def load_secrets(state_dir: Path, environments: list[str], create: bool = True) 
     """Read the secrets, generating (once) any that do not exist yet when `create`."""
     folder = Path(state_dir) / "secrets"
     shared = _load_group(folder / "shared.env", SHARED_KEYS, "", create)
+    # Added later than the others: a read-only command on an older state dir sees "" (and
+    # archiving, which needs them, refuses) instead of failing for every command.
+    offsite = {k: "" for k in OFFSITE_KEYS}
+    try:
+        offsite = _load_group(folder / "shared.env", OFFSITE_KEYS, "", create)
+    except OpsError:
+        if create:
+            raise
     envs = {}
     for name in environments:
         values = _load_group(folder / f"{name}.env", ENV_KEYS, f"{name.upper()}_", create)
@@ -84,4 +92,7 @@ def load_secrets(state_dir: Path, environments: list[str], create: bool = True) 
         shared["PGBOUNCER_ADMIN_PASSWORD"],
         envs,
         shared["REDIS_ADMIN_PASSWORD"],
+        offsite["PGBACKREST_CIPHER_PASS"],
+        offsite["OFFSITE_S3_KEY"],
+        offsite["OFFSITE_S3_SECRET"],
     )

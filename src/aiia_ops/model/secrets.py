@@ -14,6 +14,11 @@ SHARED_KEYS = (
     "PGBOUNCER_ADMIN_PASSWORD",
     "REDIS_ADMIN_PASSWORD",
 )
+# pgBackRest's repository key (aes-256-cbc) and the off-site S3 store's access keys: generated
+# like the others (the lab's store is configured with them); for a real store the operator
+# writes its keys into shared.env. Without the cipher key the off-site copy is unreadable:
+# keep a copy of shared.env off the server (docs/backups-offsite.md).
+OFFSITE_KEYS = ("PGBACKREST_CIPHER_PASS", "OFFSITE_S3_KEY", "OFFSITE_S3_SECRET")
 # REDIS_PASSWORD (per environment) is the environment's own Redis ACL user's.
 ENV_KEYS = ("DB_PASSWORD", "SECRET_KEY", "API_WRITE_TOKEN", "REDIS_PASSWORD")
 
@@ -36,6 +41,9 @@ class Secrets:
     pgbouncer_admin_password: str
     environments: dict[str, EnvSecrets] = field(default_factory=dict)
     redis_admin_password: str = ""  # Redis' admin user (empty: it cannot log in)
+    pgbackrest_cipher_pass: str = ""  # the off-site repository's encryption key
+    offsite_s3_key: str = ""
+    offsite_s3_secret: str = ""
 
     def __repr__(self) -> str:
         return f"Secrets(******** for {', '.join(self.environments) or 'no environment'})"
@@ -45,6 +53,7 @@ class Secrets:
     def values(self) -> list[str]:
         out = [self.postgres_password, self.redis_password, self.pgbouncer_admin_password]
         out += [self.redis_admin_password]
+        out += [self.pgbackrest_cipher_pass, self.offsite_s3_key, self.offsite_s3_secret]
         for env in self.environments.values():
             out += [env.db_password, env.secret_key, env.api_write_token, env.redis_password]
         return [v for v in out if v]  # an unset (empty) one is no secret to redact

@@ -388,6 +388,55 @@ class Retention:
     config: int = 1
 
 
+S3Host = Annotated[
+    str,
+    Match(
+        r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?",
+        "an S3 endpoint is a host name or IPv4 address (no scheme, no port: give `port`)",
+    ),
+]
+BucketName = Annotated[
+    str,
+    Match(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", "an S3 bucket name is 3-63 of a-z 0-9 . -"),
+]
+Stanza = Annotated[
+    str, Match(r"[a-z][a-z0-9_-]{0,31}", "a stanza is 1-32 of a-z 0-9 _ -, starting with a letter")
+]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+
+
+@dataclass(frozen=True)
+class S3Repository:
+    """pgBackRest's repo1: an S3-compatible object store on another host (off-site)."""
+
+    endpoint: S3Host = "s3.example.net"
+    bucket: BucketName = "aiia-backups"
+    port: int = 443
+    region: str = "us-east-1"
+    path: AbsolutePath = "/pgbackrest"
+    uri_style: Literal["host", "path"] = "path"
+    # false only in the lab profile (a test store with a self-made certificate)
+    verify_tls: bool = True
+    retention_full: int = 2  # full backups kept (and the WAL they need)
+    retention_diff: int = 7  # differential backups kept
+
+
+@dataclass(frozen=True)
+class Pitr:
+    """Continuous WAL archiving and point-in-time recovery (commands/pgbackrest.py)."""
+
+    repo1: S3Repository = field(default_factory=S3Repository)
+    enabled: bool = False
+    stanza: Stanza = "aiia"
+    archive_timeout: Duration = Duration(60)  # bounds the RPO: a partial segment goes then
+    full_weekday: Weekday = "sun"
+    base_at: str = "01:30"  # UTC: full on full_weekday, differential every other day
+    lag_warning: Duration = Duration(300)
+    lag_critical: Duration = Duration(900)
+    backup_age_warning: Duration = Duration(2 * 86400)
+    backup_age_critical: Duration = Duration(8 * 86400)
+
+
 @dataclass(frozen=True)
 class Backups:
     daily_at: str
@@ -395,6 +444,7 @@ class Backups:
     # The longest a restore may hold PgBouncer paused: a restore killed inside the pause
     # (even with SIGKILL) is resumed by a guard in the pgbouncer container after this long.
     pause_limit: Duration = Duration(30)
+    pitr: Pitr = field(default_factory=Pitr)
 
 
 @dataclass(frozen=True)

@@ -266,6 +266,14 @@ def _settings(stack: Stack, problems: Problems) -> None:
             f"{stack.backups.pause_limit} is not a pause bound; expected 3s-300s (requests wait"
             " at most this long when a restore is killed inside its PgBouncer pause)",
         )
+    pitr = stack.backups.pitr
+    if pitr is not None and not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", pitr.base_at):
+        problems.add(
+            "backups.pitr.base_at",
+            f'{pitr.base_at!r} is not a time; expected HH:MM (UTC), such as "01:30"',
+        )
+    if pitr is not None and pitr.lag_warning.seconds >= pitr.lag_critical.seconds:
+        problems.add("backups.pitr.lag_warning", "must be below lag_critical")
     for env in stack.environments.values():
         g = env.gunicorn
         for key in ("workers", "threads", "max_requests"):

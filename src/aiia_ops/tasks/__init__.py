@@ -27,6 +27,9 @@ namespace.add_collection(_deploy.lock)
 from aiia_ops.tasks import backup as _backup  # noqa: E402
 
 namespace.add_collection(_backup.namespace)
+from aiia_ops.tasks import pitr as _pitr  # noqa: E402
+
+namespace.add_collection(_pitr.offsite)
 
 from aiia_ops.tasks import tls as _tls  # noqa: E402
 

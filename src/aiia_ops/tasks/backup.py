@@ -10,8 +10,10 @@ from __future__ import annotations
 from invoke import Collection
 
 from aiia_ops.commands import backups as bk
+from aiia_ops.commands import pgbackrest
 from aiia_ops.errors import OpsError
 from aiia_ops.flows import backup as flow
+from aiia_ops.flows import pitr as pitr_flow
 from aiia_ops.flows import restore as restores
 from aiia_ops.host.runners import LocalRunner, PrintingRunner, Runner
 from aiia_ops.tasks.common import load, task
@@ -47,6 +49,8 @@ def list_(c, env=None, json_=False, stack=None):
     if env:
         model.environment(env)
     print(flow.list_text(state, env, json_))
+    if not json_ and pgbackrest.pitr_of(model) is not None:  # the off-site repository's window
+        print(pitr_flow.list_text(model, LocalRunner()))
 
 
 @task(help={"env": "only this environment (default: all)", "dry_run": DRY_RUN})
@@ -115,4 +119,6 @@ def restore(
     )
 
 
-namespace = Collection("backup", backup, list_, prune, verify, restore)
+from aiia_ops.tasks.pitr import BACKUP_TASKS  # noqa: E402  (backup.pitr, .pitr-init, .base)
+
+namespace = Collection("backup", backup, list_, prune, verify, restore, *BACKUP_TASKS)
