@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-from pathlib import Path
-
 import nox
 
 nox.options.default_venv_backend = "venv"
@@ -48,24 +44,15 @@ def tests(session: nox.Session) -> None:
     session.run("invoke", "build")
     # The end-to-end tests bring up their own isolated stack (tests/e2e/conftest.py) beside
     # any real one; every tool they need comes with the test group, so no skip is accepted.
-    env = {"AIIA_ALLOW_SKIP": ""}
-    if session.posargs:
-        session.run("pytest", *session.posargs, env=env)
-        return
-    # The lab's tests use the lab hosts' own engines and mostly wait on daemons: they run in a
-    # second pytest process beside the rest (this machine's engine); their output follows.
-    log = Path(session.create_tmp()) / "lab-tests.log"
-    with log.open("w") as out:
-        lab = subprocess.Popen(
-            [str(Path(session.bin) / "pytest"), "-m", "lab"],
-            env={**os.environ, **env, "PATH": f"{session.bin}:{os.environ['PATH']}"},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            session.run("pytest", "-m", "not lab", env=env)
-        finally:
-            code = lab.wait()
-            session.log(f"--- the lab's tests (pytest -m lab, run beside) ---\n{log.read_text()}")
-    if code != 0:
-        session.error(f"the lab's tests failed (pytest -m lab exited {code}): see above")
+    session.run("pytest", "-m", "not extended", *session.posargs, env={"AIIA_ALLOW_SKIP": ""})
+
+
+@nox.session
+def extended(session: nox.Session) -> None:
+    """The fault matrices (deploy, restore) and the clusters on lab hosts (level 3, swarm,
+    off-site PITR): long; run after `nox -s tests` has provisioned and built."""
+    install(session, "test")
+    session.install("-r", APP_REQUIREMENTS)
+    session.run("invoke", "provision")
+    session.run("invoke", "build")
+    session.run("pytest", "-m", "extended", *session.posargs, env={"AIIA_ALLOW_SKIP": ""})
