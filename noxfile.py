@@ -51,7 +51,7 @@ def tests(session: nox.Session) -> None:
 def extended(session: nox.Session) -> None:
     """The fault matrices (deploy, restore) and the clusters on lab hosts (level 3, swarm,
     off-site PITR): long; run after `nox -s tests` has provisioned and built."""
-    install(session, "test")
+    install(session, "test", "extended")
     session.install("-r", APP_REQUIREMENTS)
     session.run("invoke", "provision")
     session.run("invoke", "build")
