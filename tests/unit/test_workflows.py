@@ -465,7 +465,7 @@ def test_a_workflow_naming_a_task_that_does_not_exist_fails_the_check(tmp_path):
         "broken.yml: jobs.go.steps[1]: invoke deploy --env=prod --no-such-option: "
         "No idea what '--no-such-option' is!",
         "broken.yml: jobs.go.steps[1]: nox -s lint nosuchsession: no such nox session: "
-        "nosuchsession (noxfile.py has lint, tests, unit)",
+        "nosuchsession (noxfile.py has extended, lint, tests, unit)",
         "broken.yml: jobs.go.steps[2]: invoke deploy --env: "
         "Flag <Argument: env (e) *> needed value and was not given one!",
     ]
