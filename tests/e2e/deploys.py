@@ -187,3 +187,27 @@ class Load:
     def failures(self) -> dict:
         bad = {code: n for code, n in self.codes.items() if not 200 <= code < 300}
         return {**bad, **self.errors}
+
+
+def ssh_stack_variant(out_dir: Path, ssh_spec: str, state_dir: Path) -> Path:
+    """The stack file with a second host `sshbox` reached over SSH (address 127.0.0.2, its
+    own state dir); the shared services stay on the first host. Written to out_dir."""
+    import yaml
+
+    from aiia_ops.model import load_stack
+
+    data = yaml.safe_load(Path(load_stack().source).read_text())
+    name, local = next(iter(data["hosts"].items()))
+    # Two hosts now: each needs its own private address and the shared services a host.
+    local["address"] = "127.0.0.1"
+    data["hosts"]["sshbox"] = {
+        **local,
+        "address": "127.0.0.2",
+        "ssh": ssh_spec,
+        "state_dir": str(state_dir),
+    }
+    for service in ("nginx", "pgbouncer", "postgresql", "redis"):
+        data["services"][service]["host"] = name
+    variant = out_dir / "stack-ssh.yml"
+    variant.write_text(yaml.safe_dump(data, sort_keys=False))
+    return variant

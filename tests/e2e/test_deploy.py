@@ -20,7 +20,7 @@ from aiia_ops.host.lock import deploy_lock, lock_dir
 from aiia_ops.host.releases import read_releases
 from aiia_ops.host.runners import LocalRunner
 from tests.conftest import run_invoke
-from tests.e2e.deploys import Load, drop_refs, head_file, make_commit
+from tests.e2e.deploys import Load, drop_refs, head_file, make_commit, ssh_stack_variant
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
@@ -192,7 +192,6 @@ def test_a_failing_migration_aborts_before_the_switch_schema_unchanged(
 
 
 def lock_held(state, env: str) -> bool:
-    from pathlib import Path
 
     return Path(lock_dir(str(state), deploy_lock(env))).exists()
 
@@ -254,25 +253,9 @@ def test_the_same_deploy_over_ssh_to_a_real_openssh_server(
 ):
     """Same plan, SSH runner: sshd on 127.0.0.1 (key login set up by the fixture); its
     `docker` is this machine's engine and its state dir the stack's own."""
-    import yaml
-
-    from aiia_ops.model import load_stack
     from tests.e2e.deploys import git
 
-    data = yaml.safe_load(Path(load_stack().source).read_text())
-    name, local = next(iter(data["hosts"].items()))
-    # Two hosts now: each needs its own private address and the shared services a host.
-    local["address"] = "127.0.0.1"
-    data["hosts"]["sshbox"] = {
-        **local,
-        "address": "127.0.0.2",
-        "ssh": sshd_host.spec,
-        "state_dir": str(e2e_state),
-    }
-    for service in ("nginx", "pgbouncer", "postgresql", "redis"):
-        data["services"][service]["host"] = name
-    variant = tmp_path / "stack-ssh.yml"
-    variant.write_text(yaml.safe_dump(data, sort_keys=False))
+    variant = ssh_stack_variant(tmp_path, sshd_host.spec, e2e_state)
     head = git("rev-parse", "HEAD")[:12]
     env = {
         "AIIA_STACK": str(variant),

@@ -27,7 +27,7 @@ from aiia_ops import REPO_ROOT
 from aiia_ops.commands import journal as jn
 from aiia_ops.host.releases import read_releases
 from tests.conftest import run_invoke
-from tests.e2e.deploys import Load, drop_refs, git, head_file, make_commit
+from tests.e2e.deploys import Load, drop_refs, git, head_file, make_commit, ssh_stack_variant
 from tests.e2e.test_deploy import served_version
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
@@ -216,23 +216,7 @@ def ssh_sessions(server) -> list[int]:
 def test_a_deploy_over_ssh_whose_connection_is_cut_keeps_serving_and_a_rerun_finishes(
     stack, releases, e2e_state, sshd_host, tmp_path, boundary
 ):
-    import yaml
-
-    from aiia_ops.model import load_stack
-
-    data = yaml.safe_load(Path(load_stack().source).read_text())
-    name, local = next(iter(data["hosts"].items()))
-    local["address"] = "127.0.0.1"
-    data["hosts"]["sshbox"] = {
-        **local,
-        "address": "127.0.0.2",
-        "ssh": sshd_host.spec,
-        "state_dir": str(e2e_state),
-    }
-    for service in ("nginx", "pgbouncer", "postgresql", "redis"):
-        data["services"][service]["host"] = name
-    variant = tmp_path / "stack-ssh.yml"
-    variant.write_text(yaml.safe_dump(data, sort_keys=False))
+    variant = ssh_stack_variant(tmp_path, sshd_host.spec, e2e_state)
     env = {
         "AIIA_STACK": str(variant),
         "AIIA_SSH_KEY": str(sshd_host.key_path),
