@@ -44,7 +44,14 @@ def tests(session: nox.Session) -> None:
     session.run("invoke", "build")
     # The end-to-end tests bring up their own isolated stack (tests/e2e/conftest.py) beside
     # any real one; every tool they need comes with the test group, so no skip is accepted.
-    session.run("pytest", "-m", "not extended", *session.posargs, env={"AIIA_ALLOW_SKIP": ""})
+    # Two pytest processes side by side: this machine's engine, and the lab hosts' own
+    # engines (tests/split.py); arguments given after `--` run one plain pytest instead.
+    if session.posargs:
+        session.run("pytest", *session.posargs, env={"AIIA_ALLOW_SKIP": ""})
+    else:
+        session.run(
+            "python", "-m", "tests.split", "-m", "not extended", env={"AIIA_ALLOW_SKIP": ""}
+        )
 
 
 @nox.session

@@ -513,6 +513,9 @@ def dockerd_argv(h: LabHost) -> Argv:
     )
 
 
+PRIVSEP_DIR = "/run/sshd"
+
+
 def plan_daemons(lab: Lab, f: LabFacts) -> list[Step]:
     steps = []
     for h in lab.hosts:
@@ -522,7 +525,11 @@ def plan_daemons(lab: Lab, f: LabFacts) -> list[Step]:
                 Step(f"{h.name}.sshd", f"{h.name}: sshd", skip=f"runs (pid {hf.sshd_pid})")
             )
         else:
-            cmds = [_c("rm", "-f", h.sshd_pidfile)] if hf.stale_sshd_pidfile else []
+            # sshd refuses to start without its privilege separation directory, which only
+            # the machine's own sshd service creates (a fresh machine has none).
+            cmds = [_c("mkdir", "-p", "-m", "755", PRIVSEP_DIR)]
+            if hf.stale_sshd_pidfile:
+                cmds.append(_c("rm", "-f", h.sshd_pidfile))
             cmds.append(_c(*sshd_argv(h)))
             steps.append(Step(f"{h.name}.sshd", f"{h.name}: sshd on {h.address}:22", tuple(cmds)))
         desc = f"{h.name}: dockerd on {h.socket} (data {h.data_root}, bip {h.bip})"
