@@ -13,6 +13,7 @@ import pytest
 from aiia_ops import DEFAULT_STACK, SERVICES_DIR
 from aiia_ops.commands import apptest
 from aiia_ops.commands.argv import quote
+from aiia_ops.commands.hardening import run_flags
 from aiia_ops.model import load_stack
 
 STACK = load_stack(DEFAULT_STACK)
@@ -33,11 +34,17 @@ APP_ENV = (
 )
 
 
+# The stack's own hardening profiles (commands/hardening.py), as `docker run` flags.
+APP_HARDENING = quote(run_flags("app"))
+PG_HARDENING = quote(run_flags("postgresql"))
+
+
 def one_off(phase: str) -> str:
     return (
         f"docker run --rm --name aiia-apptest-r1-app-{phase} --network aiia-apptest-r1 "
         f"--label org.eduaiia.apptest=r1 --memory {MB['app']} --memory-swap {MB['app']} "
-        f"--cpus {STAGING.cpu.limit:g} {APP_ENV}"
+        f"--cpus {STAGING.cpu.limit:g} {APP_HARDENING} "
+        f"--mount type=volume,target=/app/storage {APP_ENV}"
     )
 
 
@@ -48,7 +55,7 @@ def test_setup_commands():
     assert quote(PLAN.start_db) == (
         "docker run --detach --name aiia-apptest-r1-db --network aiia-apptest-r1 "
         f"--label org.eduaiia.apptest=r1 --memory {MB['pg']} --memory-swap {MB['pg']} "
-        "--env POSTGRES_PASSWORD "
+        f"{PG_HARDENING} --env POSTGRES_PASSWORD "
         "--mount type=bind,source=/tmp/t/postgresql,target=/etc/aiia,readonly "
         "aiia/postgres:abc123def456"
     )
@@ -118,7 +125,10 @@ def test_nothing_touches_the_live_stack():
     assert not any(t.startswith("aiia_") for a in everything for t in a if "=" not in t)
     for argv in everything[1:]:
         assert argv[argv.index("--network") + 1] == "aiia-apptest-r1"
-        assert not any("type=volume" in t for t in argv)  # no volume of the stack, no data kept
+        # No volume of the stack, no data kept: only anonymous volumes, removed with their
+        # container (the app's storage under a read-only root; PGDATA is the image's VOLUME).
+        for mount in (t for t in argv if t.startswith("type=volume")):
+            assert "source=" not in mount and "src=" not in mount, mount
 
 
 def test_secrets_are_passed_by_name_never_by_value():

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 from aiia_ops.commands.compose import app_environment
+from aiia_ops.commands.hardening import run_flags
 from aiia_ops.model import Environment, Stack
 
 PREFIX = "aiia-apptest"  # never aiia_*: those names belong to the live stack
@@ -38,6 +39,7 @@ LABEL = "org.eduaiia.apptest"
 DB_NAME = "aiia_apptest"  # the database and its role (ensure-database makes both)
 DB_PORT = 5432
 PG_CONFIG_MOUNT = "/etc/aiia"
+APP_STORAGE = "/app/storage"  # STORAGE_DIR of the app image
 OVERLAY_MOUNT = "/opt/aiia-apptest"
 OVERLAY_MODULE = "apptest_settings"
 # Secret values the containers read from the runner's environment (never from argv).
@@ -166,6 +168,7 @@ def plan(
         "docker", "run", "--detach", "--name", n["db"],
         "--network", n["network"], "--label", label,
         "--memory", str(pg.memory.limit.bytes), "--memory-swap", str(pg.memory.limit.bytes),
+        *run_flags("postgresql"),  # the stack's own hardening; PGDATA is the image's VOLUME
         "--env", PG_PASSWORD_VAR,
         "--mount", f"type=bind,source={pg_config_dir},target={PG_CONFIG_MOUNT},readonly",
         pg_image,
@@ -179,6 +182,10 @@ def plan(
             "--network", n["network"], "--label", label,
             "--memory", str(env.memory.limit.bytes), "--memory-swap", str(env.memory.limit.bytes),
             "--cpus", f"{env.cpu.limit:g}",
+            *run_flags("app"),
+            # Read-only root: collectstatic writes into an anonymous volume (a copy of the
+            # image's /app/storage), removed with the container (--rm).
+            "--mount", f"type=volume,target={APP_STORAGE}",
         ]  # fmt: skip
         for key, value in app_settings(stack, env, tag, n["db"]).items():
             argv += ["--env", f"{key}={value}"]
