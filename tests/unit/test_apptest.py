@@ -86,7 +86,7 @@ def test_the_phases_of_the_documents_test_phase_and_the_migration_safety_check()
             f"{one_off('tests')} --env AIIA_APPTEST_DB_NAME=aiia_apptest "
             "--env PYTHONPATH=/opt/aiia-apptest "
             "--mount type=bind,source=/tmp/t/overlay,target=/opt/aiia-apptest,readonly "
-            "aiia/django:abc123def456 "
+            "--env TMPDIR=/app/storage aiia/django:abc123def456 "
             "manage.py test --settings=apptest_settings --keepdb --no-input --verbosity 2",
         ),
         (

@@ -204,8 +204,10 @@ def plan(
               one_off("migrations", MIGRATIONS_ARGS)),
         Phase("safety", "no migration breaks the release running beside it (migration_safety)",
               one_off("safety", SAFETY_ARGS)),
+        # Its collectstatic test writes a whole static tree: into the storage volume, not
+        # the 4 MB /tmp tmpfs of the app profile.
         Phase("tests", "the app's test suite on PostgreSQL",
-              one_off("tests", TEST_ARGS, overlay)),
+              one_off("tests", TEST_ARGS, [*overlay, "--env", f"TMPDIR={APP_STORAGE}"])),
         Phase("static", "collectstatic with the manifest, into the throwaway container",
               one_off("static", STATIC_ARGS)),
     ]  # fmt: skip
