@@ -132,13 +132,39 @@ def test_cron_has_the_base_backup_only_when_archiving_is_on():
 
 def test_archive_lag_check_goes_critical():
     pitr = stack(lag_warning="60s", lag_critical="120s").backups.pitr
-    fresh = {"archive_lag_s": 5, "backup_age_s": 3600, "last_archived_wal": "0001", "status": "ok"}
-    assert [c.state for c in m.archive_checks(fresh, pitr)] == [m.OK, m.OK]
+    fresh = {"archive_lag_s": 5, "backup_age_s": 3600, "last_archived_wal": "0001",
+             "status": "ok", "reachable": True, "repository": "repo1 s3://b/p at h:443"}  # fmt: skip
+    checks = m.archive_checks(fresh, pitr)
+    assert [c.metric for c in checks] == ["archive_lag", "base_backup_age", "repository"]
+    assert [c.state for c in checks] == [m.OK, m.OK, m.OK]
+    assert checks[2].detail == "repo1 s3://b/p at h:443"
     stalled = {**fresh, "archive_lag_s": 121, "archive_failed": 4}
     lag = m.archive_checks(stalled, pitr)[0]
     assert lag.state == m.CRIT and "4 failed pushes" in lag.detail
     never = {"archive_lag_s": None, "backup_age_s": None, "status": "no stanza"}
-    assert [c.state for c in m.archive_checks(never, pitr)] == [m.CRIT, m.CRIT]
+    assert [c.state for c in m.archive_checks(never, pitr)] == [m.CRIT, m.CRIT, m.CRIT]
+    gone = {**fresh, "reachable": False, "status": "pgbackrest info failed: unreachable"}
+    repo = m.archive_checks(gone, pitr)[2]
+    assert repo.state == m.CRIT and repo.detail == "pgbackrest info failed: unreachable"
+
+
+def test_pgbackrest_errors_are_explained():
+    pitr = stack().backups.pitr
+    key = pb.explain(
+        "ERROR: [095]: unable to load info file: CryptoError: cipher header invalid", pitr
+    )
+    assert key.startswith("the repository cannot be read with this key: PGBACKREST_CIPHER_PASS")
+    full = pb.explain("ERROR: [039]: HTTP request failed with 500 (Internal Server Error)", pitr)
+    assert full.startswith(
+        "the off-site store at 10.77.0.19:8443 refused the write: is its disk full?"
+    )
+    assert full.endswith(
+        "(pgBackRest: ERROR: [039]: HTTP request failed with 500 (Internal Server Error))"
+    )
+    down = pb.explain("ERROR: [049]: unable to get address for 'x': [-2] Name or service not known; "
+                      "unable to connect", pitr)  # fmt: skip
+    assert down.startswith("the off-site store at 10.77.0.19:8443 is unreachable")
+    assert pb.explain("ERROR: [056]: something else", pitr) == "ERROR: [056]: something else"
 
 
 def test_bad_pitr_keys_are_reported():

@@ -145,6 +145,32 @@ def info(stack: Stack) -> list[str]:
     return [*_base(stack), "info", "--output=json"]
 
 
+def repo_ls(stack: Stack) -> list[str]:
+    """Every object of the repository with its size (a fingerprint: "nothing changed")."""
+    return [*_base(stack), "repo-ls", "--recurse", "--output=json"]
+
+
+def explain(message: str, pitr: Pitr) -> str:
+    """pgBackRest's last error line, with what it most likely means for this repository."""
+    low = message.lower()
+    store = f"the off-site store at {pitr.repo1.endpoint}:{pitr.repo1.port}"
+    if "cipher" in low or "decrypt" in low or "crypto" in low:
+        hint = (
+            "the repository cannot be read with this key: PGBACKREST_CIPHER_PASS (state "
+            "secrets/shared.env) must be the key the repository was made with; put back the "
+            "one from the operator's export"
+        )
+    elif re.search(r"\b(500|503|507)\b", message) or "no space" in low or "insufficient" in low:
+        hint = f"{store} refused the write: is its disk full? Free space there and run again"
+    elif "403" in message or "signature" in low or "access denied" in low:
+        hint = f"{store} refused the keys: check OFFSITE_S3_KEY / OFFSITE_S3_SECRET"
+    elif "connect" in low or "timeout" in low or "resolve" in low:
+        hint = f"{store} is unreachable: is it running, and is the network up?"
+    else:
+        return message
+    return f"{hint} (pgBackRest: {message})"
+
+
 def restore(stack: Stack, target: datetime | None) -> list[str]:
     """Restore the cluster into PGDATA (run with PostgreSQL stopped): to `target` or the end.
 
@@ -299,12 +325,17 @@ def scratch_options(volume: str, config_dir: str, env_file: str) -> list[str]:
     """A one-off container of the PostgreSQL image on `volume`, with the rendered config and
     the 0600 env file (the repository's keys) of the live one. The default bridge reaches
     the off-site store (Docker masquerades outbound traffic); nothing is published."""
+    data = [] if volume is None else ["-v", f"{volume}:{PGDATA}"]
     return ["--env-file", env_file, "--user", "10001:10001", "--network", "bridge",
-            "-v", f"{volume}:{PGDATA}", "-v", f"{config_dir}:/etc/aiia:ro"]  # fmt: skip
+            *data, "-v", f"{config_dir}:/etc/aiia:ro"]  # fmt: skip
+
+
+def one_off(image: str, options: list[str], argv: list[str]) -> list[str]:
+    return ["docker", "run", "--rm", *options, image, *argv]
 
 
 def restore_into_volume(stack: Stack, image: str, options: list[str], target) -> list[str]:
-    return ["docker", "run", "--rm", *options, image, *restore(stack, target)]
+    return one_off(image, options, restore(stack, target))
 
 
 def scratch_server(name: str, image: str, options: list[str], shared_buffers: str) -> list[str]:
