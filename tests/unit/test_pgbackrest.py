@@ -74,8 +74,13 @@ def test_enabled_archiving_renders_pgbackrest_encrypted_and_keys_only_in_the_env
     assert all(v in s.values() for v in ("CIPHER-KEY-x", "S3-KEY-y", "S3-SECRET-z"))  # redacted
 
 
-def test_budget_still_passes_with_archiving_on():
-    assert not has_errors(check_budget(stack()))
+def test_budget_counts_pgbackrest_when_archiving_is_on():
+    """The committed tunings fill PostgreSQL's 146 MB; pgBackRest needs room inside it
+    (tests/unit/test_budget.py: what fits)."""
+    findings = check_budget(stack())
+    assert has_errors(findings)
+    pg = next(f for f in findings if f.check == "postgresql memory")
+    assert "+ pgBackRest 24MB (backups.pitr.memory) = 170MB" in pg.message
 
 
 def test_restore_argv_targets_a_moment_in_utc_or_the_end():
@@ -133,7 +138,8 @@ def test_cron_has_the_base_backup_only_when_archiving_is_on():
 def test_archive_lag_check_goes_critical():
     pitr = stack(lag_warning="60s", lag_critical="120s").backups.pitr
     fresh = {"archive_lag_s": 5, "backup_age_s": 3600, "last_archived_wal": "0001",
-             "status": "ok", "reachable": True, "repository": "repo1 s3://b/p at h:443"}  # fmt: skip
+             "status": "ok", "reachable": True,
+             "repository": "repo1 s3://b/p at h:443"}  # fmt: skip
     checks = m.archive_checks(fresh, pitr)
     assert [c.metric for c in checks] == ["archive_lag", "base_backup_age", "repository"]
     assert [c.state for c in checks] == [m.OK, m.OK, m.OK]
@@ -161,8 +167,8 @@ def test_pgbackrest_errors_are_explained():
     assert full.endswith(
         "(pgBackRest: ERROR: [039]: HTTP request failed with 500 (Internal Server Error))"
     )
-    down = pb.explain("ERROR: [049]: unable to get address for 'x': [-2] Name or service not known; "
-                      "unable to connect", pitr)  # fmt: skip
+    down = pb.explain("ERROR: [049]: unable to get address for 'x': [-2] Name or service "
+                      "not known; unable to connect", pitr)  # fmt: skip
     assert down.startswith("the off-site store at 10.77.0.19:8443 is unreachable")
     assert pb.explain("ERROR: [056]: something else", pitr) == "ERROR: [056]: something else"
 
