@@ -15,7 +15,8 @@ then AIIA_STACK/AIIA_STATE_DIR of its /tmp/aiia-pitr-*), with the flows' own cod
 - WAL: bytes PostgreSQL wrote (LSN delta) and bytes the repository's archive grew
   (pgbackrest repo-ls), per hour.
 - Memory: the container's (cgroup, as docker stats) and the sum of pgBackRest processes'
-  RSS (`docker top`), sampled every 0.5 s, under the write load and during a full backup.
+  PSS (`docker top` pids, /proc/PID/smaps_rollup), sampled every 0.5 s, under the write
+  load and during a full backup.
 - RPO: SIGKILL of the PostgreSQL container under the write load; the newest moment the
   repository alone restores (flows/pitr.scratch_copy) against the acknowledged commits:
   seconds between the failure and the oldest acknowledged commit it lacks.
@@ -32,6 +33,7 @@ import os
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 from aiia_ops.commands import backups as bk
 from aiia_ops.commands import pgbackrest as pb
@@ -97,7 +99,7 @@ class AppWriter(threading.Thread):
 
 
 class Memory(threading.Thread):
-    """Peaks of the container's memory and of pgBackRest's processes' summed RSS."""
+    """Peaks of the container's memory and of pgBackRest's processes' summed PSS."""
 
     def __init__(self, container: str):
         super().__init__(daemon=True)
@@ -113,12 +115,7 @@ class Memory(threading.Thread):
             used = engine.usage({c.name: c.id}).get(c.name)
             if used is not None and used.memory_used is not None:
                 self.peak = max(self.peak, used.memory_used)
-            argv = ["docker", "top", self.container, "-o", "pid,rss,args"]
-            top = subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[1:]
-            rss = sum(
-                int(ln.split()[1]) for ln in top if "pgbackrest" in ln and ln.split()[1].isdigit()
-            )
-            self.pgbackrest = max(self.pgbackrest, rss * 1024)
+            self.pgbackrest = max(self.pgbackrest, pgbackrest_pss(self.container))
             time.sleep(0.5)
 
     def __enter__(self) -> Memory:
@@ -128,6 +125,21 @@ class Memory(threading.Thread):
     def __exit__(self, *exc) -> None:
         self.stop_flag.set()
         self.join(5)
+
+
+def pgbackrest_pss(container: str) -> int:
+    """Bytes: the summed PSS (shared pages split between their users, as the cgroup counts
+    them once) of the container's pgbackrest processes, from /proc/PID/smaps_rollup."""
+    argv = ["docker", "top", container, "-o", "pid,comm"]
+    rows = subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[1:]
+    total = 0
+    for pid in (r.split()[0] for r in rows if r.split()[1:] == ["pgbackrest"]):
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        total += sum(int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("Pss:"))
+    return total * 1024
 
 
 def lsn_bytes(stack) -> int:
@@ -196,9 +208,9 @@ def main() -> None:
     arch1 = archive_bytes(stack)
     fig["archive_mb_per_h"] = round((arch1 - arch0) * 3600 / (time.monotonic() - t0) / 1024**2, 1)
     fig["pg_mem_load_mb"] = round(m_load.peak / 1024**2, 1)
-    fig["pgbackrest_rss_load_mb"] = round(m_load.pgbackrest / 1024**2, 1)
+    fig["pgbackrest_pss_load_mb"] = round(m_load.pgbackrest / 1024**2, 1)
     fig["pg_mem_backup_mb"] = round(m_backup.peak / 1024**2, 1)
-    fig["pgbackrest_rss_backup_mb"] = round(m_backup.pgbackrest / 1024**2, 1)
+    fig["pgbackrest_pss_backup_mb"] = round(m_backup.pgbackrest / 1024**2, 1)
     print(json.dumps(fig), flush=True)
 
     # 2. RPO: the server killed mid-load, the repository alone restores.

@@ -27,6 +27,7 @@ from tests.lab_offsite.conftest import STORE_HOST
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 MARK = "pitr-probe-row"
+PUSH_S = 5.0  # seconds a closed WAL segment may take to reach the store (compress, encrypt, PUT)
 
 
 def invoke(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -230,7 +231,9 @@ def test_server_killed_mid_load_the_repository_loses_only_the_last_archive_timeo
         print(f"\nkilled after {len(acked)} acknowledged writes; the repository alone has "
               f"{len(restored)}: {len(lost)} lost, RPO {rpo:.1f}s (archive_timeout {timeout:.0f}s)",
               flush=True)  # fmt: skip
-        assert rpo <= timeout, f"writes older than archive_timeout were lost: RPO {rpo:.1f}s"
+        # The bound: archive_timeout closes the open segment, then its push takes a moment
+        # (PUSH_S); a kill inside that moment loses the segment before too.
+        assert rpo <= timeout + PUSH_S, f"writes older than archive_timeout were lost: {rpo:.1f}s"
         assert len(restored - set(acked)) <= 1  # at most the one commit in flight at the kill
     finally:
         runner.run(["docker", "start", pg])
@@ -277,7 +280,7 @@ def test_a_full_disk_on_the_store_is_a_clear_error_that_changes_nothing(prod, of
         objects, rows = repository(stack), census(stack, state)
         t0 = time.monotonic()
         proc = invoke("backup.base", "--kind", "full", check=False)
-        line = one_line_error(proc, "refused the write: is its disk full?")
+        line = one_line_error(proc, "is its disk full?")
         print(f"\nfull store disk: refused in {time.monotonic() - t0:.0f}s: {line}", flush=True)
         assert repository(stack) == objects  # no partial backup left in the store
         assert census(stack, state) == rows

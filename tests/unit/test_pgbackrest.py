@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -180,3 +181,33 @@ def test_bad_pitr_keys_are_reported():
     assert "backups.pitr.lag_warning" in str(err.value)
     with pytest.raises(OpsError, match=r"backups\.pitr\.repo1\.bucket"):
         stack(repo1={**LAB_REPO, "bucket": "Bad_Bucket"})
+
+
+def test_the_error_line_is_pgbackrests_error_not_its_last_hint():
+    out = (
+        "WARN: option 'repo1-retention-full' is not set\n"
+        "ERROR: [087]: archive_mode must be enabled\n"
+        "       HINT: use --no-archive-check to disable archive checks during backup.\n"
+    )
+    assert pb.error_line(out) == "ERROR: [087]: archive_mode must be enabled"
+    full = ("ERROR: [101]: raised from local-1 protocol: [500] Internal Server Error\n"
+            "           [ServiceError] on 12 retries from 368-60143ms: "
+            "[500] Internal Server Error\n")  # fmt: skip
+    assert pb.error_line(full).endswith("60143ms: [500] Internal Server Error")
+    assert "is its disk full?" in pb.explain(pb.error_line(full), stack().backups.pitr)
+    assert pb.error_line("only\nlast line\n") == "last line"
+
+
+def test_a_wrong_key_reads_as_such_in_info():
+    """`pgbackrest info` with the wrong key (seen with 2.55.1): status "other", the cause in
+    the repository's status, with the garbage the key made of backup.info."""
+    text = json.dumps([{"archive": [], "backup": [], "name": "aiia", "repo": [{"status": {
+        "code": 99, "message": "[FormatError] unable to load info file '/pgbackrest/backup/aiia/"
+        "backup.info' or '...copy':\nFormatError: key/value found outside of section at line "
+        "1: \x01\x02V\b=F\nHINT: has a stanza-create been performed?"}}],
+        "status": {"code": 99, "message": "other"}}])  # fmt: skip
+    w = pb.parse_info(text, "aiia")
+    assert w.status.startswith("[FormatError] unable to load info file") and not w.backups
+    assert pb.explain(w.status, stack().backups.pitr).startswith(
+        "the repository cannot be read with this key"
+    )

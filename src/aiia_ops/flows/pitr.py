@@ -38,8 +38,7 @@ def _exec(stack: Stack, argv: list[str]) -> list[str]:
 
 
 def _pgbackrest_error(exc: CommandFailed) -> str:
-    lines = [ln for ln in (exc.stderr + exc.stdout).splitlines() if ln.strip()]
-    return lines[-1] if lines else str(exc)
+    return pb.error_line(exc.stderr + exc.stdout) or str(exc)
 
 
 def run_pgbackrest(stack: Stack, runner: Runner, argv: list[str], what: str, timeout=1800):
@@ -81,8 +80,7 @@ def window(stack: Stack, runner: Runner, state: StateDir | None = None) -> pb.Wi
         argv = pb.one_off(image, _options(state, None), pb.info(stack))
     out = runner.query(argv, timeout=120)
     if not out.ok:
-        lines = [ln for ln in (out.stderr + out.stdout).splitlines() if ln.strip()]
-        last = lines[-1].strip() if lines else f"exit {out.returncode}"
+        last = pb.error_line(out.stderr + out.stdout) or f"exit {out.returncode}"
         raise OpsError(f"pgbackrest info failed: {pb.explain(last, pitr)}")
     return pb.parse_info(out.stdout, pitr.stanza)
 
