@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,10 @@ PORT_OFFSET = 16000
 STORE_HOST = "lab9"
 LAB_DIR = "/var/lib/aiia-lab"  # the machine's lab (tests/lab.py LAB_ENV), not the state dir's
 TASK_ENV = ("AIIA_STACK", "AIIA_STATE_DIR", "AIIA_CRON_FILE", "AIIA_LAB_DIR")
+# The store's data on a filesystem of its own, small enough to fill in a test (a full disk
+# on the repository host): tmpfs, 384 MB (SeaweedFS makes 128 MB volumes: room for three).
+STORE_DATA = Path(LAB_DIR) / STORE_HOST / "offsite" / "data"
+STORE_FS_SIZE = "384m"
 PITR = {
     "enabled": True,
     "archive_timeout": "10s",
@@ -42,14 +47,24 @@ def offsite(make_lab):  # noqa: F811
     state = root / "state"
     data = isolated_stack(PROJECT, OCTET, PORT_OFFSET, str(state))
     data["backups"]["pitr"] = PITR
+    # Archiving on: pgBackRest's memory counts inside PostgreSQL's limit (backups.pitr.memory,
+    # the budget check); maintenance_work_mem 32 -> 8 MB makes room, as docs/backups-offsite.md
+    # says to do on the 512 MB server.
+    data["services"]["postgresql"]["settings"]["maintenance_work_mem"] = "8MB"
     stack_file = root / "stack.yml"
     stack_file.write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ.update(AIIA_STACK=str(stack_file), AIIA_STATE_DIR=str(state),
                       AIIA_CRON_FILE=str(root / "cron.d-aiia"), AIIA_LAB_DIR=LAB_DIR)  # fmt: skip
     remove_stack(PROJECT, f"{PROJECT}_network")
-    run_invoke("offsite.down", "--host", STORE_HOST, "--wipe")
-    yield {"hosts": hosts, "state": state, "root": root}
+    subprocess.run(["umount", str(STORE_DATA)], capture_output=True)  # an earlier run's
+    run_invoke("offsite.down", "--host", STORE_HOST, "--wipe", check=True)
+    STORE_DATA.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={STORE_FS_SIZE},mode=0700", "tmpfs",
+                    str(STORE_DATA)], check=True)  # fmt: skip
+    yield {"hosts": hosts, "state": state, "root": root, "store_data": STORE_DATA}
     if os.environ.get("AIIA_E2E_KEEP") != "1":
+        run_invoke("offsite.down", "--host", STORE_HOST)
+        subprocess.run(["umount", str(STORE_DATA)], check=False)
         run_invoke("offsite.down", "--host", STORE_HOST, "--wipe")
         remove_stack(PROJECT, f"{PROJECT}_network")
         shutil.rmtree(root, ignore_errors=True)

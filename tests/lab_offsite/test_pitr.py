@@ -6,14 +6,18 @@ rows committed at T (count and content hash), `--to latest` every committed row.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from aiia_ops.commands import backups as bk
 from aiia_ops.commands import monitor as m
+from aiia_ops.commands import pgbackrest as pb
 from aiia_ops.flows import pitr as pitr_flow
 from aiia_ops.host.runners import LocalRunner
 from aiia_ops.host.secrets import load_secrets
@@ -23,6 +27,7 @@ from tests.lab_offsite.conftest import STORE_HOST
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 MARK = "pitr-probe-row"
+PUSH_S = 5.0  # seconds a closed WAL segment may take to reach the store (compress, encrypt, PUT)
 
 
 def invoke(*args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
@@ -134,6 +139,14 @@ def test_store_down_stalls_archiving_serves_on_goes_critical_then_drains(prod):
         insert(stack, state, 2101, 2200)
         report = invoke("monitor", check=False).stdout
         assert "WAL archive lag" in report and "CRIT" in report.upper()
+        page = json.loads((state / "status" / "status.json").read_text())
+        cards = {c["subject"]: c for c in page["shared"]}
+        lag_row = next(c for c in cards["postgresql"]["checks"] if c["metric"] == "archive_lag")
+        assert lag_row["state"] == m.CRIT  # the status page shows the stalled archive
+        repo = {c["metric"]: c for c in cards["repo1"]["checks"]}
+        assert set(repo) == {"base_backup_age", "repository"}
+        html = (state / "status" / "index.html").read_text()
+        assert "off-site backups (repo1)" in html and "WAL archive lag" in html
     finally:
         invoke("offsite.up", "--host", STORE_HOST)
     deadline = time.monotonic() + 120
@@ -143,26 +156,171 @@ def test_store_down_stalls_archiving_serves_on_goes_critical_then_drains(prod):
     assert m.archive_checks(pitr_flow.status(stack, runner), policy)[0].state == m.OK
 
 
-def test_pitr_to_latest_loses_no_committed_row_and_no_gap(prod):
+class Writer(threading.Thread):
+    """The app's write path under load: one row per transaction through PgBouncer as the
+    environment's role, one psql session, `rate` a second; records the host time each
+    commit was acknowledged. Stops when told or when the server dies under it."""
+
+    def __init__(self, stack, state: Path, first: int, rate: float = 20.0):
+        super().__init__(daemon=True)
+        self.stack, self.state, self.next, self.rate = stack, state, first, rate
+        self.acked: dict[int, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        env = self.stack.environment("prod")
+        password = load_secrets(self.state, list(self.stack.environments), create=False)
+        bouncer = self.stack.services.pgbouncer
+        proc = subprocess.Popen(
+            ["docker", "exec", "-i", "-e", "PGPASSWORD", self.stack.services.postgresql.container,
+             "psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", str(bouncer.address),
+             "-p", str(bouncer.port), "-U", env.db_user, "-d", env.database],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            bufsize=1, env={**os.environ, "PGPASSWORD": password.environments["prod"].db_password},
+        )  # fmt: skip
+        try:
+            while not self.stop.is_set():
+                i = self.next
+                proc.stdin.write(
+                    f"INSERT INTO load VALUES ({i}, repeat(md5('{i}'), 32)) RETURNING id;\n"
+                )
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line.strip():
+                    return  # the server (or the connection) died
+                self.acked[int(line)] = time.time()
+                self.next += 1
+                time.sleep(1 / self.rate)
+        except (BrokenPipeError, OSError, ValueError):
+            return
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def load_ids(stack) -> set[int]:
+    out = LocalRunner().run(bk.psql(stack, stack.environment("prod").database),
+                            input="SELECT id FROM load;").stdout  # fmt: skip
+    return {int(x) for x in out.split()}
+
+
+def test_server_killed_mid_load_the_repository_loses_only_the_last_archive_timeout(prod):
+    """The server dies (SIGKILL of PostgreSQL's container) under 20 writes/s. From the
+    repository alone (the server's disk counted as lost) the newest moment has every row
+    acknowledged more than archive_timeout before the failure; with the server back,
+    `backup.pitr --to latest` has every acknowledged row, and the outage's rows (no gap)."""
     stack, state = prod
-    insert(stack, state, 3000, 3020)
+    runner = LocalRunner()
+    pg = stack.services.postgresql.container
+    timeout = stack.backups.pitr.archive_timeout.seconds
+    through_bouncer(stack, state, "CREATE TABLE load (id int PRIMARY KEY, payload text);")
+    pitr_flow.switch_and_wait(stack, runner)
+    writer = Writer(stack, state, 1)
+    writer.start()
+    time.sleep(3 * timeout)
+    failed_at = time.time()
+    runner.run(["docker", "kill", "--signal", "KILL", pg])
+    writer.join(30)
+    acked = dict(writer.acked)
+    assert len(acked) > 100, f"only {len(acked)} writes acknowledged"
+    try:
+        with pitr_flow.scratch_copy(stack, state, None, runner) as copy:
+            restored = load_ids(copy)
+        lost = sorted(t for i, t in acked.items() if i not in restored)
+        rpo = failed_at - lost[0] if lost else 0.0
+        print(f"\nkilled after {len(acked)} acknowledged writes; the repository alone has "
+              f"{len(restored)}: {len(lost)} lost, RPO {rpo:.1f}s (archive_timeout {timeout:.0f}s)",
+              flush=True)  # fmt: skip
+        # The bound: archive_timeout closes the open segment, then its push takes a moment
+        # (PUSH_S); a kill inside that moment loses the segment before too.
+        assert rpo <= timeout + PUSH_S, f"writes older than archive_timeout were lost: {rpo:.1f}s"
+        assert len(restored - set(acked)) <= 1  # at most the one commit in flight at the kill
+    finally:
+        runner.run(["docker", "start", pg])
+        deadline = time.monotonic() + 120
+        while runner.query(bk.psql(stack), input="SELECT 1;").stdout.strip() != "1":
+            assert time.monotonic() < deadline, "PostgreSQL did not come back after docker start"
+            time.sleep(2)
+    # The server back with its disk: its unarchived WAL goes now; latest has every write.
     expected = census(stack, state)
     invoke("backup.pitr", "--env", "prod", "--to", "latest", "--yes")
-    assert census(stack, state) == expected  # replayed across the outage: no gap
+    assert set(acked) <= load_ids(stack)
+    assert census(stack, state) == expected
+    outage = through_bouncer(
+        stack, state, "SELECT count(*) FROM probe WHERE id BETWEEN 2000 AND 2200;"
+    )
+    assert outage == "201"  # written while the store was down: replayed, no gap
+
+
+def repository(stack) -> dict[str, int]:
+    """Every object of the repository and its size (pgbackrest repo-ls)."""
+    out = LocalRunner().run(
+        pb.in_container(stack.services.postgresql.container, pb.repo_ls(stack)), timeout=120
+    )
+    return {name: entry.get("size", 0) for name, entry in json.loads(out.stdout).items()}
+
+
+def one_line_error(proc: subprocess.CompletedProcess, says: str) -> str:
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert says in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_full_disk_on_the_store_is_a_clear_error_that_changes_nothing(prod, offsite):
+    stack, state = prod
+    runner = LocalRunner()
+    pitr_flow.switch_and_wait(stack, runner)
+    filler = offsite["store_data"] / "filler"
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1M"], capture_output=True)
+    try:
+        assert os.statvfs(offsite["store_data"]).f_bavail == 0
+        objects, rows = repository(stack), census(stack, state)
+        t0 = time.monotonic()
+        proc = invoke("backup.base", "--kind", "full", check=False)
+        line = one_line_error(proc, "is its disk full?")
+        print(f"\nfull store disk: refused in {time.monotonic() - t0:.0f}s: {line}", flush=True)
+        assert repository(stack) == objects  # no partial backup left in the store
+        assert census(stack, state) == rows
+        insert(stack, state, 4000, 4010)  # PostgreSQL keeps serving; its WAL waits
+    finally:
+        filler.unlink()
+    invoke("offsite.up", "--host", STORE_HOST)  # no-op while it runs; back if it gave up
+    pitr_flow.switch_and_wait(stack, runner, timeout=180)  # the backlog drains by itself
 
 
 def test_bad_targets_and_a_wrong_key_are_clear_errors_that_change_nothing(prod):
     stack, state = prod
-    before = census(stack, state)
+    before, objects = census(stack, state), repository(stack)
     for to, says in (("2000-01-01 00:00:00", "outside the recoverable window"),
+                     ("2099-01-01 00:00:00", "outside the recoverable window"),
                      ("yesterday", "is not a moment")):  # fmt: skip
         proc = invoke("backup.pitr", "--env", "prod", "--to", to, "--yes", check=False)
-        assert proc.returncode != 0 and says in proc.stderr + proc.stdout
-        assert "Traceback" not in proc.stderr
-    wrong = subprocess.run(
-        ["docker", "exec", "-e", "PGBACKREST_REPO1_CIPHER_PASS=not-the-key",
-         stack.services.postgresql.container, "pgbackrest", "--config=/etc/aiia/pgbackrest.conf",
-         "--stanza=aiia", "info"], capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert "unable to" in (wrong.stdout + wrong.stderr).lower() or "error" in wrong.stdout.lower()
+        one_line_error(proc, says)
+    # The key a restore would use (the state's env file) is not the repository's.
+    env_file = state / "env" / "postgresql.env"
+    saved = env_file.read_text()
+    assert "PGBACKREST_REPO1_CIPHER_PASS=" in saved
+    env_file.write_text(
+        "\n".join(
+            "PGBACKREST_REPO1_CIPHER_PASS=not-the-key"
+            if ln.startswith("PGBACKREST_REPO1_CIPHER_PASS=")
+            else ln
+            for ln in saved.splitlines()
+        )
+        + "\n"
+    )
+    try:
+        proc = invoke("backup.pitr", "--env", "prod", "--to", "latest", "--yes", check=False)
+        line = one_line_error(proc, "cannot be read with this key")
+        assert "not-the-key" not in proc.stdout + proc.stderr
+        print(f"\nwrong key: {line}", flush=True)
+    finally:
+        env_file.write_text(saved)
     assert census(stack, state) == before
+    after = repository(stack)
+    assert {k: v for k, v in after.items() if not k.startswith("archive/")} == {
+        k: v for k, v in objects.items() if not k.startswith("archive/")
+    }  # no backup touched; (pitr's own WAL switch adds a segment under archive/)

@@ -91,3 +91,17 @@ def test_without_aof_redis_needs_only_the_overhead_headroom():
 
 def test_committed_stack_has_no_errors_in_process():
     assert not has_errors(check_budget(load_stack()))
+
+
+def test_archiving_on_counts_pgbackrest_inside_postgresqls_limit():
+    on = {"backups": {"pitr": {"enabled": True}}}
+    f = findings(on)["postgresql memory"]
+    assert f.severity == "error"
+    assert f.message == (
+        "shared_buffers 64MB + max_connections 50 x work_mem 1MB + maintenance_work_mem 32MB"
+        " + pgBackRest 24MB (backups.pitr.memory) = 170MB, over the container limit 146MB:"
+        " raise services.postgresql.memory.limit or lower maintenance_work_mem"
+    )
+    fits = {**on, "services": {"postgresql": {"settings": {"maintenance_work_mem": "8MB"}}}}
+    assert findings(fits)["postgresql memory"].severity == "ok"
+    assert "pgBackRest" not in findings({})["postgresql memory"].message  # archiving off

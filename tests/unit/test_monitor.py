@@ -492,3 +492,23 @@ def test_availability_in_sql_equals_the_pure_function(tmp_path):
             assert m.availability_percent(down, window) == expected
             assert n == sum(1 for t, _ in probes if t >= NOW - window)
             assert first == min(t for t, _ in probes if t >= NOW - window)
+
+
+def test_status_page_has_an_off_site_card_when_archiving_reports(stack, tmp_path):
+    from aiia_ops.commands.statuspage import build_page_data
+    from aiia_ops.model.load import stack_from_data
+    from tests.stackfiles import patched_stack
+
+    pitr = stack_from_data(patched_stack({"backups": {"pitr": {"enabled": True}}})).backups.pitr
+    facts = {"archive_lag_s": 1200.0, "backup_age_s": 3600.0, "last_archived_wal": "0001",
+             "waiting_segments": 3, "status": "ok", "reachable": False}  # fmt: skip
+    report = m.Report(NOW, m.archive_checks(facts, pitr), {})
+    page = build_page_data(stack, report, None, NOW)
+    cards = {c["subject"]: c for c in page["shared"]}
+    assert [c["metric"] for c in cards["repo1"]["checks"]] == ["base_backup_age", "repository"]
+    assert cards["repo1"]["state"] == CRIT and cards["postgresql"]["state"] == CRIT
+    html = render(page)
+    assert "off-site backups (repo1)" in html and "WAL archive lag" in html
+    assert "off-site backups" not in render(
+        build_page_data(stack, m.Report(NOW, [], {}), None, NOW)
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
@@ -74,8 +75,13 @@ def test_enabled_archiving_renders_pgbackrest_encrypted_and_keys_only_in_the_env
     assert all(v in s.values() for v in ("CIPHER-KEY-x", "S3-KEY-y", "S3-SECRET-z"))  # redacted
 
 
-def test_budget_still_passes_with_archiving_on():
-    assert not has_errors(check_budget(stack()))
+def test_budget_counts_pgbackrest_when_archiving_is_on():
+    """The committed tunings fill PostgreSQL's 146 MB; pgBackRest needs room inside it
+    (tests/unit/test_budget.py: what fits)."""
+    findings = check_budget(stack())
+    assert has_errors(findings)
+    pg = next(f for f in findings if f.check == "postgresql memory")
+    assert "+ pgBackRest 24MB (backups.pitr.memory) = 170MB" in pg.message
 
 
 def test_restore_argv_targets_a_moment_in_utc_or_the_end():
@@ -132,13 +138,40 @@ def test_cron_has_the_base_backup_only_when_archiving_is_on():
 
 def test_archive_lag_check_goes_critical():
     pitr = stack(lag_warning="60s", lag_critical="120s").backups.pitr
-    fresh = {"archive_lag_s": 5, "backup_age_s": 3600, "last_archived_wal": "0001", "status": "ok"}
-    assert [c.state for c in m.archive_checks(fresh, pitr)] == [m.OK, m.OK]
+    fresh = {"archive_lag_s": 5, "backup_age_s": 3600, "last_archived_wal": "0001",
+             "status": "ok", "reachable": True,
+             "repository": "repo1 s3://b/p at h:443"}  # fmt: skip
+    checks = m.archive_checks(fresh, pitr)
+    assert [c.metric for c in checks] == ["archive_lag", "base_backup_age", "repository"]
+    assert [c.state for c in checks] == [m.OK, m.OK, m.OK]
+    assert checks[2].detail == "repo1 s3://b/p at h:443"
     stalled = {**fresh, "archive_lag_s": 121, "archive_failed": 4}
     lag = m.archive_checks(stalled, pitr)[0]
     assert lag.state == m.CRIT and "4 failed pushes" in lag.detail
     never = {"archive_lag_s": None, "backup_age_s": None, "status": "no stanza"}
-    assert [c.state for c in m.archive_checks(never, pitr)] == [m.CRIT, m.CRIT]
+    assert [c.state for c in m.archive_checks(never, pitr)] == [m.CRIT, m.CRIT, m.CRIT]
+    gone = {**fresh, "reachable": False, "status": "pgbackrest info failed: unreachable"}
+    repo = m.archive_checks(gone, pitr)[2]
+    assert repo.state == m.CRIT and repo.detail == "pgbackrest info failed: unreachable"
+
+
+def test_pgbackrest_errors_are_explained():
+    pitr = stack().backups.pitr
+    key = pb.explain(
+        "ERROR: [095]: unable to load info file: CryptoError: cipher header invalid", pitr
+    )
+    assert key.startswith("the repository cannot be read with this key: PGBACKREST_CIPHER_PASS")
+    full = pb.explain("ERROR: [039]: HTTP request failed with 500 (Internal Server Error)", pitr)
+    assert full.startswith(
+        "the off-site store at 10.77.0.19:8443 refused the write: is its disk full?"
+    )
+    assert full.endswith(
+        "(pgBackRest: ERROR: [039]: HTTP request failed with 500 (Internal Server Error))"
+    )
+    down = pb.explain("ERROR: [049]: unable to get address for 'x': [-2] Name or service "
+                      "not known; unable to connect", pitr)  # fmt: skip
+    assert down.startswith("the off-site store at 10.77.0.19:8443 is unreachable")
+    assert pb.explain("ERROR: [056]: something else", pitr) == "ERROR: [056]: something else"
 
 
 def test_bad_pitr_keys_are_reported():
@@ -148,3 +181,33 @@ def test_bad_pitr_keys_are_reported():
     assert "backups.pitr.lag_warning" in str(err.value)
     with pytest.raises(OpsError, match=r"backups\.pitr\.repo1\.bucket"):
         stack(repo1={**LAB_REPO, "bucket": "Bad_Bucket"})
+
+
+def test_the_error_line_is_pgbackrests_error_not_its_last_hint():
+    out = (
+        "WARN: option 'repo1-retention-full' is not set\n"
+        "ERROR: [087]: archive_mode must be enabled\n"
+        "       HINT: use --no-archive-check to disable archive checks during backup.\n"
+    )
+    assert pb.error_line(out) == "ERROR: [087]: archive_mode must be enabled"
+    full = ("ERROR: [101]: raised from local-1 protocol: [500] Internal Server Error\n"
+            "           [ServiceError] on 12 retries from 368-60143ms: "
+            "[500] Internal Server Error\n")  # fmt: skip
+    assert pb.error_line(full).endswith("60143ms: [500] Internal Server Error")
+    assert "is its disk full?" in pb.explain(pb.error_line(full), stack().backups.pitr)
+    assert pb.error_line("only\nlast line\n") == "last line"
+
+
+def test_a_wrong_key_reads_as_such_in_info():
+    """`pgbackrest info` with the wrong key (seen with 2.55.1): status "other", the cause in
+    the repository's status, with the garbage the key made of backup.info."""
+    text = json.dumps([{"archive": [], "backup": [], "name": "aiia", "repo": [{"status": {
+        "code": 99, "message": "[FormatError] unable to load info file '/pgbackrest/backup/aiia/"
+        "backup.info' or '...copy':\nFormatError: key/value found outside of section at line "
+        "1: \x01\x02V\b=F\nHINT: has a stanza-create been performed?"}}],
+        "status": {"code": 99, "message": "other"}}])  # fmt: skip
+    w = pb.parse_info(text, "aiia")
+    assert w.status.startswith("[FormatError] unable to load info file") and not w.backups
+    assert pb.explain(w.status, stack().backups.pitr).startswith(
+        "the repository cannot be read with this key"
+    )

@@ -63,6 +63,7 @@ LABELS = {
     "cert_days": "certificate",
     "archive_lag": "WAL archive lag",
     "base_backup_age": "base backup age",
+    "repository": "off-site repository",
 }
 ORDER = list(LABELS)
 
@@ -654,8 +655,10 @@ TABLE_HEADERS = ["check", "subject", "env", "state", "value", "warn / crit", "de
 def archive_checks(facts: dict, pitr) -> list[Check]:
     """Continuous archiving (flows/pitr.status facts; `pitr`: the stack's backups.pitr):
     how long the oldest finished WAL segment has waited for the repository (0 when none
-    waits), age of the newest base backup. A stopped archive is CRITICAL after lag_critical;
-    never archived is CRITICAL at once."""
+    waits), age of the newest base backup, and whether the repository answers at all. A
+    stopped archive is CRITICAL after lag_critical; never archived is CRITICAL at once; an
+    unreachable repository is CRITICAL at once (the status page's repo1 card shows the
+    last two)."""
     lag, age = facts.get("archive_lag_s"), facts.get("backup_age_s")
     w, c = pitr.lag_warning.seconds, pitr.lag_critical.seconds
     failed = facts.get("archive_failed") or 0
@@ -669,4 +672,12 @@ def archive_checks(facts: dict, pitr) -> list[Check]:
     return [
         Check("archive_lag", "postgresql", lag_state, lag, "s", w, c, detail=detail),
         Check("base_backup_age", "repo1", age_state, age, "s", bw, bc, detail=age_detail),
+        Check(
+            "repository",
+            "repo1",
+            OK if facts.get("reachable") else CRIT,
+            detail=str(facts.get("repository") if facts.get("reachable") else facts.get("status"))[
+                :120
+            ],
+        ),
     ]

@@ -145,6 +145,59 @@ def info(stack: Stack) -> list[str]:
     return [*_base(stack), "info", "--output=json"]
 
 
+def repo_ls(stack: Stack) -> list[str]:
+    """Every object of the repository with its size (a fingerprint: "nothing changed")."""
+    return [*_base(stack), "repo-ls", "--recurse", "--output=json"]
+
+
+def error_line(output: str) -> str:
+    """pgBackRest's error in one printable line: its `ERROR: [code]: ...` line (the first),
+    with the next line when that one only names a cause below (`... retries: [500] ...`);
+    else the last line. Binary bytes (an undecryptable file's) are dropped."""
+    lines = ["".join(ch for ch in ln if ch.isprintable()).strip() for ln in output.splitlines()]
+    lines = [ln for ln in lines if ln]
+    for i, ln in enumerate(lines):
+        if "ERROR:" in ln:
+            text = ln[ln.index("ERROR:") :]
+            nxt = lines[i + 1] if i + 1 < len(lines) else ""
+            if nxt and not nxt.startswith("HINT") and "ERROR:" not in nxt:
+                text += f" {nxt}"
+            return text
+    return lines[-1] if lines else ""
+
+
+def explain(message: str, pitr: Pitr) -> str:
+    """pgBackRest's last error line, with what it most likely means for this repository."""
+    low = message.lower()
+    store = f"the off-site store at {pitr.repo1.endpoint}:{pitr.repo1.port}"
+    unreadable_info = "formaterror" in low and "info file" in low  # garbage once decrypted
+    if "cipher" in low or "decrypt" in low or "crypto" in low or unreadable_info:
+        hint = (
+            "the repository cannot be read with this key: PGBACKREST_CIPHER_PASS (state "
+            "secrets/shared.env) must be the key the repository was made with; put back the "
+            "one from the operator's export"
+        )
+    elif re.search(r"\b(500|503|507)\b", message) or "no space" in low or "insufficient" in low:
+        hint = f"{store} refused the write: is its disk full? Free space there and run again"
+    elif "[082]" in message or "was not archived before" in low:
+        hint = (
+            f"WAL does not reach {store}: it is unreachable or refuses writes (is its disk "
+            "full?); `invoke backup.list` shows the archive lag"
+        )
+    elif "[087]" in message or "archive_mode" in low or "archive_command" in low:
+        hint = (
+            "PostgreSQL is not archiving with pgBackRest: `invoke deploy` to restart it "
+            "with backups.pitr's settings"
+        )
+    elif "403" in message or "signature" in low or "access denied" in low:
+        hint = f"{store} refused the keys: check OFFSITE_S3_KEY / OFFSITE_S3_SECRET"
+    elif "connect" in low or "timeout" in low or "resolve" in low:
+        hint = f"{store} is unreachable: is it running, and is the network up?"
+    else:
+        return message
+    return f"{hint} (pgBackRest: {message})"
+
+
 def restore(stack: Stack, target: datetime | None) -> list[str]:
     """Restore the cluster into PGDATA (run with PostgreSQL stopped): to `target` or the end.
 
@@ -212,6 +265,10 @@ def parse_info(text: str, stanza: str) -> Window:
             continue
         status = entry.get("status", {})
         message = "ok" if status.get("code") == 0 else status.get("message", "unknown")
+        if message == "other":  # the cause is the repository's own status
+            repos = [r.get("status", {}).get("message", "") for r in entry.get("repo", [])]
+            firsts = ["".join(c for c in m.splitlines()[0] if c.isprintable()) for m in repos if m]
+            message = firsts[0] if firsts else message
         backups = tuple(
             BaseBackup(
                 b["label"],
@@ -299,12 +356,17 @@ def scratch_options(volume: str, config_dir: str, env_file: str) -> list[str]:
     """A one-off container of the PostgreSQL image on `volume`, with the rendered config and
     the 0600 env file (the repository's keys) of the live one. The default bridge reaches
     the off-site store (Docker masquerades outbound traffic); nothing is published."""
+    data = [] if volume is None else ["-v", f"{volume}:{PGDATA}"]
     return ["--env-file", env_file, "--user", "10001:10001", "--network", "bridge",
-            "-v", f"{volume}:{PGDATA}", "-v", f"{config_dir}:/etc/aiia:ro"]  # fmt: skip
+            *data, "-v", f"{config_dir}:/etc/aiia:ro"]  # fmt: skip
+
+
+def one_off(image: str, options: list[str], argv: list[str]) -> list[str]:
+    return ["docker", "run", "--rm", *options, image, *argv]
 
 
 def restore_into_volume(stack: Stack, image: str, options: list[str], target) -> list[str]:
-    return ["docker", "run", "--rm", *options, image, *restore(stack, target)]
+    return one_off(image, options, restore(stack, target))
 
 
 def scratch_server(name: str, image: str, options: list[str], shared_buffers: str) -> list[str]:

@@ -201,6 +201,8 @@ def build_page_data(stack: Stack, report: Report, store, now: float) -> dict:
     status_domain = stack.status_domain
     shared = [card(s.name, s.name, None) for s in stack.services.all()]
     shared.append(card("docker", "docker engine", None))
+    if "repo1" in by_subject:  # point-in-time recovery on: the off-site repository's checks
+        shared.append(card("repo1", "off-site backups (repo1)", None))
     shared.append(card(status_domain, f"status page ({status_domain})", "status"))
     host = {
         c.key: c.to_json()

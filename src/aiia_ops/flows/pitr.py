@@ -12,6 +12,7 @@ not point-in-time: the live media stay. The scratch container and volume go in e
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -37,15 +38,15 @@ def _exec(stack: Stack, argv: list[str]) -> list[str]:
 
 
 def _pgbackrest_error(exc: CommandFailed) -> str:
-    lines = [ln for ln in (exc.stderr + exc.stdout).splitlines() if ln.strip()]
-    return lines[-1] if lines else str(exc)
+    return pb.error_line(exc.stderr + exc.stdout) or str(exc)
 
 
 def run_pgbackrest(stack: Stack, runner: Runner, argv: list[str], what: str, timeout=1800):
     try:
         return runner.run(_exec(stack, argv), timeout=timeout)
     except CommandFailed as exc:
-        raise OpsError(f"{what} failed: {_pgbackrest_error(exc)}") from None
+        message = pb.explain(_pgbackrest_error(exc), pb.require(stack))
+        raise OpsError(f"{what} failed: {message}") from None
 
 
 def archiver(stack: Stack, runner: Runner) -> dict:
@@ -67,12 +68,27 @@ def archiver(stack: Stack, runner: Runner) -> dict:
     return json.loads(out.stdout.strip())
 
 
-def window(stack: Stack, runner: Runner) -> pb.Window:
+def window(stack: Stack, runner: Runner, state: StateDir | None = None) -> pb.Window:
+    """The repository's window, read in the live server; with `state`, in a one-off
+    container of its image given the state's env file: the keys a restore will use (a
+    wrong key is refused here, before anything changes), and the live server may be down."""
     pitr = pb.require(stack)
-    out = runner.query(_exec(stack, pb.info(stack)), timeout=120)
+    if state is None:
+        argv = _exec(stack, pb.info(stack))
+    else:
+        image = _inspect(runner, "{{.Config.Image}}", stack.services.postgresql.container)
+        argv = pb.one_off(image, _options(state, None), pb.info(stack))
+    out = runner.query(argv, timeout=120)
     if not out.ok:
-        raise OpsError(f"pgbackrest info failed: {(out.stderr or out.stdout).strip()[-300:]}")
+        last = pb.error_line(out.stderr + out.stdout) or f"exit {out.returncode}"
+        raise OpsError(f"pgbackrest info failed: {pb.explain(last, pitr)}")
     return pb.parse_info(out.stdout, pitr.stanza)
+
+
+def _options(state: StateDir, volume: str | None) -> list[str]:
+    config = str(state.config / "postgresql")
+    env_file = str(state.env_files / "postgresql.env")
+    return pb.scratch_options(volume, config, env_file)
 
 
 def status(stack: Stack, runner: Runner) -> dict:
@@ -105,8 +121,9 @@ def status(stack: Stack, runner: Runner) -> dict:
         newest = w.newest_backup
         facts["backups"] = [(b.label, b.kind, b.stopped, b.size) for b in w.backups]
         facts["backup_age_s"] = None if newest is None else now - newest.stopped.timestamp()
+        facts["reachable"] = True
     except OpsError as exc:
-        facts.update(status=str(exc), oldest=None, backups=[], backup_age_s=None)
+        facts.update(status=str(exc), oldest=None, backups=[], backup_age_s=None, reachable=False)
     return facts
 
 
@@ -177,18 +194,17 @@ def _inspect(runner: Runner, fmt: str, container: str) -> str:
     return out.stdout.strip()
 
 
-def materialize(
-    stack: Stack, state: StateDir, env_name: str, target: datetime | None, runner: Runner
-) -> bk.BackupRecord:
-    """The environment's database as of `target`, as a backup set of kind `pitr`."""
-    env = stack.environment(env_name)
+@contextlib.contextmanager
+def scratch_copy(stack: Stack, state: StateDir, target: datetime | None, runner: Runner):
+    """The whole cluster as of `target` (None: the newest archived moment), from the
+    repository alone, running in a scratch container (archiving off): yields a Stack whose
+    postgresql is that container. The live server is not needed (it may be down); the
+    scratch container and its volume go in every case."""
     pg = stack.services.postgresql
     image = _inspect(runner, "{{.Config.Image}}", pg.container)
     scratch = f"{pg.container}_pitr"
     volume = f"{stack.project}_pitr_scratch"
-    config = str(state.config / "postgresql")
-    env_file = str(state.env_files / "postgresql.env")
-    common = pb.scratch_options(volume, config, env_file)
+    common = _options(state, volume)
     runner.run(pb.remove_container(scratch), check=False)
     runner.run(pb.remove_volume(volume), check=False)
     runner.run(pb.create_volume(volume))
@@ -198,21 +214,30 @@ def materialize(
         try:
             runner.run(pb.restore_into_volume(stack, image, common, target), timeout=3600)
         except CommandFailed as exc:
-            raise OpsError(
-                f"pgbackrest restore failed: {_pgbackrest_error(exc)}. Nothing was changed"
-            ) from None
+            message = pb.explain(_pgbackrest_error(exc), pb.require(stack))
+            raise OpsError(f"pgbackrest restore failed: {message}. Nothing was changed") from None
         runner.run(pb.scratch_server(scratch, image, common, SCRATCH_SHARED_BUFFERS))
         _wait_promoted(runner, scratch)
         say(f"   replayed to the target and promoted in {time.monotonic() - t0:.1f}s")
         scratch_pg = dataclasses.replace(pg, container=scratch)
-        scratch_stack = dataclasses.replace(
+        yield dataclasses.replace(
             stack, services=dataclasses.replace(stack.services, postgresql=scratch_pg)
         )
-        with lock(runner, state, env.name, "backup.pitr"):
-            return take_set(scratch_stack, state, env, bk.PITR_KIND, runner)
     finally:
         runner.run(pb.remove_container(scratch), check=False)
         runner.run(pb.remove_volume(volume), check=False)
+
+
+def materialize(
+    stack: Stack, state: StateDir, env_name: str, target: datetime | None, runner: Runner
+) -> bk.BackupRecord:
+    """The environment's database as of `target`, as a backup set of kind `pitr`."""
+    env = stack.environment(env_name)
+    with (
+        scratch_copy(stack, state, target, runner) as scratch_stack,
+        lock(runner, state, env.name, "backup.pitr"),
+    ):
+        return take_set(scratch_stack, state, env, bk.PITR_KIND, runner)
 
 
 def _wait_promoted(runner: Runner, container: str) -> None:
@@ -248,7 +273,11 @@ def pitr(
     env = stack.environment(env_name)
     target = pb.parse_target(to)
     switch_and_wait(stack, runner)
-    w = window(stack, runner)
+    w = window(stack, runner, state)  # with the keys the restore will use
+    if w.status != "ok" and not w.backups:
+        why = pb.explain(w.status, pb.require(stack))
+        why = f"the repository cannot be read: {why}" if why == w.status else why
+        raise OpsError(f"{why}; nothing was changed")
     newest = datetime.now(UTC)
     pb.check_target(target, w, newest)
     moment = (

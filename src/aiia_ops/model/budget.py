@@ -219,17 +219,22 @@ def _postgres(stack: Stack) -> list[Finding]:
     pg = stack.services.postgresql
     s = pg.settings
     worst = s.shared_buffers + s.work_mem * s.max_connections + s.maintenance_work_mem
-    formula = (
+    terms = (
         f"shared_buffers {_mb(s.shared_buffers)} + max_connections {s.max_connections} "
-        f"x work_mem {_mb(s.work_mem)} + maintenance_work_mem "
-        f"{_mb(s.maintenance_work_mem)} = {_mb(worst)}"
+        f"x work_mem {_mb(s.work_mem)} + maintenance_work_mem {_mb(s.maintenance_work_mem)}"
     )
+    pitr = stack.backups.pitr
+    if pitr is not None and pitr.enabled:  # pgBackRest runs inside PostgreSQL's container
+        worst = worst + pitr.memory
+        terms += f" + pgBackRest {_mb(pitr.memory)} (backups.pitr.memory)"
+    formula = f"{terms} = {_mb(worst)}"
     if worst > pg.memory.limit:
         return [
             Finding(
                 "error",
                 "postgresql memory",
-                f"{formula}, over the container limit {_mb(pg.memory.limit)}",
+                f"{formula}, over the container limit {_mb(pg.memory.limit)}: raise "
+                "services.postgresql.memory.limit or lower maintenance_work_mem",
             )
         ]
     return [Finding("ok", "postgresql memory", f"{formula}, within {_mb(pg.memory.limit)}")]

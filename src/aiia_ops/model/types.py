@@ -435,6 +435,10 @@ class Pitr:
     lag_critical: Duration = Duration(900)
     backup_age_warning: Duration = Duration(2 * 86400)
     backup_age_critical: Duration = Duration(8 * 86400)
+    # pgBackRest's own processes inside PostgreSQL's container (archive-push, its async
+    # sender, a backup's processes at once), measured: the budget check adds it to
+    # PostgreSQL's worst case when archiving is on.
+    memory: Size = Size.mb_(24)
 
 
 @dataclass(frozen=True)

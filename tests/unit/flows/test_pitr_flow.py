@@ -43,8 +43,12 @@ class Host(RecordingRunner):
         return Result(argv)
 
     def changes(self) -> list[str]:
+        """docker run/volume commands, less the read-only `pgbackrest info` one-off."""
         return [
-            " ".join(a) for a in self.commands if a[:2] in (["docker", "run"], ["docker", "volume"])
+            " ".join(a)
+            for a in self.commands
+            if a[:2] in (["docker", "run"], ["docker", "volume"])
+            and a[-2:] != ["info", "--output=json"]
         ]
 
 
@@ -123,3 +127,27 @@ def test_a_copy_that_does_not_start_is_a_clear_error_and_is_removed(stack, tmp_p
     with pytest.raises(OpsError, match="recovery ended before configured recovery target"):
         flow.pitr(stack, StateDir(tmp_path), "prod", "latest", host, yes=True)
     assert host.changes()[-1] == "docker volume rm -f aiia_pitr_scratch"
+
+
+def test_a_repository_the_restore_keys_cannot_read_is_refused_before_any_change(stack, tmp_path):
+    """The window is read in a one-off container given the state's env file (the keys the
+    restore uses): a wrong key stops the run there, explained, with nothing changed."""
+    host = Host()
+    original = host._execute
+    unreadable = json.dumps([{"name": "aiia", "backup": [], "archive": [], "status": {
+        "code": 99, "message": "[CryptoError] cipher header invalid"}}])  # fmt: skip
+
+    def execute(argv, **kw):
+        if argv[:3] == ["docker", "run", "--rm"] and argv[-2:] == ["info", "--output=json"]:
+            host.commands.append(argv)
+            return Result(argv, 0, unreadable)
+        return original(argv, **kw)
+
+    host._execute = execute
+    with pytest.raises(OpsError) as err:
+        flow.pitr(stack, StateDir(tmp_path), "prod", "latest", host, yes=True)
+    assert str(err.value).startswith("the repository cannot be read with this key")
+    assert str(err.value).endswith("nothing was changed")
+    one_off = next(a for a in host.commands if a[-2:] == ["info", "--output=json"])
+    assert one_off[:5] == ["docker", "run", "--rm", "--env-file", f"{tmp_path}/env/postgresql.env"]
+    assert host.changes() == []

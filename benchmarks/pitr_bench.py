@@ -1,0 +1,264 @@
+"""Point-in-time recovery, measured: WAL volume at the load test's write rate, PostgreSQL's
+memory with archiving on (pgBackRest's processes inside it), RPO when the server dies
+mid-load, and the time of `backup.pitr` for a database of --size-mb.
+
+    AIIA_STACK=... AIIA_STATE_DIR=... python benchmarks/pitr_bench.py [--env prod]
+        [--rate 13.4] [--seconds 120] [--kills 3] [--size-mb 200]
+
+Runs against a stack with backups.pitr on, set up, `backup.pitr-init` done and its store
+up: the off-site tests' stack kept (`AIIA_E2E_KEEP=1 AIIA_LAB_KEEP=1 pytest tests/lab_offsite`,
+then AIIA_STACK/AIIA_STATE_DIR of its /tmp/aiia-pitr-*), with the flows' own code.
+
+- Writes are the app's: a course and 2 lessons in one transaction (the load test's POST),
+  through PgBouncer as the environment's role, at --rate a second: the `app` scenario's
+  448 requests/s x 3% writes = 13.4 (docs/performance.md).
+- WAL: bytes PostgreSQL wrote (LSN delta) and bytes the repository's archive grew
+  (pgbackrest repo-ls), per hour.
+- Memory: the container's (cgroup, as docker stats) and the sum of pgBackRest processes'
+  PSS (`docker top` pids, /proc/PID/smaps_rollup), sampled every 0.5 s, under the write
+  load and during a full backup.
+- RPO: SIGKILL of the PostgreSQL container under the write load; the newest moment the
+  repository alone restores (flows/pitr.scratch_copy) against the acknowledged commits:
+  seconds between the failure and the oldest acknowledged commit it lacks.
+- pitr: the environment's database filled to --size-mb (backup_bench's rows), a full base
+  backup, then `flows.pitr.pitr(... "latest")` end to end (restore, replay, dump, safety
+  backup, restore beside, swap, health). The generated rows are deleted afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from aiia_ops.commands import backups as bk
+from aiia_ops.commands import pgbackrest as pb
+from aiia_ops.flows import pitr as flow
+from aiia_ops.host.runners import LocalRunner
+from aiia_ops.host.secrets import load_secrets
+from aiia_ops.model import load_stack
+from aiia_ops.model.state import local_state_dir
+from benchmarks.backup_bench import BATCH, FILL_SQL, db_size, psql
+
+WRITE_SQL = (
+    "WITH c AS (INSERT INTO courses_course (title, slug, summary, created_at, updated_at) "
+    "VALUES ('Load test {n}', 'pitrbench-{run}-{n}', 'written under load', now(), now()) "
+    "RETURNING id), l AS (INSERT INTO courses_lesson (course_id, position, title, body) "
+    "SELECT c.id, p, t, b FROM c, (VALUES (1, 'One', 'First.'), (2, 'Two', 'Second.')) "
+    "AS v(p, t, b)) SELECT id FROM c;"
+)
+
+
+def loadavg() -> str:
+    return " ".join(open("/proc/loadavg").read().split()[:3])
+
+
+class AppWriter(threading.Thread):
+    """The load test's write (a course + 2 lessons) through PgBouncer, `rate` a second, one
+    session; the host time of each acknowledged commit by course id."""
+
+    def __init__(self, stack, state, rate: float, run: str):
+        super().__init__(daemon=True)
+        self.stack, self.state, self.rate, self.run_tag = stack, state, rate, run
+        self.acked: dict[int, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        env = self.stack.environment("prod")
+        secret = load_secrets(self.state.root, list(self.stack.environments), create=False)
+        bouncer = self.stack.services.pgbouncer
+        proc = subprocess.Popen(
+            ["docker", "exec", "-i", "-e", "PGPASSWORD", self.stack.services.postgresql.container,
+             "psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-h", str(bouncer.address),
+             "-p", str(bouncer.port), "-U", env.db_user, "-d", env.database],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            bufsize=1, env={**os.environ, "PGPASSWORD": secret.environments["prod"].db_password},
+        )  # fmt: skip
+        n, start = 0, time.monotonic()
+        try:
+            while not self.stop.is_set():
+                proc.stdin.write(WRITE_SQL.format(n=n, run=self.run_tag) + "\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if not line.strip():
+                    return
+                self.acked[int(line)] = time.time()
+                n += 1
+                pause = start + n / self.rate - time.monotonic()
+                if pause > 0:
+                    time.sleep(pause)
+        except (BrokenPipeError, OSError, ValueError):
+            return
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+class Memory(threading.Thread):
+    """Peaks of the container's memory and of pgBackRest's processes' summed PSS."""
+
+    def __init__(self, container: str):
+        super().__init__(daemon=True)
+        self.container, self.peak, self.pgbackrest = container, 0, 0
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        from aiia_ops.host.engine import Engine
+
+        engine = Engine(LocalRunner())
+        c = engine.inspect([self.container])[self.container]
+        while not self.stop_flag.is_set():
+            used = engine.usage({c.name: c.id}).get(c.name)
+            if used is not None and used.memory_used is not None:
+                self.peak = max(self.peak, used.memory_used)
+            self.pgbackrest = max(self.pgbackrest, pgbackrest_pss(self.container))
+            time.sleep(0.5)
+
+    def __enter__(self) -> Memory:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop_flag.set()
+        self.join(5)
+
+
+def pgbackrest_pss(container: str) -> int:
+    """Bytes: the summed PSS (shared pages split between their users, as the cgroup counts
+    them once) of the container's pgbackrest processes, from /proc/PID/smaps_rollup."""
+    argv = ["docker", "top", container, "-o", "pid,comm"]
+    rows = subprocess.run(argv, capture_output=True, text=True).stdout.splitlines()[1:]
+    total = 0
+    for pid in (r.split()[0] for r in rows if r.split()[1:] == ["pgbackrest"]):
+        try:
+            text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        total += sum(int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("Pss:"))
+    return total * 1024
+
+
+def lsn_bytes(stack) -> int:
+    return int(psql(stack, "postgres", "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn;"))
+
+
+def archive_bytes(stack) -> int:
+    out = LocalRunner().run(
+        pb.in_container(stack.services.postgresql.container, pb.repo_ls(stack)), timeout=120
+    )
+    return sum(
+        e.get("size", 0) for k, e in json.loads(out.stdout).items() if k.startswith("archive/")
+    )
+
+
+def mb(n: float) -> str:
+    return f"{n / 1024**2:.1f} MB"
+
+
+def wait_up(stack, timeout=180) -> None:
+    deadline = time.monotonic() + timeout
+    while LocalRunner().query(bk.psql(stack), input="SELECT 1;").stdout.strip() != "1":
+        if time.monotonic() > deadline:
+            raise SystemExit("PostgreSQL did not come back")
+        time.sleep(2)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--env", default="prod")
+    ap.add_argument("--rate", type=float, default=13.4)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--size-mb", type=float, default=200)
+    args = ap.parse_args()
+    stack = load_stack()
+    state = local_state_dir(stack)
+    pitr = pb.require(stack)
+    pg = stack.services.postgresql
+    env = stack.environment(args.env)
+    runner = LocalRunner()
+    run = str(int(time.time()))
+    fig: dict = {"load_start": loadavg(), "rate": args.rate,
+                 "archive_timeout_s": pitr.archive_timeout.seconds,
+                 "pg_limit_mb": pg.memory.limit.bytes // 1024**2,
+                 "pgbackrest_budget_mb": pitr.memory.bytes // 1024**2}  # fmt: skip
+
+    # 1. WAL volume and memory under the write load; then a full backup under it.
+    flow.switch_and_wait(stack, runner)
+    lsn0, arch0, t0 = lsn_bytes(stack), archive_bytes(stack), time.monotonic()
+    writer = AppWriter(stack, state, args.rate, f"{run}w")
+    with Memory(pg.container) as m_load:
+        writer.start()
+        time.sleep(args.seconds)
+        lsn1, dt = lsn_bytes(stack), time.monotonic() - t0
+    with Memory(pg.container) as m_backup:
+        tb = time.monotonic()
+        flow.base_backup(stack, runner, "full")
+        fig["full_backup_s"] = round(time.monotonic() - tb, 1)
+    writer.stop.set()
+    writer.join(10)
+    flow.switch_and_wait(stack, runner)
+    fig["writes"] = len(writer.acked)
+    fig["writes_per_s"] = round(len(writer.acked) / (time.monotonic() - t0), 1)
+    fig["wal_mb_per_h"] = round((lsn1 - lsn0) * 3600 / dt / 1024**2, 1)
+    arch1 = archive_bytes(stack)
+    fig["archive_mb_per_h"] = round((arch1 - arch0) * 3600 / (time.monotonic() - t0) / 1024**2, 1)
+    fig["pg_mem_load_mb"] = round(m_load.peak / 1024**2, 1)
+    fig["pgbackrest_pss_load_mb"] = round(m_load.pgbackrest / 1024**2, 1)
+    fig["pg_mem_backup_mb"] = round(m_backup.peak / 1024**2, 1)
+    fig["pgbackrest_pss_backup_mb"] = round(m_backup.pgbackrest / 1024**2, 1)
+    print(json.dumps(fig), flush=True)
+
+    # 2. RPO: the server killed mid-load, the repository alone restores.
+    rpos = []
+    for k in range(args.kills):
+        w = AppWriter(stack, state, args.rate, f"{run}k{k}")
+        w.start()
+        time.sleep(2 * pitr.archive_timeout.seconds + 3 * k)  # the kill lands at various phases
+        failed_at = time.time()
+        runner.run(["docker", "kill", "--signal", "KILL", pg.container])
+        w.join(30)
+        try:
+            with flow.scratch_copy(stack, state, None, runner) as copy:
+                out = runner.run(bk.psql(copy, env.database), input=(
+                    f"SELECT id FROM courses_course WHERE slug LIKE 'pitrbench-{run}k{k}-%';"
+                )).stdout  # fmt: skip
+            have = {int(x) for x in out.split()}
+            lost = sorted(t for i, t in w.acked.items() if i not in have)
+            rpos.append(round(failed_at - lost[0], 1) if lost else 0.0)
+            print(f"kill {k}: {len(w.acked)} acknowledged, {len(lost)} lost, RPO {rpos[-1]}s",
+                  flush=True)  # fmt: skip
+        finally:
+            runner.run(["docker", "start", pg.container])
+            wait_up(stack)
+    fig["rpo_s"] = rpos
+    psql(stack, env.database, "DELETE FROM courses_course WHERE slug LIKE 'pitrbench-%';")
+
+    # 3. pitr of a database of --size-mb.
+    target = int(args.size_mb * 1024**2)
+    n = 0
+    while db_size(stack, env.database) < target:
+        psql(stack, env.database, FILL_SQL, n=str(BATCH), tag=f"pb{run}-{n}")
+        n += 1
+    fig["db_mb"] = round(db_size(stack, env.database) / 1024**2)
+    tb = time.monotonic()
+    flow.base_backup(stack, runner, "full")
+    fig["full_backup_db_s"] = round(time.monotonic() - tb, 1)
+    with Memory(pg.container) as m_pitr:
+        tp = time.monotonic()
+        report = flow.pitr(stack, state, env.name, "latest", runner, yes=True)
+        fig["pitr_s"] = round(time.monotonic() - tp, 1)
+    fig["pitr_switch_s"] = report["switch_s"]
+    fig["pg_mem_pitr_mb"] = round(m_pitr.peak / 1024**2, 1)
+    psql(stack, env.database, "DELETE FROM courses_lesson WHERE title LIKE 'Lesson %';"
+         "DELETE FROM courses_course WHERE slug LIKE 'bench-pb%';")  # fmt: skip
+    fig["load_end"] = loadavg()
+    print(json.dumps(fig), flush=True)
+
+
+if __name__ == "__main__":
+    main()
