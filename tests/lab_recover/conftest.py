@@ -131,7 +131,7 @@ def drill(make_lab):  # noqa: F811
     lab = hosts[SERVER]
     os.environ.update(
         AIIA_STACK=str(stack_file),
-        AIIA_STATE_DIR=str(state_of(SERVER)),
+        AIIA_STATE_DIR=str(root / "store-state"),  # the store's keys: the operator's
         AIIA_CRON_FILE=str(root / "cron.d-aiia"),
         AIIA_LAB_DIR=LAB_DIR,
         AIIA_SSH_KEY=str(lab.key_path),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -46,6 +47,8 @@ pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 DOMAIN = "eduaiia.com"
 MEDIA_FILES = 5
 RULE = "aiia-recover-no-contact"
+# `AIIA_RECOVER_DB_MB=1024 pytest tests/lab_recover`: the drill as the RTO benchmark
+BENCH_MB = int(os.environ.get("AIIA_RECOVER_DB_MB", "0"))
 
 
 def post_course(address: str, token: str, n: int) -> int:
@@ -120,11 +123,30 @@ def server(drill):
     images = [
         f"{getattr(stack.services, n).image}:{t}" for n, t in shared_image_tags(stack).items()
     ]
-    for image in ["aiia/base:trixie", *images, f"{stack.environment('prod').image}:{tag}"]:
+    for image in [
+        "debian:trixie-slim",
+        "aiia/base:trixie",
+        *images,
+        f"{stack.environment('prod').image}:{tag}",
+    ]:
         run_invoke("lab.load", "--image", image, "--hosts", SERVER, check=True, timeout=600)
-    run_invoke("offsite.up", "--host", STORE, check=True)
+    run_invoke("offsite.up", "--host", STORE, check=True)  # makes the store's keys
+    (state_of(SERVER) / "secrets").mkdir(parents=True, mode=0o700)
+    for f in (drill["root"] / "store-state" / "secrets").iterdir():  # the server's S3 keys
+        shutil.copy2(f, state_of(SERVER) / "secrets" / f.name)
     on_server("setup", "--env=prod", "--skip-build", timeout=1800)
-    on_server("backup.pitr-init", timeout=900)
+    if BENCH_MB:  # the RTO benchmark: a database of about BENCH_MB MB in the base backup
+        db = stack.environment("prod").database
+        rows = BENCH_MB * 1024 * 1024 // 1100  # ~1.1 kB per row on disk
+        ssh(
+            SERVER,
+            f"docker exec -i {stack.services.postgresql.container} psql -XAtq -d {db}",
+            input="CREATE TABLE bench (id int PRIMARY KEY, pad text); INSERT INTO bench SELECT g, "
+            f"repeat(md5(g::text), 31) FROM generate_series(1, {rows}) g; "
+            "SELECT pg_size_pretty(pg_database_size(current_database()));",
+            timeout=3600,
+        )
+    on_server("backup.pitr-init", timeout=3600)
     secrets = load_secrets(state_of(SERVER), list(stack.environments), create=False)
     token = secrets.environments["prod"].api_write_token
     for n in range(1, 41):
@@ -144,8 +166,13 @@ def server(drill):
     for n in range(41, 61):  # after the media copy: only the WAL has these
         assert post_course(ADDRESS[SERVER], token, n) == 201
     pg = stack.services.postgresql.container
+    # Close the segment of the last commit. pg_switch_wal() answers the end + 1 of the
+    # segment it closed (a boundary: its name would be the next, empty segment's), or, with
+    # nothing to switch, the current segment's start: the byte before is the right one.
     segment = ssh(
-        SERVER, f"docker exec -i {pg} psql -XAtq", input="SELECT pg_walfile_name(pg_switch_wal());"
+        SERVER,
+        f"docker exec -i {pg} psql -XAtq",
+        input="SELECT pg_walfile_name(pg_switch_wal() - 1);",
     ).stdout.strip()
     deadline = time.monotonic() + 90
     while True:
@@ -250,7 +277,11 @@ def test_recover_brings_prod_back_on_lab19_from_the_store_alone(lost):
         contacts = sum(_counters(n) for n in (None, NEW, STORE))
     finally:
         _rules("-D")
-    print(proc.stdout[-2500:], f"\nrecover took {seconds:.0f}s; load {os.getloadavg()}", flush=True)
+    print(
+        proc.stdout[-4000:],
+        f"\nrecover took {seconds:.0f}s (db {BENCH_MB or 'small'} MB); load {os.getloadavg()}",
+        flush=True,
+    )
     assert contacts == 0, f"{contacts} packets went to lab18's address during the recovery"
     assert "recovered onto lab19" in proc.stdout
     assert census(NEW, stack) == lost["committed"]  # every committed course, same content

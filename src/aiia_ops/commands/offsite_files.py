@@ -17,6 +17,7 @@ What one snapshot holds (paths inside the container):
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -54,10 +55,29 @@ def secret_configs() -> list[str]:
 
 def _restic(stack: Stack, image: str, env_file: str, mounts: list[str], args: list[str]):
     insecure = [] if pb.require(stack).repo1.verify_tls else ["--insecure-tls"]
-    return ["docker", "run", "--rm", "--network", "bridge", "--user", "0:0",
-            "--env-file", env_file, *mounts, "--entrypoint", "sh", image,
-            "-c", _SCRIPT, "restic", "--repo", repository(stack), "--host", stack.project,
-            "--no-cache", *insecure, *args]  # fmt: skip
+    return [
+        "docker",
+        "run",
+        "--rm",
+        "--network",
+        "bridge",
+        "--user",
+        "0:0",
+        "--env-file",
+        env_file,
+        *mounts,
+        "--entrypoint",
+        "sh",
+        image,
+        "-c",
+        _SCRIPT,
+        "restic",
+        "--repo",
+        repository(stack),
+        "--no-cache",
+        *insecure,
+        *args,
+    ]
 
 
 @dataclass(frozen=True)
@@ -93,16 +113,29 @@ def cat_config(stack: Stack, image: str, env_file: str) -> list[str]:
 
 def backup(stack: Stack, image: str, env_file: str, src: Sources) -> list[str]:
     excludes = [a for path in secret_configs() for a in ("--exclude", path)]
-    return _restic(stack, image, env_file, mounts(src), ["backup", "--json", "--tag", TAG,
-                   *excludes, ROOT])  # fmt: skip
+    return _restic(
+        stack,
+        image,
+        env_file,
+        mounts(src),
+        ["backup", "--json", "--host", stack.project, "--tag", TAG, *excludes, ROOT],
+    )
 
 
 def snapshots(stack: Stack, image: str, env_file: str) -> list[str]:
-    return _restic(stack, image, env_file, [], ["snapshots", "--json", "--tag", TAG])
+    return _restic(
+        stack, image, env_file, [], ["snapshots", "--json", "--host", stack.project, "--tag", TAG]
+    )
 
 
 def ls_latest(stack: Stack, image: str, env_file: str) -> list[str]:
-    return _restic(stack, image, env_file, [], ["ls", "--json", "--tag", TAG, "latest"])
+    return _restic(
+        stack,
+        image,
+        env_file,
+        [],
+        ["ls", "--json", "--host", stack.project, "--tag", TAG, "latest"],
+    )
 
 
 def restore(stack: Stack, image: str, env_file: str, include: list[str], target_mounts):
@@ -110,8 +143,13 @@ def restore(stack: Stack, image: str, env_file: str, include: list[str], target_
     (the volumes and dirs mounted read-write at the same paths). As root: owners and modes
     come back as they were (the app's UID 10001)."""
     inc = [a for path in include for a in ("--include", path)]
-    return _restic(stack, image, env_file, target_mounts, ["restore", "latest", "--tag", TAG,
-                   "--target", "/", *inc])  # fmt: skip
+    return _restic(
+        stack,
+        image,
+        env_file,
+        target_mounts,
+        ["restore", "latest", "--host", stack.project, "--tag", TAG, "--target", "/", *inc],
+    )
 
 
 def volume_mount(volume: str, path: str) -> list[str]:
@@ -196,8 +234,15 @@ def compose_version() -> list[str]:
 
 
 def project_containers(project: str) -> list[str]:
-    return ["docker", "ps", "-a", "--format", "{{.Names}}", "--filter",
-            f"label=com.docker.compose.project={project}"]  # fmt: skip
+    return [
+        "docker",
+        "ps",
+        "-a",
+        "--format",
+        "{{.Names}}",
+        "--filter",
+        f"label=com.docker.compose.project={project}",
+    ]
 
 
 def volume_inspect(name: str) -> list[str]:
@@ -214,3 +259,8 @@ def data_volume(stack: Stack) -> str:
 
 def run_in(image: str, options: list[str], argv: list[str]) -> list[str]:
     return ["docker", "run", "--rm", *options, image, *argv]
+
+
+def s3_error(text: str) -> list[str]:
+    """The S3 error codes in pgBackRest's `info` JSON (InvalidAccessKeyId ...), if any."""
+    return [f"the store answers {code}" for code in re.findall(r"<Code>(\w+)</Code>", text)][:1]

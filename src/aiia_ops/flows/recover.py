@@ -138,6 +138,7 @@ class LocalStore:
         w = pb.parse_info(out.stdout, pb.require(self.stack).stanza) if out.ok else None
         if w is None or w.status != "ok":
             why = (out.stderr or out.stdout).strip().splitlines() if not out.ok else [w.status]
+            why = [*why, *of.s3_error(out.stdout)]
             raise OpsError(
                 f"the off-site repository does not open: {why[-1] if why else 'pgbackrest info'}"
                 " (wrong key in the export, or the wrong store); nothing was changed"

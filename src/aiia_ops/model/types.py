@@ -435,6 +435,11 @@ class Pitr:
     lag_critical: Duration = Duration(900)
     backup_age_warning: Duration = Duration(2 * 86400)
     backup_age_critical: Duration = Duration(8 * 86400)
+    # The media and configuration set off-site (restic, `invoke backup.media`): copied
+    # every hour at files_minute; the monitor's "last off-site media copy" age thresholds.
+    files_minute: int = 20
+    files_age_warning: Duration = Duration(3 * 3600)
+    files_age_critical: Duration = Duration(26 * 3600)
 
 
 @dataclass(frozen=True)
