@@ -191,3 +191,13 @@ def test_the_schedule_copies_the_files_hourly_when_archiving_is_on():
 
     jobs = [j for j in schedule.jobs(stack()) if j.task == ["backup.media"]]
     assert [(j.minute, j.hour) for j in jobs] == [("20", "*")]
+
+
+def test_the_recovery_fetches_wal_synchronously():
+    argv = of.restore_newest(stack())
+    opt = [a for a in argv if a.startswith("--recovery-option=restore_command=")]
+    assert opt == [
+        "--recovery-option=restore_command=pgbackrest --config=/etc/aiia/pgbackrest.conf "
+        '--stanza=aiia --no-archive-async archive-get %f "%p"'
+    ]
+    assert "--type=default" in argv

@@ -264,3 +264,19 @@ def run_in(image: str, options: list[str], argv: list[str]) -> list[str]:
 def s3_error(text: str) -> list[str]:
     """The S3 error codes in pgBackRest's `info` JSON (InvalidAccessKeyId ...), if any."""
     return [f"the store answers {code}" for code in re.findall(r"<Code>(\w+)</Code>", text)][:1]
+
+
+def restore_newest(stack: Stack) -> list[str]:
+    """pgBackRest's restore of the newest moment for a server that is then started by
+    compose: its restore_command fetches WAL synchronously (--no-archive-async). The async
+    prefetch forks a process that outlives archive-get; in the container it is reparented
+    to the postmaster (PID 1), and when it exits non-zero (its spool on the small /tmp
+    tmpfs fills: ENOSPC) the postmaster takes it for a crashed backend and restarts
+    recovery, over and over (seen on lab19)."""
+    argv = pb.restore(stack, None)
+    return [
+        a.replace(" archive-get ", " --no-archive-async archive-get ")
+        if a.startswith("--recovery-option=restore_command=")
+        else a
+        for a in argv
+    ]

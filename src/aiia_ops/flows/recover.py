@@ -149,7 +149,9 @@ class LocalStore:
         return files.latest_snapshot(self.stack, self.image, str(self.env_file), self.runner)
 
     def storage_envs(self) -> list[str]:
-        out = self.runner.query(of.ls_latest(self.stack, self.image, str(self.env_file)), 300)
+        out = self.runner.query(
+            of.ls_latest(self.stack, self.image, str(self.env_file)), timeout=300
+        )
         return of.storage_envs(out.stdout) if out.ok else []
 
 
@@ -356,7 +358,7 @@ def restore_database(stack: Stack, state: StateDir, image: str, runner: Runner) 
         volume, str(state.config / "postgresql"), str(state.env_files / "postgresql.env")
     )
     try:
-        runner.run(pb.restore_into_volume(stack, image, options, None), timeout=7200)
+        runner.run(of.run_in(image, options, of.restore_newest(stack)), timeout=7200)
     except CommandFailed as exc:
         lines = [ln for ln in (exc.stderr + exc.stdout).splitlines() if ln.strip()]
         raise OpsError(f"pgbackrest restore failed: {lines[-1] if lines else exc}") from None
@@ -366,8 +368,9 @@ def restore_database(stack: Stack, state: StateDir, image: str, runner: Runner) 
         got = runner.query(bk.psql(stack), input="SELECT pg_is_in_recovery();")
         if got.ok and got.stdout.strip() == "f":
             return
-        running = runner.query(pb.inspect(pg.container, "{{.State.Running}}")).stdout.strip()
-        if running == "false" or time.monotonic() > deadline:
+        state_ = runner.query(pb.inspect(pg.container, "{{.State.Running}} {{.RestartCount}}"))
+        running, _, restarts = state_.stdout.strip().partition(" ")
+        if running == "false" or int(restarts or 0) > 2 or time.monotonic() > deadline:
             logs = runner.query(pb.logs(pg.container, 20))
             tail = [ln for ln in (logs.stderr + logs.stdout).splitlines() if ln.strip()]
             raise OpsError(
