@@ -64,6 +64,7 @@ LABELS = {
     "archive_lag": "WAL archive lag",
     "base_backup_age": "base backup age",
     "repository": "off-site repository",
+    "offsite_files_age": "last off-site media copy",
 }
 ORDER = list(LABELS)
 
@@ -681,3 +682,16 @@ def archive_checks(facts: dict, pitr) -> list[Check]:
             ],
         ),
     ]
+
+
+def files_copy_check(record: dict | None, now: float, pitr) -> Check:
+    """Age of the last off-site copy of the media and configuration set (the record
+    `invoke backup.media` writes); never copied is CRITICAL at once."""
+    w, c = pitr.files_age_warning.seconds, pitr.files_age_critical.seconds
+    if not record or not record.get("time"):
+        return Check("offsite_files_age", "restic", CRIT, None, "s", w, c, detail="never copied")
+    from datetime import datetime
+
+    age = max(0.0, now - datetime.fromisoformat(record["time"]).timestamp())
+    detail = f"snapshot {record.get('snapshot', '?')}, {record.get('files', 0)} files"
+    return Check("offsite_files_age", "restic", evaluate(age, w, c), age, "s", w, c, detail=detail)

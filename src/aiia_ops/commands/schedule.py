@@ -65,6 +65,14 @@ def jobs(stack: Stack, utc_offset: _dt.timedelta = _dt.timedelta(0)) -> list[Job
                 "differential the other days",
             )
         )
+        out.append(
+            Job(
+                str(pitr.files_minute),
+                "*",
+                ["backup.media"],
+                "media and configuration set off-site (restic, incremental): hourly",
+            )
+        )
     rh, rm = utc_to_local("03:30", utc_offset)
     out.append(
         Job(

@@ -539,6 +539,7 @@ def collect(
         checks += m.http_checks(vhost, env, m.window(rows, vhost, start, now), t)
 
     checks += _archive_checks(stack, runner)  # pgBackRest archiving, when the stack has it
+    checks += _files_checks(stack, state, now)  # the media off-site, same condition
 
     # Availability over 24 h: the stored probes (summed in SQL) then this run's, which
     # ends the last stored one's interval and adds no downtime of its own yet.
@@ -644,6 +645,21 @@ def run_once(stack: Stack, state: StateDir, page_url: str | None = None) -> tupl
 
 
 __all__ = ["CRIT", "OK", "UNKNOWN", "WARN", "collect", "run_once"]
+
+
+def _files_checks(stack: Stack, state: StateDir, now: float) -> list[Check]:
+
+    from aiia_ops.commands import offsite_files, pgbackrest
+
+    policy = pgbackrest.pitr_of(stack)
+    if policy is None:
+        return []
+    path = state.root / offsite_files.STATUS_FILE
+    try:
+        record = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        record = None
+    return [m.files_copy_check(record, now, policy)]
 
 
 def _archive_checks(stack: Stack, runner: Runner | None) -> list[Check]:

@@ -439,6 +439,11 @@ class Pitr:
     # sender, a backup's processes at once), measured: the budget check adds it to
     # PostgreSQL's worst case when archiving is on.
     memory: Size = Size.mb_(24)
+    # The media and configuration set off-site (restic, `invoke backup.media`): copied
+    # every hour at files_minute; the monitor's "last off-site media copy" age thresholds.
+    files_minute: int = 20
+    files_age_warning: Duration = Duration(3 * 3600)
+    files_age_critical: Duration = Duration(26 * 3600)
 
 
 @dataclass(frozen=True)

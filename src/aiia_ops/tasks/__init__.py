@@ -27,6 +27,11 @@ namespace.add_collection(_deploy.lock)
 from aiia_ops.tasks import backup as _backup  # noqa: E402
 
 namespace.add_collection(_backup.namespace)
+from aiia_ops.tasks import recover as _recover  # noqa: E402
+
+_backup.namespace.add_task(_recover.media)
+namespace.add_task(_recover.recover)
+namespace.add_collection(_recover.secrets_ns)
 from aiia_ops.tasks import pitr as _pitr  # noqa: E402
 
 namespace.add_collection(_pitr.offsite)
