@@ -65,9 +65,7 @@ def course_list(request: HttpRequest) -> HttpResponse:
     if size is None or size > PAGE_SIZE_MAX:
         return json_error(400, f"page_size must be an integer from 1 to {PAGE_SIZE_MAX}")
 
-    status, body, how = listcache.fetch_page(
-        listcache.generation(), page, size, lambda: _build_page(page, size)
-    )
+    status, body, how = listcache.fetch_page(page, size, lambda: _build_page(page, size))
     return HttpResponse(
         body, status=status, content_type="application/json", headers={"X-Cache": how}
     )
