@@ -112,6 +112,13 @@ def test_the_app_scenario_bypasses_the_edge_cache():
     assert "edge-cache-bypass" not in mixed
 
 
+def test_mixed_without_the_edge_cache_is_the_same_mix_with_reads_bypassing_it():
+    mixed, off = lt.SCENARIOS["mixed"], lt.SCENARIOS["mixed-no-edge"]
+    assert off.mix == mixed.mix and off.bypass_edge_cache and not mixed.bypass_edge_cache
+    script = lt.lua_script(off, TARGET, "x")
+    assert '"/api/courses/?page=1", {["Accept-Encoding"] = "gzip", ["Authorization"]' in script
+
+
 def test_script_without_writes_holds_no_token():
     script = lt.lua_script(lt.SCENARIOS["reads"], TARGET, "x")
     assert "s3cret" not in script and "Authorization" not in script

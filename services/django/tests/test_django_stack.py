@@ -69,8 +69,11 @@ class App:
     def __init__(self, name: str, port: int, domain: str):
         self.name, self.port, self.domain = name, port, domain
 
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, dict, dict]:
-        """(status, headers, JSON body) of one request as nginx would forward it."""
+    def request(
+        self, method: str, path: str, body: dict | None = None, *, raw: bool = False
+    ) -> tuple[int, dict, dict]:
+        """(status, headers, JSON body) of one request as nginx would forward it (with
+        raw=True the body's text, unparsed)."""
         script = (
             "import json, sys, urllib.request, urllib.error\n"
             "method, url, host, token, body = sys.argv[1:6]\n"
@@ -92,6 +95,8 @@ class App:
             method, url, self.domain, TOKEN, payload, timeout=60,
         ).stdout  # fmt: skip
         status, headers, text = json.loads(out)
+        if raw:
+            return status, headers, text
         return status, headers, json.loads(text) if text else {}
 
     def health(self) -> tuple[int, dict]:
@@ -201,6 +206,30 @@ def test_api_through_pgbouncer_with_the_list_cache_in_redis(apps):
 
     status, _, body = app.request("POST", "/api/courses/", {"title": "Again", "slug": slug})
     assert status == 400 and "slug" in body["fields"]
+
+
+def test_cached_answers_are_the_uncached_bytes_and_headers(apps):
+    """Issue 17: a hit (answered by aiia/fastpath.py before Django) is the miss' exact bytes
+    and headers; the list's raw-SQL rows equal the detail's ORM values on PostgreSQL."""
+    app = apps["prod"]
+    slug = f"same-{uuid.uuid4().hex[:6]}"
+    course = {"title": "Bytes ✓", "slug": slug, "summary": "Ünïcode", "lessons": [{"title": "L"}]}
+    assert app.request("POST", "/api/courses/", course)[0] == 201
+    for path in (f"/api/courses/{slug}/", "/api/courses/?page_size=3", "/api/courses/?page=1"):
+        miss = app.request("GET", path, raw=True)
+        hit = app.request("GET", path, raw=True)
+        assert (miss[0], miss[1]["X-Cache"], hit[0], hit[1]["X-Cache"]) == (200, "miss", 200, "hit")
+        assert hit[2] == miss[2], path
+        drop = {"X-Cache", "Date", "Server"}  # Date/Server: gunicorn's, per answer
+        assert [h for h in hit[1].items() if h[0] not in drop] == [
+            h for h in miss[1].items() if h[0] not in drop
+        ], path
+    detail = json.loads(app.request("GET", f"/api/courses/{slug}/", raw=True)[2])
+    listed = json.loads(app.request("GET", "/api/courses/?page_size=3", raw=True)[2])["results"][0]
+    assert {k: listed[k] for k in detail if k != "lessons"} == {
+        k: v for k, v in detail.items() if k != "lessons"
+    }
+    assert listed["lesson_count"] == 1 and detail["created_at"].endswith("+00:00")
 
 
 def test_environments_are_isolated(apps):

@@ -6,10 +6,12 @@ from django.core.wsgi import get_wsgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "aiia.settings")
 
+from aiia.fastpath import FastPath
 from aiia.handlers import LeanWSGIHandler, dispatching_application
 
-# /api/ and /health/ through settings.LEAN_MIDDLEWARE, the rest (admin) the full stack.
-application = dispatching_application(get_wsgi_application(), LeanWSGIHandler())
+# /api/ and /health/ through settings.LEAN_MIDDLEWARE, the rest (admin) the full stack;
+# before both, cached list pages and details answered from one Redis MGET (aiia/fastpath.py).
+application = FastPath(dispatching_application(get_wsgi_application(), LeanWSGIHandler()))
 
 
 def _warm_up() -> None:
@@ -19,6 +21,7 @@ def _warm_up() -> None:
     modules copy-on-write instead of each importing its own copy on its first request.
     """
     import redis  # noqa: F401  (the cache backend imports it lazily)
+    from courses import detailcache, listcache  # noqa: F401  (the fast path's lookups)
     from django.db import connections
     from django.urls import get_resolver
 

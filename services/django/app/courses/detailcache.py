@@ -3,7 +3,7 @@
 Versioned per course (a token under `courses:detail:version:<slug>`): a write to a course
 or its lessons replaces that course's token only, so the other courses' cached details
 stay valid. Misses rebuild one at a time, the others answer the previous bytes
-(pagecache.fetch). A deleted course loses its stale copy as well.
+(pagecache.fetch). A deleted course loses its entry (the previous bytes) as well.
 """
 
 from __future__ import annotations
@@ -18,10 +18,15 @@ def version_key(slug: str) -> str:
 
 
 def fetch(slug: str, build) -> tuple[int, bytes, str]:
-    return pagecache.fetch(KIND, pagecache.version(version_key(slug)), slug, build)
+    return pagecache.fetch(KIND, version_key(slug), slug, build)
+
+
+def peek(slug: str) -> bytes | None:
+    """The course's fresh bytes, or None: for the WSGI fast path (aiia/fastpath.py)."""
+    return pagecache.peek(KIND, version_key(slug), slug)
 
 
 def invalidate(slug: str, *, deleted: bool = False) -> None:
     pagecache.bump(version_key(slug))
     if deleted:
-        pagecache.forget_stale(KIND, slug)
+        pagecache.forget(KIND, slug)

@@ -1,8 +1,9 @@
 """The hot read: pages of the course list, cached in Redis as ready-made JSON bytes.
 
-Invalidation by generation: every page key contains the current generation token (a
-random value under one key). A write replaces the token, so pages of the old generation
-are never read again and expire after PAGE_TIMEOUT. While one request rebuilds a page of
+Invalidation by generation: every page's entry carries the generation token it was built
+under (a random value under one key). A write replaces the token, so pages of the old
+generation are stale from then on (pagecache: one MGET reads the token and the entry
+together). While one request rebuilds a page of
 the new generation, the others answer the page's previous bytes (pagecache.fetch: no
 stampede). The total number of courses is kept under its own key by the writes
 (COUNT_KEY), so a miss reads one page of rows, not the whole table.
@@ -22,17 +23,13 @@ KIND = "courses:list"
 PAGE_TIMEOUT = pagecache.PAGE_TIMEOUT
 
 
-def generation() -> str | None:
-    """The current generation token, or None when the cache cannot be used."""
-    return pagecache.version(GENERATION_KEY)
+def fetch_page(page: int, size: int, build) -> tuple[int, bytes, str]:
+    return pagecache.fetch(KIND, GENERATION_KEY, f"{page}:{size}", build)
 
 
-def page_key(token: str, page: int, size: int) -> str:
-    return f"{KIND}:{token}:{page}:{size}"
-
-
-def fetch_page(token: str | None, page: int, size: int, build) -> tuple[int, bytes, str]:
-    return pagecache.fetch(KIND, token, f"{page}:{size}", build)
+def peek_page(page: int, size: int) -> bytes | None:
+    """The page's fresh bytes, or None: for the WSGI fast path (aiia/fastpath.py)."""
+    return pagecache.peek(KIND, GENERATION_KEY, f"{page}:{size}")
 
 
 def course_count(recount) -> int:

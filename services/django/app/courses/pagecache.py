@@ -1,19 +1,21 @@
-"""Ready-made answers in Redis: fresh bytes per version, a stale copy, one rebuild at a time.
+"""Ready-made answers in Redis: one entry per answer, its version inside, one rebuild at a time.
 
 Used for the course list pages (versioned by listcache's generation) and for each course's
 detail page (versioned by a token per slug, so a write invalidates that course only).
 
-    fresh key   <kind>:<version>:<ident>   the answer of this version, PAGE_TIMEOUT
-    stale key   <kind>:stale:<ident>       the last answer built, whatever its version
-    lock key    <kind>:lock:<ident>        held (SET NX EX) by the one request rebuilding
+    version key  (listcache.GENERATION_KEY, detailcache.version_key(slug))  a random token
+    entry key    <kind>:entry:<ident>   (token, built_at, bytes) of the last answer built
+    lock key     <kind>:lock:<ident>    held (SET NX EX) by the one request rebuilding
 
-A miss takes the lock and rebuilds; requests that miss while the lock is held answer the
-stale copy (the previous bytes) instead of all rebuilding at once (a stampede), and
-rebuild themselves only when there is no copy at all. The hit path is one MGET (fresh and
-stale together). A version token is random, not a counter: if Redis (allkeys-lru) evicts
-it, the next token cannot collide with pages cached under an earlier one, and a reader
-that built its page from rows older than a write stores it under the version it read
-before the write, which nobody reads again.
+The hit path is ONE round trip: MGET of the version key and the entry; the entry is fresh
+when it was built under the current token and less than PAGE_TIMEOUT ago. Otherwise it is
+the previous bytes: a miss takes the lock and rebuilds, requests that miss while the lock
+is held answer those previous bytes (`X-Cache: stale`) instead of all rebuilding at once
+(a stampede), and rebuild themselves only when there is no entry at all. A version token
+is random, not a counter: if Redis (allkeys-lru) evicts it, the next token cannot collide
+with an entry built under an earlier one, and a reader that built its page from rows
+older than a write stores it under the token it read before the write, which no longer
+matches (the next reader rebuilds).
 
 Redis failures degrade to "no cache": logged, the answer is built from the database.
 """
@@ -22,14 +24,15 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 
 from django.core.cache import cache
 
 log = logging.getLogger("courses.cache")
 
-PAGE_TIMEOUT = 300  # fresh copies
-STALE_TIMEOUT = 3600  # the previous bytes, answered while one request rebuilds
+PAGE_TIMEOUT = 300  # an entry is fresh this long (bounds what a write without signals leaves)
+STALE_TIMEOUT = 3600  # an entry is kept this long: the previous bytes, answered while one rebuilds
 LOCK_TIMEOUT = 5  # seconds; a rebuild takes milliseconds, this only bounds a crashed one
 COUNT_TIMEOUT = 3600  # the list's course count, kept by the writes; recounted after this
 
@@ -40,21 +43,59 @@ def new_token() -> str:
     return secrets.token_hex(8)
 
 
-def version(key: str) -> str | None:
-    """The current token under `key` (made on first use), or None if the cache is down."""
+def entry_key(kind: str, ident: str) -> str:
+    return f"{kind}:entry:{ident}"
+
+
+def _fresh(entry, token) -> bool:
+    return (
+        entry is not None
+        and token is not None
+        and entry[0] == token
+        and time.time() - entry[1] < PAGE_TIMEOUT
+    )
+
+
+def peek(kind: str, version_key: str, ident: str) -> bytes | None:
+    """The fresh cached bytes, or None (a miss, a stale entry, no cache): one MGET.
+
+    For the WSGI fast path (aiia/fastpath.py), which answers a hit without Django's
+    request handling and leaves everything else to the view (fetch below)."""
+    entry = entry_key(kind, ident)
+    found = cache.get_many([version_key, entry])
+    got = found.get(entry)
+    return got[2] if _fresh(got, found.get(version_key)) else None
+
+
+def fetch(kind: str, version_key: str, ident: str, build: Build) -> tuple[int, bytes, str]:
+    """(status, body, "hit" | "stale" | "miss"); only 200 answers are cached."""
+    entry, lock = entry_key(kind, ident), f"{kind}:lock:{ident}"
     try:
-        token = cache.get(key)
+        found = cache.get_many([version_key, entry])
+        token, got = found.get(version_key), found.get(entry)
+        if _fresh(got, token):
+            return 200, got[2], "hit"
         if token is None:
-            cache.add(key, new_token(), timeout=None)  # add: the first one wins
-            token = cache.get(key)
-        return token
+            cache.add(version_key, new_token(), timeout=None)  # add: the first one wins
+            token = cache.get(version_key)
+        locked = cache.add(lock, 1, LOCK_TIMEOUT)
     except Exception as exc:
-        log.warning("cache unavailable: %s: %s", type(exc).__name__, exc)
-        return None
+        log.warning("cache read failed: %s: %s", type(exc).__name__, exc)
+        return (*build(), "miss")
+    if not locked and got is not None:
+        return 200, got[2], "stale"
+    try:
+        status, body = build()
+    finally:
+        if locked:
+            _quietly(cache.delete, lock)
+    if status == 200 and token is not None:
+        _quietly(cache.set, entry, (token, time.time(), body), STALE_TIMEOUT)
+    return status, body, "miss"
 
 
 def bump(key: str) -> None:
-    """A new token: every answer cached under the old one is never read again."""
+    """A new token: every entry built under the old one is stale from now on."""
     try:
         cache.set(key, new_token(), timeout=None)
     except Exception as exc:
@@ -62,35 +103,9 @@ def bump(key: str) -> None:
         log.error("cache invalidation of %s failed: %s: %s", key, type(exc).__name__, exc)
 
 
-def fetch(kind: str, token: str | None, ident: str, build: Build) -> tuple[int, bytes, str]:
-    """(status, body, "hit" | "stale" | "miss"); only 200 answers are cached."""
-    if token is None:
-        return (*build(), "miss")
-    fresh, stale, lock = f"{kind}:{token}:{ident}", f"{kind}:stale:{ident}", f"{kind}:lock:{ident}"
-    try:
-        found = cache.get_many([fresh, stale])
-        if fresh in found:
-            return 200, found[fresh], "hit"
-        locked = cache.add(lock, 1, LOCK_TIMEOUT)
-    except Exception as exc:
-        log.warning("cache read failed: %s: %s", type(exc).__name__, exc)
-        return (*build(), "miss")
-    if not locked and stale in found:
-        return 200, found[stale], "stale"
-    try:
-        status, body = build()
-    finally:
-        if locked:
-            _quietly(cache.delete, lock)
-    if status == 200:
-        _quietly(cache.set_many, {fresh: body}, PAGE_TIMEOUT)
-        _quietly(cache.set_many, {stale: body}, STALE_TIMEOUT)
-    return status, body, "miss"
-
-
-def forget_stale(kind: str, ident: str) -> None:
-    """Drop the stale copy too (the thing is gone: no previous bytes to answer)."""
-    _quietly(cache.delete, f"{kind}:stale:{ident}")
+def forget(kind: str, ident: str) -> None:
+    """Drop the entry (the thing is gone: no previous bytes to answer)."""
+    _quietly(cache.delete, entry_key(kind, ident))
 
 
 def _quietly(call, *args) -> None:
