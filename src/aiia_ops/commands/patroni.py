@@ -421,12 +421,18 @@ def build_argv(image: str, tag: str, postgres_image: str, folder: str) -> list[s
             "--label", f"org.eduaiia.version={tag}", folder]  # fmt: skip
 
 
-def probe_argv(image: str, *args: str) -> list[str]:
-    """`db-probe` (services/patroni/scripts) in a throwaway container on this machine's
-    engine, in this machine's network (the lab hosts' addresses are on its bridge). libpq
-    reads host, port, user, database and password from the PG* variables passed through."""
-    env = ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGCONNECT_TIMEOUT"]
+def client_argv(image: str, *command: str) -> list[str]:
+    """A client command of the image (`db-probe` of services/patroni/scripts, psql,
+    pgbench) in a throwaway container on this machine's engine, in this machine's network
+    (the lab hosts' addresses are on its bridge). libpq reads host, port, user, database
+    and password from the PG* variables passed through: no secret on a command line."""
+    env = ["PGHOST", "PGPORT", "PGUSER", "PGDATABASE", "PGPASSWORD", "PGCONNECT_TIMEOUT",
+           "PGTARGETSESSIONATTRS"]  # fmt: skip
     flags = [x for name in env for x in ("--env", name)]
     return ["docker", "run", "--rm", "--network", "host", "--memory", "64m", "--read-only",
             "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true", *flags,
-            image, "db-probe", *args]  # fmt: skip
+            image, *command]  # fmt: skip
+
+
+def probe_argv(image: str, *args: str) -> list[str]:
+    return client_argv(image, "db-probe", *args)
