@@ -29,9 +29,14 @@ LEADER_WAIT = 120.0
 Out = Callable[[str], None]
 
 
+# What the image is made of (its tests are not: a test-only change rebuilds nothing).
+IMAGE_SOURCES = (f"services/{FOLDER}/Dockerfile", f"services/{FOLDER}/scripts",
+                 "services/postgres", "services/base")  # fmt: skip
+
+
 def tag() -> str:
-    """The image's tag: the last commit of its folder, the postgres image's and the base's."""
-    return folder_version(f"services/{FOLDER}", "services/postgres", "services/base")
+    """The image's tag: the last commit of its sources, the postgres image's and the base's."""
+    return folder_version(*IMAGE_SOURCES)
 
 
 def image(stack: Stack) -> str:
