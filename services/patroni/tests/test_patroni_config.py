@@ -4,6 +4,7 @@ the image accepting the rendered configs (`patroni --validate-config`, `haproxy 
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -76,14 +77,30 @@ def test_etcd_and_the_containers(stack):
 
 
 def test_a_stack_without_three_database_hosts_is_refused_with_the_fix():
-    with pytest.raises(Exception, match="no replication.hosts: nothing runs Patroni"):
+    with pytest.raises(Exception, match=r"no replication\.hosts: nothing runs Patroni"):
         p.members(load_stack(DEFAULT_STACK))
 
 
+def test_timings_that_break_patronis_rules_are_refused_with_the_fix(stack):
+    import dataclasses
+
+    from aiia_ops.model.units import Duration
+
+    bad = dataclasses.replace(stack.replication, ttl=Duration(10))
+    with pytest.raises(Exception, match=r"ttl 10s, loop_wait 2s, retry_timeout 5s break"):
+        p.members(dataclasses.replace(stack, replication=bad))
+    bad = dataclasses.replace(stack.replication, retry_timeout=Duration(10))
+    with pytest.raises(Exception, match=r"loop_wait \+ 2 x retry_timeout <= ttl"):
+        p.members(dataclasses.replace(stack, replication=bad))
+
+
 def test_the_parsers():
-    text = ('[{"Cluster": "aiia", "Member": "lab15", "Host": "10.77.0.25", "Role": "Leader", '
-            '"State": "running", "TL": 3}, {"Cluster": "aiia", "Member": "lab16", "Host": '
-            '"10.77.0.26", "Role": "Replica", "State": "streaming", "TL": 3, "Lag in MB": 0}]')  # fmt: skip
+    text = json.dumps([
+        {"Cluster": "aiia", "Member": "lab15", "Host": "10.77.0.25", "Role": "Leader",
+         "State": "running", "TL": 3},
+        {"Cluster": "aiia", "Member": "lab16", "Host": "10.77.0.26", "Role": "Replica",
+         "State": "streaming", "TL": 3, "Lag in MB": 0},
+    ])  # fmt: skip
     states = p.parse_list(text)
     assert p.leader(states).name == "lab15" and states[1].lag_mb == 0.0
     assert p.parse_mem("aiia_etcd 23.8MiB / 64MiB\naiia_haproxy 512KiB / 32MiB") == {
@@ -97,8 +114,8 @@ def test_dockerfile_and_scripts_pass_the_linters():
 
 @pytest.mark.docker
 def test_the_image_accepts_the_rendered_configs(stack, tmp_path):
-    image = subprocess.run(["docker", "image", "inspect", "--format", "{{.Id}}", "aiia/patroni:latest"],
-                           capture_output=True, text=True)  # fmt: skip
+    inspect = ["docker", "image", "inspect", "--format", "{{.Id}}", "aiia/patroni:latest"]
+    image = subprocess.run(inspect, capture_output=True, text=True)
     assert image.returncode == 0, "build it first: AIIA_PROFILE=patroni-lab invoke db.build"
     me = p.member(stack, "lab15")
     (tmp_path / "patroni.yml").write_text(p.patroni_config(stack, me))

@@ -71,6 +71,13 @@ def members(stack: Stack) -> list[Member]:
             f"replication.hosts has {len(r.hosts)} host(s); expected at least {MIN_MEMBERS} "
             "(etcd keeps its quorum, and Patroni its leader, only with a majority alive)"
         )
+    ttl, loop, retry = r.ttl.seconds, r.loop_wait.seconds, r.retry_timeout.seconds
+    if ttl < 20 or loop < 1 or retry < 3 or loop + 2 * retry > ttl:
+        raise OpsError(
+            f"replication: ttl {ttl:g}s, loop_wait {loop:g}s, retry_timeout {retry:g}s break "
+            "Patroni's rules (ttl >= 20s, loop_wait >= 1s, retry_timeout >= 3s, "
+            "loop_wait + 2 x retry_timeout <= ttl); change them in the profile"
+        )
     out = []
     for name in r.hosts:
         host = stack.hosts.get(name)

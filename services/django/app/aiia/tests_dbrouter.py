@@ -7,10 +7,9 @@ import warnings
 from pathlib import Path
 from unittest import mock
 
+from courses.models import Course
 from django.http import HttpResponse
 from django.test import RequestFactory, SimpleTestCase, override_settings
-
-from courses.models import Course
 
 from . import dbrouter
 
