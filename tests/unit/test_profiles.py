@@ -80,7 +80,7 @@ def test_a_problem_belongs_to_the_profile_when_it_sets_that_key_or_a_value_above
 
 
 def test_the_shipped_profiles_are_the_two_levels():
-    assert profile_names(DEFAULT_STACK) == ["1gb", "2gb-4cpu", "swarm-lab"]
+    assert profile_names(DEFAULT_STACK) == ["1gb", "2gb-4cpu", "patroni-lab", "swarm-lab"]
 
 
 @pytest.mark.parametrize("name", ["1gb", "2gb-4cpu"])
@@ -215,7 +215,7 @@ def test_an_unknown_profile_names_the_known_ones():
     assert proc.returncode == 1
     assert (
         proc.stderr.strip()
-        == "error: unknown profile 'x'; expected one of: 1gb, 2gb-4cpu, swarm-lab"
+        == "error: unknown profile 'x'; expected one of: 1gb, 2gb-4cpu, patroni-lab, swarm-lab"
     )
     assert proc.stdout == ""
     with pytest.raises(OpsError, match=r"^unknown profile '\.\./stack'; expected one of: 1gb"):

@@ -96,3 +96,9 @@ def load_secrets(state_dir: Path, environments: list[str], create: bool = True) 
         offsite["OFFSITE_S3_KEY"],
         offsite["OFFSITE_S3_SECRET"],
     )
+
+
+def load_named(state_dir: Path, name: str, keys: tuple[str, ...], create: bool = True) -> dict:
+    """A group of secrets of its own, `<state_dir>/secrets/<name>.env` (0600), generated once
+    when `create`; AIIA_<KEY> in the environment wins (the database hosts' passwords)."""
+    return _load_group(Path(state_dir) / "secrets" / f"{name}.env", keys, "", create)

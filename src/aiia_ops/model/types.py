@@ -516,6 +516,48 @@ class Monitoring:
     docker_ps: Probe
 
 
+# --- level 4: the replicated database (commands/patroni.py, docs/patroni.md) -------------
+
+
+@dataclass(frozen=True)
+class ReplicationMemory:
+    """Container limits per database host: Patroni and its PostgreSQL share one."""
+
+    patroni: Size = Size.parse("256MB")
+    etcd: Size = Size.parse("64MB")
+    haproxy: Size = Size.parse("32MB")
+
+
+@dataclass(frozen=True)
+class Replication:
+    """PostgreSQL managed by Patroni on `hosts` (one primary, streaming replicas), etcd on
+    the same hosts as Patroni's store (one member each: three survive one loss), HAProxy on
+    each of them: `write_port` -> the primary (Patroni's REST `/primary`), `read_port` ->
+    the replicas within `replica_max_lag` (`/replica?lag=`). Off while `hosts` is empty."""
+
+    hosts: list[HostName] = field(default_factory=list)
+    scope: Stanza = "aiia"  # the Patroni cluster's name (its etcd prefix /service/<scope>)
+    image: ImageName = "aiia/patroni"
+    # Leader key TTL, HA loop and DCS retry: the failover window is about ttl + loop_wait.
+    # Patroni's floors: ttl >= 20 s, loop_wait >= 1 s, retry_timeout >= 3 s, and
+    # loop_wait + 2 x retry_timeout <= ttl.
+    ttl: Duration = Duration(20)
+    loop_wait: Duration = Duration(2)
+    retry_timeout: Duration = Duration(5)
+    maximum_lag_on_failover: Size = Size.parse("1MB")  # a replica further behind is never promoted
+    replica_max_lag: Size = Size.parse("1MB")  # reads leave a replica further behind
+    postgres_port: int = 5432
+    rest_port: int = 8008
+    etcd_client_port: int = 2379
+    etcd_peer_port: int = 2380
+    write_port: int = 5000
+    read_port: int = 5001
+    stats_port: int = 7000
+    max_connections: int = 100
+    shared_buffers: Size = Size.parse("64MB")
+    memory: ReplicationMemory = field(default_factory=ReplicationMemory)
+
+
 # --- the stack ---------------------------------------------------------------------------
 
 
@@ -532,6 +574,7 @@ class Stack:
     deploy: DeployPolicy
     backups: Backups
     monitoring: Monitoring
+    replication: Replication = field(default_factory=Replication)
     source: str = ""
     profile: str = ""  # the profile file laid over `source` (model/profiles.py), if any
 

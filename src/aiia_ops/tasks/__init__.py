@@ -71,3 +71,7 @@ namespace.add_collection(_lab.namespace)
 from aiia_ops.tasks import cluster as _cluster  # noqa: E402
 
 namespace.add_collection(_cluster.namespace)
+
+from aiia_ops.tasks import db as _db  # noqa: E402
+
+namespace.add_collection(_db.namespace)

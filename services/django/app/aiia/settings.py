@@ -175,6 +175,22 @@ if DB_ENGINE == "postgresql":
             },
         }
     }
+    # Level 4 (docs/patroni.md): DB_REPLICA_HOST names the read port of the replicated
+    # database (HAProxy -> a streaming replica); read-only queries go there through
+    # aiia/dbrouter.py, with read-your-writes. Unset: one database, exactly as before.
+    _replica_host = env("DB_REPLICA_HOST", "")
+    if _replica_host:
+        DATABASES["replica"] = {
+            **DATABASES["default"],
+            "HOST": _replica_host,
+            "PORT": env_int("DB_REPLICA_PORT", 5001),
+            "OPTIONS": {**DATABASES["default"]["OPTIONS"],
+                        "application_name": f"aiia-django-{AIIA_ENV}-replica"},
+            "TEST": {"MIRROR": "default"},
+        }  # fmt: skip
+        DATABASE_ROUTERS = ["aiia.dbrouter.PrimaryReplicaRouter"]
+        MIDDLEWARE.insert(0, "aiia.dbrouter.ReadYourWritesMiddleware")
+        LEAN_MIDDLEWARE.insert(0, "aiia.dbrouter.ReadYourWritesMiddleware")
 elif DB_ENGINE == "sqlite":
     DATABASES = {
         "default": {

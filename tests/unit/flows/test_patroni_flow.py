@@ -1,0 +1,71 @@
+"""flows/patroni.py on recorded hosts: db.up's start is idempotent (create what is missing,
+start what is stopped, leave what runs), etcd first on every host; the env file and the
+configs written per host, the secrets only in the 0600 env file; switchover's refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from aiia_ops import DEFAULT_STACK
+from aiia_ops.commands import patroni as p
+from aiia_ops.commands.argv import Result
+from aiia_ops.errors import OpsError
+from aiia_ops.flows import patroni as flow
+from aiia_ops.host.runners import RecordingRunner
+from aiia_ops.model import load_stack
+
+STACK = load_stack(DEFAULT_STACK, "patroni-lab")
+INSPECT = "docker inspect --format '{{.State.Status}}'"
+
+
+def host(states: dict[str, str]) -> RecordingRunner:
+    answers = {f"{INSPECT} {c}": (Result([], 0, s) if s != "missing" else Result([], 1, "", "no"))
+               for c, s in states.items()}  # fmt: skip
+    return RecordingRunner(answers)
+
+
+def changes(r: RecordingRunner) -> list[str]:
+    return [" ".join(c[:4]) for c in r.commands if c[1] != "inspect"]
+
+
+def test_start_creates_the_missing_starts_the_stopped_and_leaves_the_running():
+    rs = {
+        name: host(dict.fromkeys(p.CONTAINERS, state))
+        for name, state in (("lab15", "running"), ("lab16", "exited"), ("lab17", "missing"))
+    }
+    said: list[str] = []
+    flow.start(STACK, rs, out=said.append)
+    assert changes(rs["lab15"]) == []
+    assert changes(rs["lab16"]) == [f"docker start {c}" for c in p.CONTAINERS]
+    assert [c[:5] for c in rs["lab17"].commands if c[1] == "run"] == [
+        ["docker", "run", "--detach", "--name", c] for c in p.CONTAINERS]  # fmt: skip
+    # etcd on every host before any Patroni: it waits for its peers' quorum
+    assert said[:2] == ["-> lab16: starting aiia_etcd (was exited)", "-> lab17: creating aiia_etcd"]
+
+
+def test_files_per_host_and_the_secrets_only_in_the_0600_env_file():
+    rs = {m.name: RecordingRunner() for m in p.members(STACK)}
+    secrets = {k: f"s3cret-{i}-value" for i, k in enumerate(p.SECRET_KEYS)}
+    flow.write_files(STACK, rs, secrets)
+    files = rs["lab16"].files
+    env = files["/var/lib/aiia-patroni/lab16/secrets/patroni.env"].decode()
+    assert env.splitlines()[0] == "PATRONI_SUPERUSER_PASSWORD=s3cret-0-value"
+    for name in ("patroni.yml", "haproxy.cfg"):
+        text = files[f"/var/lib/aiia-patroni/lab16/patroni/{name}"].decode()
+        assert not any(v in text for v in secrets.values())
+
+
+def test_a_switchover_to_a_host_outside_the_cluster_or_to_the_primary_is_refused(monkeypatch):
+    listing = ('[{"Member": "lab15", "Host": "10.77.0.25", "Role": "Leader", "State": "running",'
+               ' "TL": 1}, {"Member": "lab16", "Host": "10.77.0.26", "Role": "Replica", '
+               '"State": "streaming", "TL": 1, "Lag in MB": 0}]')  # fmt: skip
+    rs = {m.name: RecordingRunner({"docker exec aiia_patroni patronictl": listing})
+          for m in p.members(STACK)}  # fmt: skip
+    monkeypatch.setattr(flow, "runners", lambda stack: rs)
+    with pytest.raises(OpsError, match="'lab9' is not a database host"):
+        flow.switchover(STACK, "lab9", yes=True)
+    with pytest.raises(OpsError, match="lab15 is already the primary"):
+        flow.switchover(STACK, "lab15", yes=True)
+    with pytest.raises(OpsError, match="lab17 is not a streaming replica"):
+        flow.switchover(STACK, "lab17", yes=True)
+    assert not any("switchover" in c for r in rs.values() for c in r.commands)
