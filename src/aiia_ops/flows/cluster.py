@@ -17,6 +17,7 @@ from aiia_ops.commands import app as apps
 from aiia_ops.commands import cluster as plan
 from aiia_ops.commands import docker as cmd
 from aiia_ops.errors import OpsError
+from aiia_ops.flows import switch as sw
 from aiia_ops.flows.deploy import Deploy, inspect_release
 from aiia_ops.flows.stack import check_fits, prepare_state
 from aiia_ops.flows.steps import Steps
@@ -158,12 +159,51 @@ class ClusterDeploy(Deploy):
         argv[-1:-1] = plan.publish_flag(self.part.address, port, self.env.port)
         self.runner.run(argv)
 
-    def point_nginx(self, upstream: str) -> None:
-        address = upstream.rsplit(":", 1)[0]
-        port = plan.host_port(self.instance, address)
-        self.cluster.live[(self.env.name, self.position)] = f"{self.part.address}:{port}"
-        self._old_workers = self.nginx_workers() if self.cluster.lb_up else set()
+    def _slot(self, container_address: str) -> str:
+        """host:port where the load balancer reaches this instance's container."""
+        return f"{self.part.address}:{plan.host_port(self.instance, container_address)}"
+
+    def _served(self) -> str | None:
+        """The container address the load balancer sends this instance's traffic to
+        (the cluster's live map; the app host's switch file is per environment, and an
+        app host may run several instances of one environment)."""
+        hostport = self.cluster.live.get((self.env.name, self.position))
+        if hostport is None:
+            live = self.live()
+            return live.address if live and live.running else None
+        port = int(hostport.rsplit(":", 1)[1])
+        if port == self.instance.port:
+            return str(self.instance.address)
+        return str(self.instance.standby_address)
+
+    def _repoint(self, container_address: str) -> set[str]:
+        self.cluster.live[(self.env.name, self.position)] = self._slot(container_address)
+        old = self.cluster.nginx_workers() if self.cluster.lb_up else set()
         self.cluster.point_lb()
+        return old
+
+    def point_nginx(self, address: str, tag: str, name: str) -> None:
+        self._mark("switch", switched=True)
+        self._old_workers = self._repoint(address)
+        self.steps.out(f"   {self.cluster.lb.name}: {self.env.name} -> {self._slot(address)}")
+        self._mark("reload")
+
+    def _switch(self, upstream: str, release: str, container: str, **kw) -> set[str] | None:
+        return self._repoint(upstream.rsplit(":", 1)[0])
+
+    def resync_nginx(self) -> set[str] | None:
+        old = self.cluster.nginx_workers() if self.cluster.lb_up else set()
+        self.cluster.point_lb()
+        return old
+
+    def wait_drained(self, old: set[str] | None) -> None:
+        """nginx's old workers on the load balancer (not this host) are gone."""
+        if not self.cluster.lb_up:
+            return
+        timeout = self.stack.deploy.drain_timeout
+        lb = self.cluster.runner(self.cluster.lb.name)
+        if not sw.wait_drained(lb, self.stack, old, timeout.seconds):
+            self.steps.out("   nginx workers still draining; stopping anyway")
 
     def check_through_nginx(self, tag: str) -> None:
         if not self.cluster.lb_up:
@@ -181,9 +221,6 @@ class ClusterDeploy(Deploy):
                 data = {"error": str(exc)}
             time.sleep(0.5)
         raise OpsError(f"https://{domain}/health/ through the load balancer failed: {data}")
-
-    def nginx_workers(self) -> set[str]:
-        return self.cluster.nginx_workers() if self.cluster.lb_up else set()
 
 
 def connect(model: Stack, state: StateDir, create_secrets: bool = True, out=_say) -> Cluster:
