@@ -18,7 +18,7 @@ from aiia_ops.commands import cluster as plan
 from aiia_ops.commands import docker as cmd
 from aiia_ops.errors import OpsError
 from aiia_ops.flows import switch as sw
-from aiia_ops.flows.deploy import Deploy, inspect_release
+from aiia_ops.flows.deploy import Deploy, build_release_image, inspect_release
 from aiia_ops.flows.stack import check_fits, prepare_state
 from aiia_ops.flows.steps import Steps
 from aiia_ops.flows.targets import Target, host_target
@@ -260,6 +260,10 @@ def ship_images(c: Cluster, release: str | None, parallel: int = 5) -> dict[str,
     Returns seconds per host."""
     tags = shared_image_tags(c.stack)
     local = LocalRunner()
+    if release:  # the release's app image, built here from exactly its commit if missing
+        commit, _ = resolve_ref(release)
+        for env in c.stack.environments.values():
+            build_release_image(c.stack, env, commit, release, local)
 
     def one(part: plan.HostPart) -> tuple[str, float]:
         started = time.monotonic()
