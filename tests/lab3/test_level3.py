@@ -197,8 +197,8 @@ def cluster_deploy(level3, ref: str, *extra: str) -> subprocess.CompletedProcess
     return run_invoke(*args, "--ref", ref, *extra, env=level3["env"], timeout=1200)
 
 
-def prod_load(level3, **kw) -> Load:
-    return Load(level3["lab"]["lab1"].address, "eduaiia.com", clients=CLIENTS, **kw)
+def prod_load(level3, clients: int = CLIENTS) -> Load:
+    return Load(level3["lab"]["lab1"].address, "eduaiia.com", clients=clients)
 
 
 def images(level3, lab_host: str, names: list[str]) -> dict[str, str]:

@@ -320,12 +320,12 @@ def setup(
     for name, seconds in shipped.items():
         out(f"   {name}: {seconds:.1f}s")
     for part in c.parts:
-        if "nginx" in part.keys:
-            continue  # last, below
+        keys = [s.name for s in part.services if s.name != "nginx"]
+        if not keys and not part.instances:
+            continue  # the load balancer alone: last, below
         t0 = time.monotonic()
         steps.run(f"{part.name}: state, secrets, configs", lambda p=part: _files(c, p))
-        if part.services:
-            keys = [s.name for s in part.services]
+        if keys:
             steps.run(
                 f"{part.name}: start {', '.join(keys)}",
                 lambda p=part, k=keys: c.runner(p.name).run(
@@ -363,14 +363,14 @@ def setup(
     steps.run(
         f"{lb.name}: start nginx",
         lambda: c.runner(lb.name).run(
-            plan.compose_up(c.stack, c.state_dir(lb.name), lb.keys), stream=True
+            plan.compose_up(c.stack, c.state_dir(lb.name), ["nginx"]), stream=True
         ),
     )
     if c.lb_up:
         for argv in cmd.nginx_reload(model):
             c.runner(lb.name).run(argv)
     c.lb_up = True
-    timings[lb.name] = time.monotonic() - t0
+    timings[lb.name] = timings.get(lb.name, 0.0) + time.monotonic() - t0
     if firewall:
         for part in c.parts:
             steps.run(f"{part.name}: firewall", lambda p=part: apply_firewall(c, p))

@@ -19,7 +19,7 @@ from aiia_ops.flows.monitor import collect, run_once, store_path
 from aiia_ops.flows.output import paint, table
 from aiia_ops.host.monitor_store import Store
 from aiia_ops.model import load_stack
-from aiia_ops.model.placement import is_multi_host
+from aiia_ops.model.placement import is_multi_host, is_one_remote_host
 from aiia_ops.model.state import local_state_dir
 from aiia_ops.tasks.common import task
 
@@ -47,7 +47,7 @@ def monitor(c, json_=False, quiet=False, watch=False, times=0, stack=None, profi
     try:
         model = load_stack(stack, profile)
         state = local_state_dir(model)
-        if is_multi_host(model) and model.runtime != "swarm":
+        if (is_multi_host(model) or is_one_remote_host(model)) and model.runtime != "swarm":
             from aiia_ops.flows.cluster_monitor import cluster_report
 
             report = cluster_report(model, state)
