@@ -83,9 +83,11 @@ def test_the_running_programs_use_the_documents_level_2_figures(level2):
     stack = level2["stack"]
     with level2["host"].runner() as r:
         pg = stack.services.postgresql.container
+        # As the container's user (aiia: peer authentication), the way ensure-database does.
         shown = r.query(
-            ["docker", "exec", pg, "psql", "-U", "postgres", "-Atc", "SHOW shared_buffers"]
-        )
+            ["docker", "exec", pg, "psql", "-X", "-At", "-d", "postgres", "-c",
+             "SHOW shared_buffers"]
+        )  # fmt: skip
         assert shown.stdout.strip() == "256MB", shown.stdout + shown.stderr
         for env, workers in (("prod", 4), ("staging", 1)):
             container = stack.environments[env].container
