@@ -91,3 +91,28 @@ def test_batches_of_app_hosts():
     assert batches(["a", "b", "c"], 1) == [["a"], ["b"], ["c"]]
     assert batches(["a", "b", "c"], 2) == [["a", "b"], ["c"]]
     assert batches(["a"], 0) == [["a"]]
+
+
+def test_monitor_lines_of_a_host_down_and_of_a_host_up():
+    parts = {p.name: p for p in plan.host_parts(stack())}
+    down = plan.host_checks(parts["app2"], False, {})
+    assert [(c.metric, c.subject, c.state, c.detail) for c in down] == [
+        ("host", "app2", "CRIT", "10.77.0.15: engine does not answer")
+    ]
+    states = {
+        "aiia_django_prod": "running healthy",
+        "aiia_django_prod_2": "running unhealthy",
+        "aiia_django_staging": None,
+    }
+    up = plan.host_checks(parts["app1"], True, states)
+    assert [(c.subject, c.state, c.detail) for c in up] == [
+        ("app1", "OK", "10.77.0.14: engine answers"),
+        ("app1/aiia_django_prod", "OK", "running healthy"),
+        ("app1/aiia_django_prod_2", "CRIT", "running unhealthy"),
+        ("app1/aiia_django_staging", "CRIT", "missing"),
+    ]
+    assert plan.host_checks(parts["lb1"], True, {"aiia_nginx": "running"})[1].state == "OK"
+    assert plan.container_state("aiia_redis") == [
+        "docker", "inspect", "--type", "container", "--format",
+        "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}", "aiia_redis",
+    ]  # fmt: skip

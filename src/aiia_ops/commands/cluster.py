@@ -308,3 +308,34 @@ def firewall_jump_insert() -> list[str]:
 
 def firewall_list() -> list[str]:
     return ["iptables", "-w", "-S", FIREWALL_CHAIN]
+
+
+# -- the monitor of a stack on several hosts ----------------------------------------------
+
+
+def container_state(name: str) -> list[str]:
+    """`running healthy`, `exited`, `running starting` ... (health only if it has one)."""
+    fmt = "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}"
+    return ["docker", "inspect", "--type", "container", "--format", fmt, name]
+
+
+def expected_containers(part: HostPart) -> list[str]:
+    return [s.container for s in part.services] + [i.container for _, i in part.instances]
+
+
+def host_checks(part: HostPart, engine_ok: bool, states: dict[str, str | None]) -> list:
+    """The monitor's lines for one host: its engine answers over SSH (CRITICAL when not:
+    the host is down for the stack), and each container the stack places there runs and
+    is healthy. `states`: container -> `container_state` output (None: no such container)."""
+    from aiia_ops.commands.monitor import CRIT, OK, Check
+
+    if not engine_ok:
+        return [Check("host", part.name, CRIT, detail=f"{part.address}: engine does not answer")]
+    checks = [Check("host", part.name, OK, detail=f"{part.address}: engine answers")]
+    for name in expected_containers(part):
+        state = (states.get(name) or "missing").split()
+        good = state[0] == "running" and state[1:] in ([], ["healthy"])
+        checks.append(
+            Check("container", f"{part.name}/{name}", OK if good else CRIT, detail=" ".join(state))
+        )
+    return checks

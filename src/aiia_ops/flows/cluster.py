@@ -17,7 +17,8 @@ from aiia_ops.commands import app as apps
 from aiia_ops.commands import cluster as plan
 from aiia_ops.commands import docker as cmd
 from aiia_ops.errors import OpsError
-from aiia_ops.flows.deploy import Deploy, inspect_release
+from aiia_ops.flows import switch as sw
+from aiia_ops.flows.deploy import Deploy, build_release_image, inspect_release
 from aiia_ops.flows.stack import check_fits, prepare_state
 from aiia_ops.flows.steps import Steps
 from aiia_ops.flows.targets import Target, host_target
@@ -158,12 +159,51 @@ class ClusterDeploy(Deploy):
         argv[-1:-1] = plan.publish_flag(self.part.address, port, self.env.port)
         self.runner.run(argv)
 
-    def point_nginx(self, upstream: str) -> None:
-        address = upstream.rsplit(":", 1)[0]
-        port = plan.host_port(self.instance, address)
-        self.cluster.live[(self.env.name, self.position)] = f"{self.part.address}:{port}"
-        self._old_workers = self.nginx_workers() if self.cluster.lb_up else set()
+    def _slot(self, container_address: str) -> str:
+        """host:port where the load balancer reaches this instance's container."""
+        return f"{self.part.address}:{plan.host_port(self.instance, container_address)}"
+
+    def _served(self) -> str | None:
+        """The container address the load balancer sends this instance's traffic to
+        (the cluster's live map; the app host's switch file is per environment, and an
+        app host may run several instances of one environment)."""
+        hostport = self.cluster.live.get((self.env.name, self.position))
+        if hostport is None:
+            live = self.live()
+            return live.address if live and live.running else None
+        port = int(hostport.rsplit(":", 1)[1])
+        if port == self.instance.port:
+            return str(self.instance.address)
+        return str(self.instance.standby_address)
+
+    def _repoint(self, container_address: str) -> set[str]:
+        self.cluster.live[(self.env.name, self.position)] = self._slot(container_address)
+        old = self.cluster.nginx_workers() if self.cluster.lb_up else set()
         self.cluster.point_lb()
+        return old
+
+    def point_nginx(self, address: str, tag: str, name: str) -> None:
+        self._mark("switch", switched=True)
+        self._old_workers = self._repoint(address)
+        self.steps.out(f"   {self.cluster.lb.name}: {self.env.name} -> {self._slot(address)}")
+        self._mark("reload")
+
+    def _switch(self, upstream: str, release: str, container: str, **kw) -> set[str] | None:
+        return self._repoint(upstream.rsplit(":", 1)[0])
+
+    def resync_nginx(self) -> set[str] | None:
+        old = self.cluster.nginx_workers() if self.cluster.lb_up else set()
+        self.cluster.point_lb()
+        return old
+
+    def wait_drained(self, old: set[str] | None) -> None:
+        """nginx's old workers on the load balancer (not this host) are gone."""
+        if not self.cluster.lb_up:
+            return
+        timeout = self.stack.deploy.drain_timeout
+        lb = self.cluster.runner(self.cluster.lb.name)
+        if not sw.wait_drained(lb, self.stack, old, timeout.seconds):
+            self.steps.out("   nginx workers still draining; stopping anyway")
 
     def check_through_nginx(self, tag: str) -> None:
         if not self.cluster.lb_up:
@@ -181,9 +221,6 @@ class ClusterDeploy(Deploy):
                 data = {"error": str(exc)}
             time.sleep(0.5)
         raise OpsError(f"https://{domain}/health/ through the load balancer failed: {data}")
-
-    def nginx_workers(self) -> set[str]:
-        return self.cluster.nginx_workers() if self.cluster.lb_up else set()
 
 
 def connect(model: Stack, state: StateDir, create_secrets: bool = True, out=_say) -> Cluster:
@@ -223,6 +260,10 @@ def ship_images(c: Cluster, release: str | None, parallel: int = 5) -> dict[str,
     Returns seconds per host."""
     tags = shared_image_tags(c.stack)
     local = LocalRunner()
+    if release:  # the release's app image, built here from exactly its commit if missing
+        commit, _ = resolve_ref(release)
+        for env in c.stack.environments.values():
+            build_release_image(c.stack, env, commit, release, local)
 
     def one(part: plan.HostPart) -> tuple[str, float]:
         started = time.monotonic()
@@ -279,12 +320,12 @@ def setup(
     for name, seconds in shipped.items():
         out(f"   {name}: {seconds:.1f}s")
     for part in c.parts:
-        if "nginx" in part.keys:
-            continue  # last, below
+        keys = [s.name for s in part.services if s.name != "nginx"]
+        if not keys and not part.instances:
+            continue  # the load balancer alone: last, below
         t0 = time.monotonic()
         steps.run(f"{part.name}: state, secrets, configs", lambda p=part: _files(c, p))
-        if part.services:
-            keys = [s.name for s in part.services]
+        if keys:
             steps.run(
                 f"{part.name}: start {', '.join(keys)}",
                 lambda p=part, k=keys: c.runner(p.name).run(
@@ -322,14 +363,14 @@ def setup(
     steps.run(
         f"{lb.name}: start nginx",
         lambda: c.runner(lb.name).run(
-            plan.compose_up(c.stack, c.state_dir(lb.name), lb.keys), stream=True
+            plan.compose_up(c.stack, c.state_dir(lb.name), ["nginx"]), stream=True
         ),
     )
     if c.lb_up:
         for argv in cmd.nginx_reload(model):
             c.runner(lb.name).run(argv)
     c.lb_up = True
-    timings[lb.name] = time.monotonic() - t0
+    timings[lb.name] = timings.get(lb.name, 0.0) + time.monotonic() - t0
     if firewall:
         for part in c.parts:
             steps.run(f"{part.name}: firewall", lambda p=part: apply_firewall(c, p))

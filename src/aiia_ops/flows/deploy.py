@@ -319,9 +319,7 @@ class Deploy:
             # The switch state may be ahead of nginx (a run killed between recording it and
             # the reload): make nginx serve what is recorded before anything is stopped.
             self.steps.out("   nginx made to serve the recorded switch state")
-            old = sw.switch(
-                self.runner, self.stack, self.secrets, self.state_dir, out=self.steps.out
-            )
+            old = self.resync_nginx()
         for a in plan.actions:
             self.steps.out(f"   {a}")
             if a.kind == "start":
@@ -424,6 +422,10 @@ class Deploy:
             f"--- health check output ---\n{(last.stdout + last.stderr).strip()}\n"
             f"--- last log lines of {name} ---\n{(logs.stdout + logs.stderr).strip()}"
         )
+
+    def resync_nginx(self) -> set[str] | None:
+        """nginx rendered from the recorded switch state and reloaded; its old workers."""
+        return sw.switch(self.runner, self.stack, self.secrets, self.state_dir, out=self.steps.out)
 
     def _switch(self, upstream: str, release: str, container: str, **kw) -> set[str] | None:
         return sw.switch(

@@ -99,6 +99,13 @@ def is_multi_host(stack: Stack) -> bool:
     return len(placed_hosts(stack)) > 1
 
 
+def is_one_remote_host(stack: Stack) -> bool:
+    """Everything on one host reached over SSH (level 2 on a server of its own): set up,
+    like several hosts, by flows/cluster.py."""
+    placed = placed_hosts(stack)
+    return len(placed) == 1 and stack.hosts[next(iter(placed))].ssh is not None
+
+
 def service_host(stack: Stack, service: Service) -> str:
     return service.host if service.host is not None else next(iter(stack.hosts))
 

@@ -19,6 +19,7 @@ from aiia_ops.flows.monitor import collect, run_once, store_path
 from aiia_ops.flows.output import paint, table
 from aiia_ops.host.monitor_store import Store
 from aiia_ops.model import load_stack
+from aiia_ops.model.placement import is_multi_host, is_one_remote_host
 from aiia_ops.model.state import local_state_dir
 from aiia_ops.tasks.common import task
 
@@ -39,12 +40,23 @@ def _print_report(report: m.Report, out=None) -> None:
         "times": "with --watch: stop after this many refreshes (0 = until Ctrl-C)",
     }
 )
-def monitor(c, json_=False, quiet=False, watch=False, times=0, stack=None):
-    """Every metric against its threshold; status page, history and alerts (exit 0/1/2/3)."""
+def monitor(c, json_=False, quiet=False, watch=False, times=0, stack=None, profile=None):
+    """Every metric against its threshold; status page, history and alerts (exit 0/1/2/3).
+    A stack on several hosts: each host's engine and containers over SSH, each environment
+    through the load balancer (a host that does not answer is CRITICAL by name)."""
     try:
-        model = load_stack(stack)
+        model = load_stack(stack, profile)
         state = local_state_dir(model)
-        if watch:
+        if (is_multi_host(model) or is_one_remote_host(model)) and model.runtime != "swarm":
+            from aiia_ops.flows.cluster_monitor import cluster_report
+
+            report = cluster_report(model, state)
+            code = report.exit_code
+            if json_:
+                print(json.dumps(report.to_json(), indent=2, default=str))
+            elif not quiet:
+                _print_report(report)
+        elif watch:
             code = _watch(model, state, int(times))
         else:
             report, outcome = run_once(model, state)

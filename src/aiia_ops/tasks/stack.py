@@ -16,7 +16,7 @@ from aiia_ops.flows.status import (
 )
 from aiia_ops.host.runners import Runner
 from aiia_ops.model import Stack, load_stack
-from aiia_ops.model.placement import is_multi_host
+from aiia_ops.model.placement import is_multi_host, is_one_remote_host
 from aiia_ops.model.state import local_state_dir
 from aiia_ops.tasks.common import load, task
 
@@ -102,7 +102,7 @@ def setup(c, env="prod", skip_build=False, stack=None, profile=None, ref=None):
     """From nothing to a healthy environment: provision, build, secrets, databases, app.
     A stack on several hosts (a level-3 profile): every host over SSH (flows/cluster.py)."""
     model = load_stack(stack, profile)
-    if is_multi_host(model) and model.runtime != "swarm":
+    if (is_multi_host(model) or is_one_remote_host(model)) and model.runtime != "swarm":
         from aiia_ops.flows import cluster
 
         cluster.setup(model, local_state_dir(model), ref=ref)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -54,8 +55,13 @@ def query_database() -> str:
 
 
 def query_cache() -> str:
-    """Write and read back a key: proves Redis is reachable, authenticated and writable."""
-    key = f"health:{os.getpid()}"
+    """Write and read back a key: proves Redis is reachable, authenticated and writable.
+
+    The key is this process's own: its container's host name (the container id) and pid.
+    A pid alone is not: the app containers of one environment share a Redis, and each
+    container numbers its gunicorn workers alike (pid 20, 21 ...), so at level 3 (several
+    instances) two workers wrote one key and read back each other's value (503s)."""
+    key = f"health:{socket.gethostname()}:{os.getpid()}"
     token = str(time.time_ns())
     cache.set(key, token, 30)
     if cache.get(key) != token:

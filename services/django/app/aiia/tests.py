@@ -58,6 +58,17 @@ class HealthTests(TestCase):
         self.assertTrue(body["checks"]["cache"]["ok"])
         self.assertNotIn(b"172.20.0.5", response.content)
 
+    def test_cache_key_is_each_containers_own(self):
+        # Level 3: instances share one Redis and number their workers alike (same pid).
+        from django.core.cache import cache
+
+        with mock.patch.object(health.os, "getpid", return_value=20):
+            for container in ("c0ffee000001", "c0ffee000002"):
+                with mock.patch.object(health.socket, "gethostname", return_value=container):
+                    health.query_cache()
+        self.assertIsNotNone(cache.get("health:c0ffee000001:20"))
+        self.assertIsNotNone(cache.get("health:c0ffee000002:20"))
+
     def test_cache_down_is_503(self):
         with override_settings(CACHES=REDIS_NOWHERE):
             started = time.monotonic()
