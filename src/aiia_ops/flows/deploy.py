@@ -34,6 +34,7 @@ from aiia_ops.commands.argv import quote
 from aiia_ops.errors import CommandFailed, OpsError
 from aiia_ops.flows import switch as sw
 from aiia_ops.flows.output import paint
+from aiia_ops.flows.restore import resume_if_paused
 from aiia_ops.flows.status import health_through_nginx
 from aiia_ops.flows.steps import Steps
 from aiia_ops.flows.switch import inspect_release, live_upstreams, write_host_files
@@ -175,6 +176,9 @@ class Deploy:
         self.journal: jn.Journal | None = None
         address = ""
         try:
+            # A restore killed inside its PgBouncer PAUSE (we hold the deploy lock, which a
+            # live restore holds too): its pool resumed before anything else.
+            resume_if_paused(self.stack, self.runner, env)
             left = self.adopt_leftover()
             live = self.live()  # re-read: the preflight's snapshot may be stale now
             self.journal = jn.Journal(
