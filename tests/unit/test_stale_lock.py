@@ -139,3 +139,36 @@ def test_a_taker_killed_between_mkdir_and_write_leaves_an_empty_dir(tmp_path):
     path = lock.lock_dir(str(tmp_path), NAME)
     assert os.path.isdir(path) and os.listdir(path) == []
     assert lock.read(LocalRunner(), str(tmp_path), NAME) == {"holder": lock.NO_HOLDER}
+
+
+def test_the_deploy_lock_age_limit_is_a_validated_stack_value(tmp_path):
+    from aiia_ops import DEFAULT_STACK
+    from aiia_ops.model import load_stack
+    from aiia_ops.model.types import StackError
+
+    assert load_stack().deploy.lock_max_age.seconds == 6 * 3600
+    text = DEFAULT_STACK.read_text()
+    assert "lock_max_age: 6h" in text
+    path = tmp_path / "stack.yml"
+    path.write_text(text.replace("lock_max_age: 6h", "lock_max_age: 2h"))
+    assert load_stack(path).deploy.lock_max_age.seconds == 7200
+    for bad in ("30s", "8d"):
+        path.write_text(text.replace("lock_max_age: 6h", f"lock_max_age: {bad}"))
+        with pytest.raises(StackError, match=r"deploy\.lock_max_age: .* expected 10m-7d"):
+            load_stack(path)
+
+
+def test_sigterm_between_mkdir_and_write_is_held_and_the_lock_let_go(tmp_path):
+    code = (
+        "from aiia_ops.host import lock; from aiia_ops.host.runners import LocalRunner\n"
+        "from aiia_ops.host.signals import Interrupted, interruptible\n"
+        "try:\n"
+        "    with interruptible():\n"
+        f"        lock.acquire(LocalRunner(), {str(tmp_path)!r}, {NAME!r})\n"
+        "except Interrupted as exc:\n"
+        "    print(exc)\n"
+    )
+    env = {**os.environ, "AIIA_FAILPOINT": f"lock:{NAME}:TERM"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout == "interrupted by SIGTERM\n", proc
+    assert not os.path.exists(lock.lock_dir(str(tmp_path), NAME))  # not left behind

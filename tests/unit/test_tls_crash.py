@@ -98,6 +98,6 @@ def test_the_renewal_reloads_nginx_under_the_host_wide_switch_lock(flow):
     assert not (flow.root / "locks" / jn.SWITCH_LOCK).exists()  # ... and let it go
     again = Host(host_rules(prod_x509=PEBBLE_X509))
     renewal.renew(again, STACK, flow, directory=LE)
-    at = {c: again.commands.index(again.ran(c)[0])
-          for c in (f"mkdir {switch}", "nginx -t", "nginx -s reload", f"rm -rf {switch}")}  # fmt: skip
+    steps = (f"mkdir {switch}", "nginx -t", "nginx -s reload", f"rm -rf {switch}")
+    at = {c: again.commands.index(again.ran(c)[0]) for c in steps}
     assert list(at.values()) == sorted(at.values()), again.commands

@@ -60,10 +60,6 @@ class DeployInterrupted(OpsError):
     """SIGINT/SIGTERM/SIGHUP during a release: the recovery ran, then the task stops."""
 
 
-# A deploy lock older than this whose holder cannot be checked (another machine) is stale.
-DEPLOY_LOCK_MAX_AGE = 6 * 3600.0
-
-
 class MigrationRefused(OpsError):
     """The release's new migrations would break the live release: refused before anything
     changed (recorded "failed": the release never ran, so it is not "bad")."""
@@ -168,7 +164,7 @@ class Deploy:
                 version=tag,
                 action=action,
                 release_hint=f"invoke lock.release --env={env.name}",
-                max_age=DEPLOY_LOCK_MAX_AGE,
+                max_age=self.stack.deploy.lock_max_age.seconds,
                 out=self.steps.out,
             ),
         )
@@ -222,8 +218,17 @@ class Deploy:
                     f"run the same command again to finish it"
                 ) from None
             raise
-        with shielded():
-            self.finish(tag, action, "good", started, "")
+        try:
+            with shielded():
+                self.finish(tag, action, "good", started, "")
+        except (Interrupted, KeyboardInterrupt) as exc:
+            # The signal came while the release was being recorded: held until the record,
+            # the journal and the lock were done. Nothing is left to recover.
+            why = str(exc) if isinstance(exc, Interrupted) else "interrupted by SIGINT"
+            raise DeployInterrupted(
+                f"{action} of {env.name} to {tag} {why} after it was recorded good: "
+                f"{tag} serves, nothing to recover"
+            ) from None
         return {"release": tag, "address": address, "seconds": time.monotonic() - started}
 
     def _steps(
@@ -648,6 +653,8 @@ def explained(d: Deploy, fn: Callable[[], dict]) -> dict:
     """Run a release; on a failure, say what still serves before the error is shown."""
     try:
         return fn()
+    except DeployInterrupted:
+        raise  # what serves was said by the recovery (or the release was recorded good)
     except OpsError:
         print(
             f"\n{d.env.name} still serves the previous release. The database is never "

@@ -27,6 +27,7 @@ from aiia_ops.errors import OpsError
 from aiia_ops.host.faults import failpoint
 from aiia_ops.host.releases import now_iso, who
 from aiia_ops.host.runners import Runner
+from aiia_ops.host.signals import shielded
 
 
 class LockHeld(OpsError):
@@ -130,7 +131,7 @@ def acquire(
         "from": socket.gethostname(),
     }
     deadline = time.monotonic() + wait
-    while not runner.run(["mkdir", path], check=False).ok:
+    while not _take(runner, path, name, info):
         held = read(runner, state_dir, name) or {}
         empty_for = None
         if held.get("holder") == NO_HOLDER:
@@ -169,9 +170,26 @@ def acquire(
         raise LockHeld(
             f"{name} is locked by {describe(held)}; wait for it to finish, or if it died: {hint}"
         )
-    failpoint(f"lock:{name}")  # the crash tests: killed between the mkdir and the write
-    runner.write_file(f"{path}/holder.json", json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _take(runner: Runner, path: str, name: str, info: dict) -> bool:
+    """mkdir, then holder.json, with SIGINT/SIGTERM/SIGHUP held in between (a signal there
+    would leave a lock nobody is named in): raised once the holder is written, and then the
+    lock is let go again. Only SIGKILL can leave the dir empty (see EMPTY_STALE)."""
+    taken = False
+    try:
+        with shielded():
+            if not runner.run(["mkdir", path], check=False).ok:
+                return False
+            taken = True
+            failpoint(f"lock:{name}")  # the crash tests: killed between mkdir and write
+            runner.write_file(f"{path}/holder.json", json.dumps(info, indent=2) + "\n")
+    except BaseException:
+        if taken:
+            runner.run(["rm", "-rf", path], check=False)
+        raise
+    return True
 
 
 def dir_age(runner: Runner, path: str) -> float | None:
