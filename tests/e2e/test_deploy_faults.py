@@ -115,6 +115,13 @@ def prod_load(stack, releases):
                 fh.write("\n".join(table) + "\n")
 
 
+def keep_output(case: str, killed: str, rerun: str) -> None:
+    """Both runs' output (each step with its duration), appended to $AIIA_FAULT_LOG if set."""
+    if os.environ.get("AIIA_FAULT_LOG"):
+        with open(os.environ["AIIA_FAULT_LOG"], "a") as fh:
+            fh.write(f"==== {case}: killed run\n{killed}\n==== {case}: re-run\n{rerun}\n")
+
+
 def deploy(env: str, ref: str, *extra: str, **kw) -> subprocess.CompletedProcess:
     return run_invoke("deploy", f"--env={env}", f"--ref={ref}", "--no-backup", *extra, **kw)
 
@@ -204,6 +211,7 @@ def test_a_prod_deploy_killed_at_a_step_boundary_keeps_serving_and_a_rerun_finis
     rerun = deploy("prod", target)
     rerun_s = time.monotonic() - t1
     seen = prod_load.since(mark)
+    keep_output(f"{sig.name} {boundary}", out, rerun.stdout + rerun.stderr)
     ROWS.append((f"{sig.name} {boundary}", killed_s, rerun_s, seen["total"],
                  sum(seen["failures"].values()), seen["retried"]))  # fmt: skip
     assert between in releases, f"prod answered {between!r} after the kill:\n{out}"
@@ -337,6 +345,7 @@ def test_a_deploy_over_ssh_whose_connection_is_cut_keeps_serving_and_a_rerun_fin
     t1 = time.monotonic()
     rerun = run_invoke(*args, env=env, timeout=900)
     seen = prod_load.since(mark)
+    keep_output(f"SSH cut {boundary}", out, rerun.stdout + rerun.stderr)
     ROWS.append((f"SSH cut {boundary}", killed_s, time.monotonic() - t1, seen["total"],
                  sum(seen["failures"].values()), seen["retried"]))  # fmt: skip
     # Between two commands the SSH runner reconnects, so the deploy may finish by itself;
