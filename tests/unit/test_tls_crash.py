@@ -83,3 +83,21 @@ def test_a_successful_renewal_leaves_no_journal(flow):
     host = Host(host_rules())
     assert list(renewal.renew(host, STACK, flow, directory=LE)) == ["eduaiia.com"]
     assert not (flow.root / "journal" / "renew.json").exists()
+
+
+def test_the_renewal_reloads_nginx_under_the_host_wide_switch_lock(flow):
+    """Like every deploy's render + reload (flows/switch.py): nginx -t and the reload of a
+    renewal never interleave with a deploy's switch."""
+    from aiia_ops.commands import journal as jn
+
+    killed = Host(host_rules(), kill_at="nginx -s reload")
+    with pytest.raises(Interrupted):
+        renewal.renew(killed, STACK, flow, directory=LE)
+    switch = str(flow.root / "locks" / jn.SWITCH_LOCK)
+    assert killed.ran(f"mkdir {switch}")  # the killed run held it at its reload ...
+    assert not (flow.root / "locks" / jn.SWITCH_LOCK).exists()  # ... and let it go
+    again = Host(host_rules(prod_x509=PEBBLE_X509))
+    renewal.renew(again, STACK, flow, directory=LE)
+    steps = (f"mkdir {switch}", "nginx -t", "nginx -s reload", f"rm -rf {switch}")
+    at = {c: again.commands.index(again.ran(c)[0]) for c in steps}
+    assert list(at.values()) == sorted(at.values()), again.commands

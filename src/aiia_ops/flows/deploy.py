@@ -34,6 +34,7 @@ from aiia_ops.commands.argv import quote
 from aiia_ops.errors import CommandFailed, OpsError
 from aiia_ops.flows import switch as sw
 from aiia_ops.flows.output import paint
+from aiia_ops.flows.restore import resume_if_paused
 from aiia_ops.flows.status import health_through_nginx
 from aiia_ops.flows.steps import Steps
 from aiia_ops.flows.switch import inspect_release, live_upstreams, write_host_files
@@ -57,10 +58,6 @@ class DeployFailed(OpsError):
 
 class DeployInterrupted(OpsError):
     """SIGINT/SIGTERM/SIGHUP during a release: the recovery ran, then the task stops."""
-
-
-# A deploy lock older than this whose holder cannot be checked (another machine) is stale.
-DEPLOY_LOCK_MAX_AGE = 6 * 3600.0
 
 
 class MigrationRefused(OpsError):
@@ -167,7 +164,7 @@ class Deploy:
                 version=tag,
                 action=action,
                 release_hint=f"invoke lock.release --env={env.name}",
-                max_age=DEPLOY_LOCK_MAX_AGE,
+                max_age=self.stack.deploy.lock_max_age.seconds,
                 out=self.steps.out,
             ),
         )
@@ -175,6 +172,9 @@ class Deploy:
         self.journal: jn.Journal | None = None
         address = ""
         try:
+            # A restore killed inside its PgBouncer PAUSE (we hold the deploy lock, which a
+            # live restore holds too): its pool resumed before anything else.
+            resume_if_paused(self.stack, self.runner, env)
             left = self.adopt_leftover()
             live = self.live()  # re-read: the preflight's snapshot may be stale now
             self.journal = jn.Journal(
@@ -218,8 +218,17 @@ class Deploy:
                     f"run the same command again to finish it"
                 ) from None
             raise
-        with shielded():
-            self.finish(tag, action, "good", started, "")
+        try:
+            with shielded():
+                self.finish(tag, action, "good", started, "")
+        except (Interrupted, KeyboardInterrupt) as exc:
+            # The signal came while the release was being recorded: held until the record,
+            # the journal and the lock were done. Nothing is left to recover.
+            why = str(exc) if isinstance(exc, Interrupted) else "interrupted by SIGINT"
+            raise DeployInterrupted(
+                f"{action} of {env.name} to {tag} {why} after it was recorded good: "
+                f"{tag} serves, nothing to recover"
+            ) from None
         return {"release": tag, "address": address, "seconds": time.monotonic() - started}
 
     def _steps(
@@ -646,6 +655,8 @@ def explained(d: Deploy, fn: Callable[[], dict]) -> dict:
     """Run a release; on a failure, say what still serves before the error is shown."""
     try:
         return fn()
+    except DeployInterrupted:
+        raise  # what serves was said by the recovery (or the release was recorded good)
     except OpsError:
         print(
             f"\n{d.env.name} still serves the previous release. The database is never "

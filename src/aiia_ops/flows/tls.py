@@ -26,6 +26,7 @@ from aiia_ops.commands import tls
 from aiia_ops.commands.tls import Installed, Lineage
 from aiia_ops.errors import OpsError
 from aiia_ops.flows.output import paint, table
+from aiia_ops.flows.switch import switch_lock
 from aiia_ops.host import lock
 from aiia_ops.host.files import context_sha
 from aiia_ops.host.notify import notify
@@ -393,10 +394,11 @@ def _finish_cut_off(runner: Runner, model: Stack, state: StateDir, out) -> None:
     out(f"-> a renewal was cut off after installing {', '.join(names)}: nginx reloads it now")
     if _running(runner, nginx):
         test, reload = cmd.nginx_reload(model)
-        checked = runner.run(test, check=False)
-        if checked.ok:
-            runner.run(reload)
-        else:
+        with switch_lock(runner, str(state.root), out):  # host-wide: no deploy's reload between
+            checked = runner.run(test, check=False)
+            if checked.ok:
+                runner.run(reload)
+        if not checked.ok:
             image = ensure_certbot_image(runner, out)
             by_name = {lin.name: lin for lin in tls.lineages(model)}
             for name in names:
@@ -435,7 +437,13 @@ def _reload(runner, model, state, image, installed, failed, out) -> None:
         out(f"-> {nginx} is not running: it reads the new certificates when it starts")
         return
     test, reload = cmd.nginx_reload(model)
-    checked = runner.run(test, check=False)
+    # The check and the reload under the host-wide switch lock (flows/switch.py): no deploy
+    # renders and reloads nginx in between.
+    with switch_lock(runner, str(state.root), out):
+        checked = runner.run(test, check=False)
+        if checked.ok:
+            out("-> nginx -t ok; reloading gracefully")
+            runner.run(reload)
     if not checked.ok:
         # Never leave a pair nginx refuses where its next start would read it.
         by_name = {lin.name: lin for lin in tls.lineages(model)}
@@ -446,8 +454,6 @@ def _reload(runner, model, state, image, installed, failed, out) -> None:
             )
             del installed[name]
         return
-    out("-> nginx -t ok; reloading gracefully")
-    runner.run(reload)
     expected = {
         domain: info["serial"]
         for info in installed.values()

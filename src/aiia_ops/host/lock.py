@@ -5,8 +5,11 @@ Used by every operation that must not overlap: `deploy-<env>` (deploy, rollback,
 a time). It works through any runner, so a lock on a remote host is taken over SSH.
 
 A lock whose holder ran on this machine and whose process is gone is stale: it is reported
-and taken over. Any other held lock is refused with its holder and the exact command that
-clears it (`invoke lock.release --name NAME`).
+and taken over. So is a lock directory without holder.json older than EMPTY_STALE seconds
+(its taker was killed between the mkdir and the write: the holder file is written right
+after the mkdir, atomically, so a live taker is never that slow). Any other held lock is
+refused with its holder and the exact command that clears it (`invoke lock.release --name
+NAME`).
 """
 
 from __future__ import annotations
@@ -21,12 +24,20 @@ from contextlib import contextmanager
 from datetime import datetime
 
 from aiia_ops.errors import OpsError
+from aiia_ops.host.faults import failpoint
 from aiia_ops.host.releases import now_iso, who
 from aiia_ops.host.runners import Runner
+from aiia_ops.host.signals import shielded
 
 
 class LockHeld(OpsError):
     pass
+
+
+# A lock dir this old without holder.json was left by a taker killed between its mkdir and
+# its write (both are one command each, back to back, even over SSH): taken over.
+EMPTY_STALE = 10.0
+NO_HOLDER = "unknown (no holder.json yet)"
 
 
 def locks_dir(state_dir: str) -> str:
@@ -105,8 +116,9 @@ def acquire(
     max_age: float | None = None,
 ) -> dict:
     """Take lock `name` or raise LockHeld; waits up to `wait` seconds for a live holder.
-    Stale, reported and taken over: a holder on this machine whose pid is gone, or (with
-    `max_age`) one that cannot be checked from here and is older than `max_age` seconds."""
+    Stale, reported and taken over: a holder on this machine whose pid is gone, a lock dir
+    without holder.json older than EMPTY_STALE seconds, or (with `max_age`) a holder that
+    cannot be checked from here and is older than `max_age` seconds."""
     path = lock_dir(state_dir, name)
     runner.run(["mkdir", "-p", locks_dir(state_dir)])
     info = {
@@ -119,8 +131,18 @@ def acquire(
         "from": socket.gethostname(),
     }
     deadline = time.monotonic() + wait
-    while not runner.run(["mkdir", path], check=False).ok:
+    while not _take(runner, path, name, info):
         held = read(runner, state_dir, name) or {}
+        empty_for = None
+        if held.get("holder") == NO_HOLDER:
+            empty_for = dir_age(runner, path)
+            if empty_for is not None and empty_for > EMPTY_STALE:
+                out(
+                    f"   taking over a stale lock {name}: its directory has had no "
+                    f"holder.json for {empty_for:.0f} s (a run killed while taking it)"
+                )
+                runner.run(["rm", "-rf", path])
+                continue
         alive = holder_alive(held)
         if alive is False:
             out(f"   taking over a stale lock {name}: {describe(held)} is no longer running")
@@ -138,11 +160,46 @@ def acquire(
             time.sleep(0.5)
             continue
         hint = release_hint or f"invoke lock.release --name {name}"
+        if held.get("holder") == NO_HOLDER:
+            left = max(1.0, EMPTY_STALE - (empty_for or 0.0))
+            raise LockHeld(
+                f"{name} is being taken by another run (its directory has no holder.json "
+                f"yet); retry in {left:.0f} s: a run killed while taking it is then taken "
+                f"over; or if it died: {hint}"
+            )
         raise LockHeld(
             f"{name} is locked by {describe(held)}; wait for it to finish, or if it died: {hint}"
         )
-    runner.write_file(f"{path}/holder.json", json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _take(runner: Runner, path: str, name: str, info: dict) -> bool:
+    """mkdir, then holder.json, with SIGINT/SIGTERM/SIGHUP held in between (a signal there
+    would leave a lock nobody is named in): raised once the holder is written, and then the
+    lock is let go again. Only SIGKILL can leave the dir empty (see EMPTY_STALE)."""
+    taken = False
+    try:
+        with shielded():
+            if not runner.run(["mkdir", path], check=False).ok:
+                return False
+            taken = True
+            failpoint(f"lock:{name}")  # the crash tests: killed between mkdir and write
+            runner.write_file(f"{path}/holder.json", json.dumps(info, indent=2) + "\n")
+    except BaseException:
+        if taken:
+            runner.run(["rm", "-rf", path], check=False)
+        raise
+    return True
+
+
+def dir_age(runner: Runner, path: str) -> float | None:
+    """Seconds since `path` was last changed, by the host's own clock (None: unknown)."""
+    mtime = runner.query(["stat", "-c", "%Y", path])
+    now = runner.query(["date", "+%s"])
+    try:
+        return float(now.stdout.strip()) - float(mtime.stdout.strip())
+    except ValueError:
+        return None
 
 
 def read(runner: Runner, state_dir: str, name: str) -> dict | None:
@@ -150,7 +207,7 @@ def read(runner: Runner, state_dir: str, name: str) -> dict | None:
     if data is None:
         # mkdir done, holder.json not yet written (or lost): still held
         exists = runner.query(["test", "-d", lock_dir(state_dir, name)]).ok
-        return {"holder": "unknown (no holder.json yet)"} if exists else None
+        return {"holder": NO_HOLDER} if exists else None
     try:
         return json.loads(data)
     except ValueError:

@@ -377,6 +377,9 @@ class DeployPolicy:
     keep_releases: int = 5
     health_timeout: Duration = Duration(60)
     drain_timeout: Duration = Duration(30)
+    # A deploy lock older than this whose holder cannot be checked (its pid is on another
+    # machine) is stale and taken over (host/lock.py). Longer than any real deploy.
+    lock_max_age: Duration = Duration(6 * 3600)
 
 
 @dataclass(frozen=True)

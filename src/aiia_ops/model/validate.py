@@ -282,6 +282,12 @@ def _settings(stack: Stack, problems: Problems) -> None:
                     f"environments.{env.name}.gunicorn.{key}",
                     f"{getattr(g, key)} is below 1; expected a positive number",
                 )
+    if not 600 <= stack.deploy.lock_max_age.seconds <= 7 * 86400:
+        problems.add(
+            "deploy.lock_max_age",
+            f"{stack.deploy.lock_max_age} is not a lock age limit; expected 10m-7d (a deploy "
+            "lock held from another machine this long is taken over: longer than any deploy)",
+        )
     if stack.deploy.keep_releases < 1:
         problems.add(
             "deploy.keep_releases",

@@ -737,3 +737,61 @@ def test_a_recovery_that_cannot_finish_leaves_the_journal_for_the_next_run(stack
     journal = jn.parse_journal(host.files[jn.journal_path(STATE, "prod")])
     assert journal.step == "record" and not journal.finished
     assert any("recovery stopped" in line for line in lines)
+
+
+@pytest.mark.parametrize("paused", [True, False])
+def test_a_pool_left_paused_by_a_killed_restore_is_resumed_right_after_the_lock(stack, paused):
+    from aiia_ops.commands import backups as bk
+    from aiia_ops.commands import restores as rj
+
+    env = stack.environment("prod")
+    facts = answers(stack, env, images={TAG: True})
+    facts[quote(bk.container_running(stack.services.pgbouncer.container))] = "true\n"
+    facts[quote(rj.show_databases(stack))] = (
+        f"name,host,port,database,paused,disabled\n{env.database},x,5432,{env.database},"
+        f"{int(paused)},0\n"
+    )
+    d, _, _, out = dry_deploy(stack, host=Host(facts))
+    d.deploy(None)
+    printed = d.runner.printed
+    resume = f"[local] {quote(bk.resume(stack, env.database))}"
+    if not paused:
+        assert resume not in printed and "a killed restore" not in out.getvalue()
+        return
+    lock = lock_dir(STATE, deploy_lock("prod"))
+    in_order(
+        printed,
+        [
+            f"[local] {quote(['mkdir', lock])}",
+            resume,
+            f"[local] {quote(rj.cancel_guard(stack, env.database))}",
+            f"[local] {quote(apps.migration_safety(stack, env, STATE, TAG))}",
+        ],
+    )
+
+
+def test_sigterm_while_the_release_is_recorded_is_held_then_said_without_a_traceback(
+    stack, monkeypatch
+):
+    import os
+    import signal
+
+    env = stack.environment("prod")
+    d, host, _ = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
+    prune = Deploy.prune_images
+
+    def killed(self, current):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives after "recorded: ... good"
+        prune(self, current)
+
+    monkeypatch.setattr(Deploy, "prune_images", killed)
+    with pytest.raises(flow.DeployInterrupted) as err:
+        d.deploy(None)
+    assert str(err.value) == (
+        f"deploy of prod to {TAG} interrupted by SIGTERM after it was recorded good: "
+        f"{TAG} serves, nothing to recover"
+    )
+    last = json.loads(host.files[f"{STATE}/releases/prod.jsonl"].splitlines()[-1])
+    assert last["result"] == "good"
+    assert jn.parse_journal(host.files[jn.journal_path(STATE, "prod")]).finished
+    assert ["rm", "-rf", lock_dir(STATE, deploy_lock("prod"))] == host.commands[-1]
