@@ -650,7 +650,23 @@ class FastPathTests(ApiTestCase):
         def start_response(status, headers, exc_info=None):
             out["status"], out["headers"] = status, headers
 
-        body = b"".join(app(environ, start_response))
+        from django.core.signals import request_finished, request_started
+        from django.db import close_old_connections
+
+        # As Django's test client does: the request's start and end must not close the
+        # test's connection (inside its transaction, PostgreSQL's would be closed).
+        for signal in (request_started, request_finished):
+            signal.disconnect(close_old_connections)
+        try:
+            result = app(environ, start_response)
+            try:
+                body = b"".join(result)
+            finally:
+                if hasattr(result, "close"):
+                    result.close()  # as a WSGI server does: Django's request_finished
+        finally:
+            for signal in (request_started, request_finished):
+                signal.connect(close_old_connections)
         return out["status"], out["headers"], body
 
     def fast_hit(self, path, qs=""):
