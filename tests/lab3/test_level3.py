@@ -28,7 +28,7 @@ import yaml
 
 from aiia_ops import REPO_ROOT
 from aiia_ops.commands.cluster import host_parts, instance_env
-from aiia_ops.host.http import health_through_nginx
+from aiia_ops.host.http import health_through_nginx, https_get
 from aiia_ops.model import load_stack
 from tests.conftest import run_invoke
 from tests.e2e.deploys import drop_refs, head_file, make_commit
@@ -37,6 +37,7 @@ from tests.lab3.load import Load
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 
 PROFILE = "2gb-4cpu"
+CSS = "/static/admin/css/base.css"  # Django admin's, collected in every release
 HOSTS = {"lb1": "lab1", "db1": "lab2", "cache1": "lab3", "app1": "lab4", "app2": "lab5"}
 
 
@@ -156,6 +157,21 @@ def test_firewall_admits_db_and_cache_ports_from_app_hosts_only(level3):
     for address, port in [*ports, (lab["lab4"].address, 8000), (lab["lab5"].address, 8002)]:
         assert not _answers(address, port), ("this machine", address, port)
     assert _answers(lab["lab1"].address, 443)
+
+
+def test_static_files_are_served_by_the_load_balancer(level3):
+    """collectstatic ran on the app hosts; lb1 serves the files from its own volume (setup
+    copied them there), cached 30 days."""
+    lb = level3["lab"]["lab1"]
+    for env in level3["stack"].environments.values():
+        status, headers, body = https_get(env.domains[0], CSS, lb.address, 443)
+        assert status == 200, (env.name, status, body[:200])
+        headers = {k.lower(): v for k, v in headers.items()}
+        assert headers.get("content-type", "").startswith("text/css"), headers
+        assert "max-age=2592000" in headers.get("cache-control", ""), headers
+        assert b"{" in body, body[:200]
+    status, _, _ = https_get("eduaiia.com", "/static/no-such-file.css", lb.address, 443)
+    assert status == 404
 
 
 # -- rolling deploys under load, a failing release, a dying host -------------------------

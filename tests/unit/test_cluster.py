@@ -116,3 +116,23 @@ def test_monitor_lines_of_a_host_down_and_of_a_host_up():
         "docker", "inspect", "--type", "container", "--format",
         "{{.State.Status}} {{if .State.Health}}{{.State.Health.Status}}{{end}}", "aiia_redis",
     ]  # fmt: skip
+
+
+def test_static_files_go_from_an_app_host_to_the_load_balancers_volume():
+    st = stack()
+    prod = st.environments["prod"]
+    pack = plan.static_pack(st, prod, "aiia/django:abc", "/var/lib/aiia")
+    assert " ".join(pack) == (
+        "docker run --rm --network none --user 0 --entrypoint tar"
+        " --mount type=volume,source=aiia_storage_prod,target=/storage,readonly"
+        " --mount type=bind,source=/var/lib/aiia/static-sync,target=/sync"
+        " aiia/django:abc -C /storage -cf /sync/static-prod.tar static"
+    )
+    unpack = plan.static_unpack(st, prod, "aiia/nginx:def", "/srv/lb")
+    assert " ".join(unpack) == (
+        "docker run --rm --network none --user 0 --entrypoint tar"
+        " --mount type=volume,source=aiia_storage_prod,target=/storage"
+        " --mount type=bind,source=/srv/lb/static-sync,target=/sync,readonly"
+        " aiia/nginx:def -C /storage --no-same-owner -xf /sync/static-prod.tar"
+    )
+    assert plan.static_bundle("/srv/lb", "prod") == "/srv/lb/static-sync/static-prod.tar"

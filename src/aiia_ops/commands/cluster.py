@@ -238,6 +238,44 @@ def compose_up(stack: Stack, state_dir: str, services: list[str]) -> list[str]:
     return up(stack, state_dir, services)
 
 
+# -- static files on the load balancer ----------------------------------------------------
+# collectstatic writes into the storage volume of the app host that runs it; lb1's nginx
+# serves /static/ from its own volume of that name. Each deploy copies the release's static
+# tree there (tar over SFTP, a file in each host's state dir) before the load balancer
+# points at the release, so every page it serves finds its hashed CSS/JS; older releases'
+# files stay (a page of the previous release, still open in a browser, keeps working).
+# Uploads (media) are not copied: at level 3 they belong on shared storage or the CDN.
+
+STATIC_SYNC_DIR = "static-sync"
+
+
+def static_bundle(state_dir: str, env_name: str) -> str:
+    return f"{state_dir}/{STATIC_SYNC_DIR}/static-{env_name}.tar"
+
+
+def _tar_in_volume(stack: Stack, env: Environment, image: str, state_dir: str, pack: bool):
+    volume = f"{stack.project}_{env.storage_volume}"
+    return [
+        "docker", "run", "--rm", "--network", "none", "--user", "0", "--entrypoint", "tar",
+        "--mount", f"type=volume,source={volume},target=/storage" + (",readonly" if pack else ""),
+        "--mount", f"type=bind,source={state_dir}/{STATIC_SYNC_DIR},target=/sync"
+        + ("" if pack else ",readonly"),
+        image, "-C", "/storage",
+        *(["-cf", f"/sync/static-{env.name}.tar", "static"] if pack
+          else ["--no-same-owner", "-xf", f"/sync/static-{env.name}.tar"]),
+    ]  # fmt: skip
+
+
+def static_pack(stack: Stack, env: Environment, image: str, state_dir: str) -> list[str]:
+    """On the app host: the environment's collected static tree into a tar in its state dir."""
+    return _tar_in_volume(stack, env, image, state_dir, pack=True)
+
+
+def static_unpack(stack: Stack, env: Environment, image: str, state_dir: str) -> list[str]:
+    """On the load balancer: that tar into its storage volume (added to, never emptied)."""
+    return _tar_in_volume(stack, env, image, state_dir, pack=False)
+
+
 # -- the firewall -------------------------------------------------------------------------
 
 

@@ -110,6 +110,20 @@ class Cluster:
             for argv in cmd.nginx_reload(self.stack):
                 self.runner(self.lb.name).run(argv)
 
+    def sync_static(self, part: plan.HostPart, env, tag: str) -> None:
+        """The release's collected static files from its app host into lb1's storage
+        volume (commands/cluster.py: why), before lb1 serves the release."""
+        src, lb = self.runner(part.name), self.runner(self.lb.name)
+        src_dir, lb_dir = self.state_dir(part.name), self.state_dir(self.lb.name)
+        src.run(["mkdir", "-p", f"{src_dir}/{plan.STATIC_SYNC_DIR}"])
+        src.run(plan.static_pack(self.stack, env, f"{env.image}:{tag}", src_dir))
+        data = src.read_file(plan.static_bundle(src_dir, env.name))
+        if data is None:
+            raise OpsError(f"{part.name}: collectstatic left no static files for {env.name}")
+        lb.write_file(plan.static_bundle(lb_dir, env.name), data, mode=0o644)
+        nginx = f"{self.stack.services.nginx.image}:{shared_image_tags(self.stack)['nginx']}"
+        lb.run(plan.static_unpack(self.stack, env, nginx, lb_dir))
+
     def nginx_workers(self) -> set[str]:
         out = self.runner(self.lb.name).query(apps.nginx_processes(self.stack)).stdout
         return apps.parse_workers(out)
@@ -183,6 +197,8 @@ class ClusterDeploy(Deploy):
         return old
 
     def point_nginx(self, address: str, tag: str, name: str) -> None:
+        if self.cluster.lb_up:  # at setup, lb1 starts later and gets them then
+            self.cluster.sync_static(self.part, self.env, tag)
         self._mark("switch", switched=True)
         self._old_workers = self._repoint(address)
         self.steps.out(f"   {self.cluster.lb.name}: {self.env.name} -> {self._slot(address)}")
@@ -370,6 +386,14 @@ def setup(
         for argv in cmd.nginx_reload(model):
             c.runner(lb.name).run(argv)
     c.lb_up = True
+    synced: set[str] = set()
+    for part, _, inst in c.instances():  # one copy per environment: every instance has it
+        if inst.env.name not in synced:
+            synced.add(inst.env.name)
+            steps.run(
+                f"{lb.name}: {inst.env.name}'s static files from {part.name}",
+                lambda p=part, i=inst: c.sync_static(p, plan.instance_env(i), release),
+            )
     timings[lb.name] = timings.get(lb.name, 0.0) + time.monotonic() - t0
     if firewall:
         for part in c.parts:
