@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from aiia_ops.host import lock
 from aiia_ops.host.runners import LocalRunner
+from aiia_ops.host.signals import Interrupted, interruptible
 
 NAME = lock.deploy_lock("prod")
 HINT = "invoke lock.release --env=prod"
@@ -172,3 +174,24 @@ def test_sigterm_between_mkdir_and_write_is_held_and_the_lock_let_go(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout == "interrupted by SIGTERM\n", proc
     assert not os.path.exists(lock.lock_dir(str(tmp_path), NAME))  # not left behind
+
+
+class SignalledRunner(LocalRunner):
+    """Sends itself SIGTERM as the lock's `rm` starts (as the fault matrix's SIGTERM at
+    the reload boundary did), before the rm is done."""
+
+    def run(self, argv, *args, **kw):
+        if argv[:2] == ["rm", "-rf"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().run(argv, *args, **kw)
+
+
+def test_sigterm_while_letting_go_of_a_lock_still_lets_it_go(tmp_path):
+    with (
+        pytest.raises(Interrupted),
+        interruptible(),
+        lock.holding(SignalledRunner(), str(tmp_path), NAME),
+    ):
+        pass
+    # Left behind, our own live pid held it: the recovery waited 180 s for itself.
+    assert not os.path.exists(lock.lock_dir(str(tmp_path), NAME))

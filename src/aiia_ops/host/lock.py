@@ -233,4 +233,8 @@ def holding(runner: Runner, state_dir: str, name: str, **kw) -> Iterator[dict]:
     try:
         yield info
     finally:
-        release(runner, state_dir, name)
+        # A SIGTERM during the `rm` (just after a block's last step: the fault matrix's
+        # "nginx reloaded") killed it and left our own live pid holding the lock; the
+        # recovery then waited SWITCH_WAIT for itself. Held until the lock is gone.
+        with shielded():
+            release(runner, state_dir, name)
