@@ -41,7 +41,6 @@ def test_cron_daemon_started_only_when_needed():
 def test_install_writes_the_file_and_starts_cron_only_for_the_real_one(tmp_path, monkeypatch):
     from aiia_ops import DEFAULT_STACK
     from aiia_ops.commands.argv import Result
-    from aiia_ops.commands.schedule import CRON_FILE
     from aiia_ops.flows.schedule import install_schedule
     from aiia_ops.host.runners import RecordingRunner
     from aiia_ops.model.state import StateDir
@@ -55,5 +54,16 @@ def test_install_writes_the_file_and_starts_cron_only_for_the_real_one(tmp_path,
     monkeypatch.delenv("AIIA_CRON_FILE")
     fail = Result([], 1)
     runner = RecordingRunner({"pgrep": fail, "test -e /usr/sbin/cron": "", "test -e /run": fail})
-    assert install_schedule(model, state, runner) == CRON_FILE
+    assert install_schedule(model, state, runner) == f"/etc/cron.d/{model.project}"
     assert runner.commands[-1] == ["/usr/sbin/cron"]  # installed, not running, no systemd
+
+
+def test_each_project_has_its_own_cron_file():
+    """An isolated stack (another project) on the same host must not replace the real
+    stack's schedule: seen when a load-test copy's setup took over /etc/cron.d/aiia."""
+    from aiia_ops.commands.schedule import cron_path, is_active
+
+    assert cron_path("aiia") == "/etc/cron.d/aiia"
+    assert cron_path("aiiaperf") == "/etc/cron.d/aiiaperf"
+    assert cron_path("aiia", "/tmp/x/cron") == "/tmp/x/cron"
+    assert is_active("/etc/cron.d/aiiaperf") and not is_active("/tmp/x/cron")

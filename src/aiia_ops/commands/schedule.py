@@ -3,24 +3,32 @@
 Cron on the host, not a scheduler container: cron is already part of a Debian server, uses
 no memory between runs, and each job is the same `invoke` task a person runs. Nothing of
 it counts against the 512 MB the containers share. The file is rendered from the stack
-(backups.daily_at, monitoring.interval) and installed as /etc/cron.d/aiia.
+(backups.daily_at, monitoring.interval) and installed as /etc/cron.d/<project> (aiia for
+deploy/stack.yml): a second stack on the same host (another project) gets its own file
+instead of replacing the first one's schedule.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import os
 import shlex
 from dataclasses import dataclass
 
 from aiia_ops.model import Stack
 
-CRON_FILE = "/etc/cron.d/aiia"
+CRON_DIR = "/etc/cron.d"
 
 
-def cron_path() -> str:
-    """Where the schedule goes ($AIIA_CRON_FILE lets tests write it without activating it)."""
-    return os.environ.get("AIIA_CRON_FILE", CRON_FILE)
+def cron_path(project: str, override: str | None = None) -> str:
+    """Where the schedule goes: /etc/cron.d/<project> (the project name is validated as an
+    identifier, which cron's file-name rule also admits), or `override` ($AIIA_CRON_FILE
+    lets tests write it without activating it)."""
+    return override or f"{CRON_DIR}/{project}"
+
+
+def is_active(path: str) -> bool:
+    """A file cron itself reads (so cron must be running), not a test's copy."""
+    return path.startswith(f"{CRON_DIR}/")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ cron started when it does not run (commands/schedule.py decides how)."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,9 +21,9 @@ def render(model: Stack, state: StateDir) -> str:
 
 def install_schedule(model: Stack, state: StateDir, runner: Runner) -> str:
     """Write the cron file; returns its path."""
-    path = sched.cron_path()
+    path = sched.cron_path(model.project, os.environ.get("AIIA_CRON_FILE"))
     runner.write_file(path, render(model, state), mode=0o644)
-    if path == sched.CRON_FILE:  # the real one: cron must be running to read it
+    if sched.is_active(path):  # the real one: cron must be running to read it
         running = runner.query(["pgrep", "-x", "cron"]).ok
         installed = runner.query(["test", "-e", "/usr/sbin/cron"]).ok
         systemd = runner.query(["test", "-e", "/run/systemd/system"]).ok
