@@ -90,6 +90,18 @@ def jobs(stack: Stack, utc_offset: _dt.timedelta = _dt.timedelta(0)) -> list[Job
             f"daily TLS renewal check (renews at {stack.tls.acme.renew_before} left)",
         )
     )
+    lh, lm = utc_to_local("00:05", utc_offset)
+    out.append(
+        Job(str(lm), str(lh), ["logrotate"], "daily log rotation (nginx access log, cron.log)")
+    )
+    out.append(
+        Job(
+            "35",
+            "*",
+            ["logrotate", "--if-larger"],
+            f"hourly: rotate a log past {stack.services.nginx.settings.access_log_max}",
+        )
+    )
     every = max(1, stack.monitoring.interval.whole_seconds // 60)
     out.append(
         Job(

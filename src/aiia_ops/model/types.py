@@ -219,6 +219,11 @@ class NginxSettings:
     # Requests in flight to an environment's app per gunicorn thread before nginx answers
     # 503 at once (0 = no limit): the queue in front of the app stays bounded.
     app_inflight_per_thread: int = 0
+    # Log rotation (commands/logrotate.py): the access log is rotated daily, and hourly when
+    # it has grown past access_log_max; this many rotated generations are kept (the newest
+    # plain, the others gzipped), so the logs' disk use is bounded whatever the traffic.
+    access_log_keep: int = 14
+    access_log_max: Size = Size(256 * 1024**2)
 
 
 @dataclass(frozen=True)

@@ -253,6 +253,16 @@ def _settings(stack: Stack, problems: Problems) -> None:
             "services.nginx.settings.gzip_level",
             f"{nginx.gzip_level} is not a gzip level; expected 1-9",
         )
+    if not 1 <= nginx.access_log_keep <= 366:
+        problems.add(
+            "services.nginx.settings.access_log_keep",
+            f"{nginx.access_log_keep} rotated logs; expected 1-366 (one a day at most)",
+        )
+    if nginx.access_log_max.bytes < 1024**2:
+        problems.add(
+            "services.nginx.settings.access_log_max",
+            f"{nginx.access_log_max} is too small to rotate at; expected 1MB or more",
+        )
     if not stack.tls.protocols:
         problems.add("tls.protocols", "empty; expected TLSv1.2 and/or TLSv1.3")
     if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", stack.backups.daily_at):

@@ -57,6 +57,10 @@ from aiia_ops.tasks import schedule as _schedule  # noqa: E402
 
 namespace.add_collection(_schedule.namespace)
 
+from aiia_ops.tasks import logrotate as _logrotate  # noqa: E402
+
+namespace.add_task(_logrotate.logrotate)
+
 from aiia_ops.tasks import loadtest as _loadtest  # noqa: E402
 
 namespace.add_task(_loadtest.loadtest)
