@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from aiia_ops import REPO_ROOT
 from aiia_ops.commands import cluster as plan
+from aiia_ops.commands.argv import Result
 from aiia_ops.flows.rolling import batches
 from aiia_ops.model import load_stack
 
@@ -136,3 +137,30 @@ def test_static_files_go_from_an_app_host_to_the_load_balancers_volume():
         " aiia/nginx:def -C /storage --no-same-owner -xf /sync/static-prod.tar"
     )
     assert plan.static_bundle("/srv/lb", "prod") == "/srv/lb/static-sync/static-prod.tar"
+
+
+def test_static_files_are_unpacked_with_the_image_lb1_runs_not_the_checkouts():
+    """A change under services/nginx after setup gives the checkout a new nginx tag that lb1
+    never received: the unpack must use the image lb1's nginx runs (found by the lab3
+    rolling-deploy test: `docker run` exit 125, the rollout stopped at app1)."""
+    from aiia_ops.flows.cluster import Cluster
+    from aiia_ops.flows.targets import Target
+    from aiia_ops.host.runners import RecordingRunner
+
+    st = stack()
+    inspect = "docker inspect --format"
+    runners = {p.name: RecordingRunner() for p in plan.host_parts(st)}
+    runners["lb1"].answers[inspect] = "aiia/nginx:running123\n"
+    runners["app1"].files["/a/static-sync/static-prod.tar"] = b"tar bytes"
+    targets = {n: Target(r, "/a" if n == "app1" else "/l", n, None) for n, r in runners.items()}
+    c = Cluster(st, None, None, targets)
+    app1 = next(p for p in c.parts if p.name == "app1")
+    c.sync_static(app1, st.environments["prod"], "abc")
+    unpack = runners["lb1"].commands[-1]
+    assert unpack[0:2] == ["docker", "run"] and "aiia/nginx:running123" in unpack
+    assert runners["lb1"].files["/l/static-sync/static-prod.tar"] == b"tar bytes"
+
+    runners["lb1"].answers[inspect] = Result([], 1)  # no nginx there yet: the checkout's tag
+    c.sync_static(app1, st.environments["prod"], "abc")
+    assert any(a.startswith("aiia/nginx:") and a != "aiia/nginx:running123"
+               for a in runners["lb1"].commands[-1])  # fmt: skip

@@ -271,6 +271,11 @@ def static_pack(stack: Stack, env: Environment, image: str, state_dir: str) -> l
     return _tar_in_volume(stack, env, image, state_dir, pack=True)
 
 
+def running_image(container: str) -> list[str]:
+    """The image a container runs (empty output when there is no such container)."""
+    return ["docker", "inspect", "--format", "{{.Config.Image}}", container]
+
+
 def static_unpack(stack: Stack, env: Environment, image: str, state_dir: str) -> list[str]:
     """On the load balancer: that tar into its storage volume (added to, never emptied)."""
     return _tar_in_volume(stack, env, image, state_dir, pack=False)

@@ -121,8 +121,17 @@ class Cluster:
         if data is None:
             raise OpsError(f"{part.name}: collectstatic left no static files for {env.name}")
         lb.write_file(plan.static_bundle(lb_dir, env.name), data, mode=0o644)
-        nginx = f"{self.stack.services.nginx.image}:{shared_image_tags(self.stack)['nginx']}"
-        lb.run(plan.static_unpack(self.stack, env, nginx, lb_dir))
+        lb.run(plan.static_unpack(self.stack, env, self.lb_nginx_image(), lb_dir))
+
+    def lb_nginx_image(self) -> str:
+        """The nginx image lb1 holds for sure: the one its nginx runs. The checkout's own tag
+        may name an image lb1 never received (a change under services/nginx since setup)."""
+        name = self.stack.services.nginx.container
+        got = self.runner(self.lb.name).query(plan.running_image(name))
+        running = got.stdout.strip() if got.ok else ""
+        return (
+            running or f"{self.stack.services.nginx.image}:{shared_image_tags(self.stack)['nginx']}"
+        )
 
     def nginx_workers(self) -> set[str]:
         out = self.runner(self.lb.name).query(apps.nginx_processes(self.stack)).stdout
