@@ -101,6 +101,17 @@ def _size(n: int) -> str:
     return f"{n // (1024 * 1024)}MB" if n % (1024 * 1024) == 0 else f"{n // 1024}kB"
 
 
+def app_database_env(stack: Stack) -> dict[str, str]:
+    """The app's database settings against the cluster (services/django/app/aiia/settings.py):
+    every member's HAProxy, in order, as a libpq host list (a host that does not answer is
+    skipped for the next), the write port as `default`, the read port as `replica`
+    (aiia/dbrouter.py). No single HAProxy is then a point of failure for the app."""
+    r = stack.replication
+    hosts = ",".join(m.address for m in members(stack))
+    return {"DB_HOST": hosts, "DB_PORT": str(r.write_port),
+            "DB_REPLICA_HOST": hosts, "DB_REPLICA_PORT": str(r.read_port)}  # fmt: skip
+
+
 # --- rendered configs ---------------------------------------------------------------------
 
 

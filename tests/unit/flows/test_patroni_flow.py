@@ -69,3 +69,10 @@ def test_a_switchover_to_a_host_outside_the_cluster_or_to_the_primary_is_refused
     with pytest.raises(OpsError, match="lab17 is not a streaming replica"):
         flow.switchover(STACK, "lab17", yes=True)
     assert not any("switchover" in c for r in rs.values() for c in r.commands)
+
+
+def test_the_app_reaches_the_cluster_through_every_members_haproxy():
+    assert p.app_database_env(STACK) == {
+        "DB_HOST": "10.77.0.25,10.77.0.26,10.77.0.27", "DB_PORT": "5000",
+        "DB_REPLICA_HOST": "10.77.0.25,10.77.0.26,10.77.0.27", "DB_REPLICA_PORT": "5001",
+    }  # fmt: skip
