@@ -370,6 +370,17 @@ def ensure_database_argv(database: str, role: str) -> list[str]:
             "ensure-database", database, role]  # fmt: skip
 
 
+REPLICATION_SQL = (
+    "SELECT application_name, state, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), "
+    "coalesce(extract(epoch FROM replay_lag) * 1000, 0) FROM pg_stat_replication;"
+)
+
+
+def replication_argv(database: str = "postgres") -> list[str]:
+    """The primary's own view of its replicas (parse_replication): run on the leader."""
+    return psql_argv(database, REPLICATION_SQL)
+
+
 def stats_argv(containers: tuple[str, ...] = CONTAINERS) -> list[str]:
     return ["docker", "stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", *containers]
 
@@ -403,6 +414,25 @@ def parse_list(text: str) -> list[MemberState]:
             state=row.get("State", ""), timeline=int(tl) if isinstance(tl, int) else None,
             lag_mb=float(lag) if isinstance(lag, (int, float)) else None,
         ))  # fmt: skip
+    return out
+
+
+def parse_replication(text: str) -> dict[str, tuple[str, float | None, float | None]]:
+    """`replication_argv` rows `member|state|bytes|ms` -> {member: (state, bytes, ms)}
+    (Patroni names each replica's connection after its member)."""
+    out: dict[str, tuple[str, float | None, float | None]] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != 4 or not parts[0]:
+            continue
+
+        def num(v: str) -> float | None:
+            try:
+                return float(v)
+            except ValueError:
+                return None
+
+        out[parts[0]] = (parts[1], num(parts[2]), num(parts[3]))
     return out
 
 
