@@ -55,6 +55,9 @@ STEADY_S = 15.0  # writes before the kill
 RESUMED_S = 15.0  # writes after the first one acknowledged by the new primary
 AFTER_MAX_S = 120.0  # the most the load runs after the kill
 SLOW_S = 1.0  # a write slower than this counts in the run of failed/slow ones
+# docs/patroni.md: the window is about ttl + loop_wait + 2 s (leader key expiry, one HA loop,
+# promotion, HAProxy's checks); this shared machine's load may add to it, not that much
+WINDOW_SLACK_S = 20.0
 REQUEST_TIMEOUT = 15.0  # > libpq's 3 x connect_timeout (3 s) over the three HAProxies
 COURSES = "courses_course"
 LESSONS = "courses_lesson"
@@ -354,6 +357,9 @@ def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(c
         ((b.t1 - a.t1, a, b) for a, b in itertools.pairwise(tail)), key=lambda g: g[0]
     )
     failed_at = last_old.t1
+    r = cluster.r
+    documented = r.ttl.seconds + r.loop_wait.seconds + 2
+    assert window <= documented + WINDOW_SLACK_S, f"window {window:.1f}s > {documented:g}s + slack"
     bad_run, bad_run_s = longest_bad_run(writes)
     early = [w for w in writes if not w.acked and w.t1 < killed_at]
     assert not early, f"{len(early)} writes failed before the kill: {early[:5]}"
@@ -446,7 +452,7 @@ def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(c
         "requests": len(writes), "acked": len(acks), "acked_before_kill": len(before),
         "acked_by_new_primary": len(new_acks),
         "write_rate_before_kill_per_s": round(len(before) / (before[-1].t1 - before[0].t0), 1),
-        "window_s": round(window, 2),
+        "window_s": round(window, 2), "documented_window_s": documented,
         "kill_to_first_new_ack_s": round(first_new.t1 - killed_at, 2),
         "longest_run_failed_or_slow": bad_run, "longest_run_failed_or_slow_s": round(bad_run_s, 2),
         "failed": sum(statuses.values()), "failed_by_kind": statuses,
