@@ -40,8 +40,10 @@ from pathlib import Path
 
 import pytest
 
+from aiia_ops.commands import monitor as mon
 from aiia_ops.commands import patroni as p
 from aiia_ops.commands.hardening import run_flags
+from aiia_ops.flows import patroni as patroni_flow
 from aiia_ops.host.git import head_version
 from tests.conftest import run_invoke
 from tests.lab_patroni.conftest import invoke, load_average, streaming_all
@@ -308,6 +310,14 @@ def wait_for_leader_and_replica(cluster, survivors: list[str], timeout: float = 
     raise AssertionError(f"no leader with a caught-up replica among {survivors}: {st}")
 
 
+def monitor_lines(cluster) -> dict[str, mon.Check]:
+    """The monitor's Patroni lines (flows/monitor.py), read from the real cluster."""
+    states, lag = patroni_flow.replication(cluster.stack)
+    r = cluster.r
+    checks = mon.replication_checks(list(r.hosts), states, lag, r.replica_max_lag.bytes / 2**20)
+    return {c.subject: c for c in checks}
+
+
 # --- the test ---------------------------------------------------------------------------------
 
 
@@ -372,6 +382,11 @@ def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(c
     # -- Patroni promoted a survivor by itself
     promoted = wait_for_leader_and_replica(cluster, survivors)
     new_leader = promoted["leader"]
+    lines = monitor_lines(cluster)  # the monitor names the new primary, the dead one is red
+    assert lines["patroni"].state == mon.OK and lines["patroni"].detail.startswith(new_leader)
+    assert lines[f"patroni/{lead}"].state == mon.CRIT, lines
+    assert lines[f"patroni/{promoted['replica']}"].state == mon.OK, lines
+    shown = {k: f"{c.state} {c.value_text()} {c.detail}" for k, c in lines.items()}
 
     # -- what the new primary holds
     present = rows_of(cluster, prefix, survivor_addresses)
@@ -441,6 +456,13 @@ def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(c
             break
         time.sleep(1)
     assert mine == theirs, (mine, theirs)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        lines = monitor_lines(cluster)
+        if all(c.state == mon.OK for c in lines.values()):
+            break
+        time.sleep(2)
+    assert all(c.state == mon.OK for c in lines.values()), lines
 
     statuses: dict[str, int] = {}
     for w in writes:
@@ -463,7 +485,8 @@ def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(c
         "lag_before_kill_bytes": lag_bytes, "lag_before_kill_ms": lag_ms,
         "lag_samples": len(lag), "lag_max_ms_whole_run": max(s["ms"] for s in lag),
         "read_back_through_app": len(sample), "replica_detail_selects": on_replica,
-        "read_your_writes_checked": 20, "rejoined_s": round(rejoined_s, 1),
+        "read_your_writes_checked": 20, "monitor_after_failover": shown,
+        "rejoined_s": round(rejoined_s, 1),
         "timeline": row["timeline"], "loadavg_before": load_before,
         "loadavg_during": load_during, "loadavg_after": load_average(),
     })  # fmt: skip
