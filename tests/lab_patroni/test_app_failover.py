@@ -138,7 +138,9 @@ def app(cluster):
     tag = head_version()
     image = f"aiia/django:{tag}"
     if docker_local("image", "inspect", "--format", "{{.Id}}", image).returncode != 0:
-        run_invoke("build", "--service", "django", check=True, timeout=1800)
+        # the plain stack: the build is one host's, not the lab profile's
+        run_invoke("build", "--service", "django", env={"AIIA_PROFILE": ""}, check=True,
+                   timeout=1800)  # fmt: skip
     env = cluster.stack.environments["prod"]
     token = secrets.token_urlsafe(24)
     folder = Path(tempfile.mkdtemp(prefix="aiia-patroni-app-"))
