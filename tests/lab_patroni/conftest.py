@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,24 @@ FIRST, HOSTS = 15, 3
 LAB_DIR = "/var/lib/aiia-lab"
 TASK_ENV = ("AIIA_PROFILE", "AIIA_STATE_DIR", "AIIA_SSH_KEY", "AIIA_SSH_KNOWN_HOSTS",
             "AIIA_LAB_DIR")  # fmt: skip
+
+
+def load_average() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def streaming_all(cluster, timeout: float = 180) -> dict:
+    """db.status once one leader runs and every other member streams from it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = cluster.status()
+        members = st["members"]
+        leaders = [m for m in members if m["role"] == "Leader" and m["state"] == "running"]
+        streaming = [m for m in members if m["role"] != "Leader" and m["state"] == "streaming"]
+        if len(leaders) == 1 and len(streaming) == len(cluster.hosts) - 1:
+            return st
+        time.sleep(1)
+    raise AssertionError(f"not every replica streaming within {timeout}s: {cluster.status()}")
 
 
 def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:

@@ -25,7 +25,7 @@ import pytest
 
 from aiia_ops.commands import patroni as p
 from tests.conftest import run_invoke
-from tests.lab_patroni.conftest import invoke
+from tests.lab_patroni.conftest import invoke, load_average, streaming_all
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 FIGURES = Path(os.environ.get("AIIA_PATRONI_FIGURES", "/tmp/aiia-patroni-figures.json"))
@@ -38,23 +38,6 @@ def record(key: str, value) -> None:
     figures[key] = value
     FIGURES.write_text(json.dumps(figures, indent=2))
     print(f"\n{key}: {json.dumps(value)}", flush=True)
-
-
-def load_average() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-
-
-def streaming_all(cluster, timeout: float = 180) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        st = cluster.status()
-        members = st["members"]
-        leaders = [m for m in members if m["role"] == "Leader" and m["state"] == "running"]
-        streaming = [m for m in members if m["role"] != "Leader" and m["state"] == "streaming"]
-        if len(leaders) == 1 and len(streaming) == len(cluster.hosts) - 1:
-            return st
-        time.sleep(1)
-    raise AssertionError(f"not every replica streaming within {timeout}s: {cluster.status()}")
 
 
 def statement_calls(cluster, name: str, prefix: str) -> int:

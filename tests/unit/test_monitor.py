@@ -512,3 +512,68 @@ def test_status_page_has_an_off_site_card_when_archiving_reports(stack, tmp_path
     assert "off-site backups" not in render(
         build_page_data(stack, m.Report(NOW, [], {}), None, NOW)
     )
+
+
+# --- level 4: Patroni's primary and each replica's lag ---------------------------------------
+
+
+def _members(*rows):
+    from aiia_ops.commands.patroni import MemberState
+
+    return [MemberState(n, f"10.77.0.{20 + i}", role, state, tl, None)
+            for i, (n, role, state, tl) in enumerate(rows)]  # fmt: skip
+
+
+def test_replication_checks_name_the_primary_and_grade_each_replicas_lag():
+    states = _members(("lab15", "Replica", "streaming", 2), ("lab16", "Leader", "running", 2),
+                      ("lab17", "Replica", "streaming", 2))  # fmt: skip
+    lag = {"lab15": ("streaming", 1024.0, 3.0), "lab17": ("streaming", 0.75 * 2**20, 40.0)}
+    checks = m.replication_checks(["lab15", "lab16", "lab17"], states, lag, 1.0)
+    got = [(c.metric, c.subject, c.state, c.value) for c in checks]
+    assert got == [("db_primary", "patroni", OK, 2),
+                   ("replication_lag", "patroni/lab15", OK, 0.001),
+                   ("replication_lag", "patroni/lab17", WARN, 0.75)]  # fmt: skip
+    assert checks[0].detail == "lab16 (10.77.0.21), timeline 2; 3 of 3 members answer"
+    assert checks[1].detail == "streaming, replay 3 ms, timeline 2"
+    assert (checks[2].warning, checks[2].critical) == (0.5, 1.0)
+
+
+def test_replication_checks_no_primary_and_a_dead_replica_are_critical():
+    states = _members(("lab16", "Replica", "running", 2), ("lab17", "Replica", "streaming", 2))
+    checks = m.replication_checks(["lab15", "lab16", "lab17"], states, {}, 1.0)
+    assert checks[0].state == CRIT
+    assert checks[0].detail == "no primary: lab16 Replica running, lab17 Replica streaming"
+    # after a failover: lab15 (the old primary) is gone until it rejoins
+    states = _members(("lab16", "Leader", "running", 3), ("lab17", "Replica", "streaming", 3))
+    lag = {"lab17": ("streaming", 0.0, 0.0)}
+    checks = m.replication_checks(["lab15", "lab16", "lab17"], states, lag, 1.0)
+    assert [(c.subject, c.state, c.detail) for c in checks[1:]] == [
+        ("patroni/lab15", CRIT, "not in the cluster"),
+        ("patroni/lab17", OK, "streaming, replay 0 ms, timeline 3"),
+    ]
+    far = {"lab17": ("streaming", 3.0 * 2**20, None)}
+    assert m.replication_checks(["lab16", "lab17"], states, far, 1.0)[1].state == CRIT
+
+
+def test_the_primarys_pg_stat_replication_is_parsed_per_member():
+    from aiia_ops.commands import patroni as p
+
+    text = "lab16|streaming|1048576|2.5\nlab17|catchup||0\n\nbad line\n"
+    assert p.parse_replication(text) == {
+        "lab16": ("streaming", 1048576.0, 2.5), "lab17": ("catchup", None, 0.0)}  # fmt: skip
+    assert p.replication_argv()[-1] == p.REPLICATION_SQL
+
+
+def test_status_page_has_a_patroni_card_when_the_stack_replicates(stack):
+    from aiia_ops.commands.statuspage import build_page_data
+
+    states = _members(("lab15", "Leader", "running", 1), ("lab16", "Replica", "streaming", 1))
+    checks = m.replication_checks(["lab15", "lab16"], states, {"lab16": ("streaming", 0.0, 1.0)},
+                                  1.0)  # fmt: skip
+    page = build_page_data(stack, m.Report(NOW, checks, {}), None, NOW)
+    card = next(c for c in page["shared"] if c["subject"] == "patroni")
+    assert card["title"] == "replicated database (Patroni)" and card["state"] == OK
+    html = render(page)
+    assert "lab15 (10.77.0.20), timeline 1" in html and "replication lag lab16" in html
+    plain = build_page_data(stack, m.Report(NOW, [], {}), None, NOW)
+    assert not any(c["subject"] == "patroni" for c in plain["shared"])

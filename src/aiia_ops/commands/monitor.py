@@ -65,6 +65,8 @@ LABELS = {
     "base_backup_age": "base backup age",
     "repository": "off-site repository",
     "offsite_files_age": "last off-site media copy",
+    "db_primary": "database primary",
+    "replication_lag": "replication lag",
 }
 ORDER = list(LABELS)
 
@@ -695,3 +697,48 @@ def files_copy_check(record: dict | None, now: float, pitr) -> Check:
     age = max(0.0, now - datetime.fromisoformat(record["time"]).timestamp())
     detail = f"snapshot {record.get('snapshot', '?')}, {record.get('files', 0)} files"
     return Check("offsite_files_age", "restic", evaluate(age, w, c), age, "s", w, c, detail=detail)
+
+
+REPLICATION_SUBJECT = "patroni"  # the primary's line; each replica's: "patroni/<member>"
+
+
+def replication_checks(
+    members: list[str], states: list, lag: dict[str, tuple[str, float | None, float | None]],
+    replica_max_lag_mb: float,
+) -> list[Check]:  # fmt: skip
+    """Level 4's replicated PostgreSQL (docs/patroni.md). `members`: replication.hosts;
+    `states`: Patroni's view (commands/patroni.MemberState); `lag`: the primary's own
+    pg_stat_replication per member (state, bytes behind, replay lag in ms).
+    - the primary: OK with one running leader, CRIT with none (writes fail);
+    - each other member: its replay lag in MB, WARN at half of replica_max_lag, CRIT at it
+      (HAProxy no longer sends it reads; with maximum_lag_on_failover equal, Patroni would
+      not promote it); CRIT when it does not stream from the primary at all (one loss
+      more and there is no failover)."""
+    leaders = [s for s in states if s.role == "Leader" and s.state == "running"]
+    lead = leaders[0] if len(leaders) == 1 else None
+    seen = {s.name: s for s in states}
+    if lead is None:
+        shown = ", ".join(f"{s.name} {s.role} {s.state}" for s in states) or "no member answers"
+        primary = Check("db_primary", REPLICATION_SUBJECT, CRIT, detail=f"no primary: {shown}")
+    else:
+        primary = Check("db_primary", REPLICATION_SUBJECT, OK, lead.timeline, "",
+                        detail=f"{lead.name} ({lead.host}), timeline {lead.timeline}; "
+                        f"{len(seen)} of {len(members)} members answer")  # fmt: skip
+    out = [primary]
+    w, c = replica_max_lag_mb / 2, replica_max_lag_mb
+    for name in members:
+        if lead is not None and name == lead.name:
+            continue
+        subject = f"{REPLICATION_SUBJECT}/{name}"
+        member, row = seen.get(name), lag.get(name)
+        if member is None or member.state != "streaming" or row is None or row[1] is None:
+            what = "not in the cluster" if member is None else f"{member.role} {member.state}"
+            if member is not None and member.state == "streaming" and lead is not None:
+                what = "streaming, but not in the primary's pg_stat_replication"
+            out.append(Check("replication_lag", subject, CRIT, None, "MB", w, c, detail=what))
+            continue
+        mb = round(row[1] / 2**20, 3)
+        ms = "" if row[2] is None else f", replay {row[2]:.0f} ms"
+        out.append(Check("replication_lag", subject, evaluate(mb, w, c), mb, "MB", w, c,
+                         detail=f"{row[0]}{ms}, timeline {member.timeline}"))  # fmt: skip
+    return out

@@ -101,6 +101,17 @@ def _size(n: int) -> str:
     return f"{n // (1024 * 1024)}MB" if n % (1024 * 1024) == 0 else f"{n // 1024}kB"
 
 
+def app_database_env(stack: Stack) -> dict[str, str]:
+    """The app's database settings against the cluster (services/django/app/aiia/settings.py):
+    every member's HAProxy, in order, as a libpq host list (a host that does not answer is
+    skipped for the next), the write port as `default`, the read port as `replica`
+    (aiia/dbrouter.py). No single HAProxy is then a point of failure for the app."""
+    r = stack.replication
+    hosts = ",".join(m.address for m in members(stack))
+    return {"DB_HOST": hosts, "DB_PORT": str(r.write_port),
+            "DB_REPLICA_HOST": hosts, "DB_REPLICA_PORT": str(r.read_port)}  # fmt: skip
+
+
 # --- rendered configs ---------------------------------------------------------------------
 
 
@@ -359,6 +370,17 @@ def ensure_database_argv(database: str, role: str) -> list[str]:
             "ensure-database", database, role]  # fmt: skip
 
 
+REPLICATION_SQL = (
+    "SELECT application_name, state, pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn), "
+    "coalesce(extract(epoch FROM replay_lag) * 1000, 0) FROM pg_stat_replication;"
+)
+
+
+def replication_argv(database: str = "postgres") -> list[str]:
+    """The primary's own view of its replicas (parse_replication): run on the leader."""
+    return psql_argv(database, REPLICATION_SQL)
+
+
 def stats_argv(containers: tuple[str, ...] = CONTAINERS) -> list[str]:
     return ["docker", "stats", "--no-stream", "--format", "{{.Name}} {{.MemUsage}}", *containers]
 
@@ -392,6 +414,25 @@ def parse_list(text: str) -> list[MemberState]:
             state=row.get("State", ""), timeline=int(tl) if isinstance(tl, int) else None,
             lag_mb=float(lag) if isinstance(lag, (int, float)) else None,
         ))  # fmt: skip
+    return out
+
+
+def parse_replication(text: str) -> dict[str, tuple[str, float | None, float | None]]:
+    """`replication_argv` rows `member|state|bytes|ms` -> {member: (state, bytes, ms)}
+    (Patroni names each replica's connection after its member)."""
+    out: dict[str, tuple[str, float | None, float | None]] = {}
+    for line in text.splitlines():
+        parts = line.split("|")
+        if len(parts) != 4 or not parts[0]:
+            continue
+
+        def num(v: str) -> float | None:
+            try:
+                return float(v)
+            except ValueError:
+                return None
+
+        out[parts[0]] = (parts[1], num(parts[2]), num(parts[3]))
     return out
 
 

@@ -203,6 +203,14 @@ def build_page_data(stack: Stack, report: Report, store, now: float) -> dict:
     shared.append(card("docker", "docker engine", None))
     if "repo1" in by_subject:  # point-in-time recovery on: the off-site repository's checks
         shared.append(card("repo1", "off-site backups (repo1)", None))
+    replication = [c for c in report.checks if c.subject.split("/")[0] == m.REPLICATION_SUBJECT]
+    if replication:  # level 4: Patroni's primary and each replica's lag, on one card
+        shared.append({
+            "subject": m.REPLICATION_SUBJECT, "title": "replicated database (Patroni)",
+            "env": None, "state": m.worst(c.state for c in replication),
+            "checks": [c.to_json() for c in m.sort_checks(replication)],
+            "uptime": uptime(m.REPLICATION_SUBJECT),
+        })  # fmt: skip
     shared.append(card(status_domain, f"status page ({status_domain})", "status"))
     host = {
         c.key: c.to_json()

@@ -540,6 +540,7 @@ def collect(
 
     checks += _archive_checks(stack, runner)  # pgBackRest archiving, when the stack has it
     checks += _files_checks(stack, state, now)  # the media off-site, same condition
+    checks += _replication_checks(stack)  # Patroni's primary and each replica's lag
 
     # Availability over 24 h: the stored probes (summed in SQL) then this run's, which
     # ends the last stored one's interval and adds no downtime of its own yet.
@@ -673,3 +674,17 @@ def _archive_checks(stack: Stack, runner: Runner | None) -> list[Check]:
         return m.archive_checks(pitr.status(stack, runner or LocalRunner()), policy)
     except OpsError as exc:
         return [Check("archive_lag", "postgresql", UNKNOWN, None, "s", detail=str(exc)[:120])]
+
+
+def _replication_checks(stack: Stack) -> list[Check]:
+    """The current primary and each replica's lag, when the stack has replication.hosts."""
+    from aiia_ops.flows import patroni
+
+    r = stack.replication
+    if not r.hosts:
+        return []
+    try:
+        states, lag = patroni.replication(stack)
+    except OpsError as exc:
+        return [Check("db_primary", m.REPLICATION_SUBJECT, UNKNOWN, detail=str(exc)[:120])]
+    return m.replication_checks(list(r.hosts), states, lag, r.replica_max_lag.bytes / 2**20)

@@ -202,6 +202,21 @@ def status(stack: Stack) -> tuple[list[p.MemberState], dict[str, dict[str, float
         close(rs)
 
 
+def replication(stack: Stack) -> tuple[list[p.MemberState], dict]:
+    """What the monitor shows: Patroni's view, and the primary's own pg_stat_replication."""
+    rs = runners(stack)
+    try:
+        states = cluster(stack, rs)
+        lead = p.leader(states)
+        lag: dict = {}
+        if lead is not None and lead.name in rs:
+            res = rs[lead.name].query(p.replication_argv(), timeout=20)
+            lag = p.parse_replication(res.stdout) if res.ok else {}
+        return states, lag
+    finally:
+        close(rs)
+
+
 def switchover(
     stack: Stack, candidate: str | None, yes: bool, out: Out = print
 ) -> tuple[str, str, float]:

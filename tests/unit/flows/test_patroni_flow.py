@@ -69,3 +69,24 @@ def test_a_switchover_to_a_host_outside_the_cluster_or_to_the_primary_is_refused
     with pytest.raises(OpsError, match="lab17 is not a streaming replica"):
         flow.switchover(STACK, "lab17", yes=True)
     assert not any("switchover" in c for r in rs.values() for c in r.commands)
+
+
+def test_the_app_reaches_the_cluster_through_every_members_haproxy():
+    assert p.app_database_env(STACK) == {
+        "DB_HOST": "10.77.0.25,10.77.0.26,10.77.0.27", "DB_PORT": "5000",
+        "DB_REPLICA_HOST": "10.77.0.25,10.77.0.26,10.77.0.27", "DB_REPLICA_PORT": "5001",
+    }  # fmt: skip
+
+
+def test_the_monitor_reads_the_leaders_own_pg_stat_replication(monkeypatch):
+    listing = ('[{"Member": "lab15", "Host": "10.77.0.25", "Role": "Replica", "State": '
+               '"streaming", "TL": 2}, {"Member": "lab16", "Host": "10.77.0.26", "Role": '
+               '"Leader", "State": "running", "TL": 2}]')  # fmt: skip
+    rs = {"lab15": RecordingRunner({"docker exec aiia_patroni patronictl": listing}),
+          "lab16": RecordingRunner({"docker exec -i aiia_patroni psql": "lab15|streaming|0|1.5\n"}),
+          "lab17": RecordingRunner()}  # fmt: skip
+    monkeypatch.setattr(flow, "runners", lambda stack: rs)
+    states, rows = flow.replication(STACK)
+    assert [s.name for s in states] == ["lab15", "lab16"]
+    assert rows == {"lab15": ("streaming", 0.0, 1.5)}
+    assert rs["lab17"].commands == [] and p.replication_argv() in rs["lab16"].commands
