@@ -261,6 +261,15 @@ def test_tasks_that_drive_one_engine_refuse_a_stack_on_several_hosts(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_building_the_images_takes_any_placement():
+    """`invoke build` works on this machine whatever the profile places where (the multi-host
+    setups ship what it builds); with AIIA_PROFILE=swarm-lab it was refused, which broke the
+    swarm and Patroni lab tests' image builds."""
+    for profile in ("2gb-4cpu", "swarm-lab", "patroni-lab"):
+        model, _ = load(str(STACK), profile, any_hosts=True)
+        assert len(model.hosts) >= 3
+
+
 def test_level_2_renders_its_figures(tmp_path, state_dir):
     run_invoke("config.render", "--profile", "1gb", "--out", str(tmp_path), check=True)
     conf = (tmp_path / "postgresql" / "postgresql.conf").read_text()

@@ -50,14 +50,15 @@ def task(*args, help: dict[str, str] | None = None, **kwargs):
 
 
 def load(
-    stack: str | None, profile: str | None = None, swarm: bool = False
+    stack: str | None, profile: str | None = None, swarm: bool = False, any_hosts: bool = False
 ) -> tuple[Stack, StateDir]:
     """The stack file (--stack, $AIIA_STACK, deploy/stack.yml) with its profile (--profile,
     $AIIA_PROFILE), and this host's state dir. A stack on several hosts is refused: the
     tasks that use this drive one engine (`swarm`: unless the task has a swarm runtime
-    path and the stack says `runtime: swarm`)."""
+    path and the stack says `runtime: swarm`; `any_hosts`: a task that only works on this
+    machine whatever the placement, such as building the images the hosts are sent)."""
     model = load_stack(stack, profile)
-    if not (swarm and model.runtime == "swarm"):
+    if not any_hosts and not (swarm and model.runtime == "swarm"):
         refuse_multi_host(model, "this task")
     return model, local_state_dir(model)
 

@@ -29,7 +29,8 @@ from aiia_ops.tasks.common import load, task
 )
 def build(c, service=None, stack=None):
     """Build the service images, tagged with the git commit (and :latest)."""
-    model, _ = load(stack)
+    # On this machine whatever the stack's placement: multi-host setups ship these images.
+    model, _ = load(stack, any_hosts=True)
     flow.build(flow.local_runner(), model, service)
 
 
