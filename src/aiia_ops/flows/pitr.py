@@ -171,7 +171,10 @@ def base_backup(stack: Stack, runner: Runner, kind: str = "auto") -> str:
 def switch_and_wait(stack: Stack, runner: Runner, timeout: float = SWITCH_TIMEOUT) -> None:
     """Close the current WAL segment and wait until it is in the repository, so everything
     committed until now can be restored."""
-    out = runner.run(bk.psql(stack), input="SELECT pg_walfile_name(pg_switch_wal());")
+    # pg_switch_wal() answers the end + 1 of the segment it closed (a boundary), or, with
+    # nothing to switch, the current segment's start: the byte before names the segment
+    # that holds everything committed until now, never the next, empty one.
+    out = runner.run(bk.psql(stack), input="SELECT pg_walfile_name(pg_switch_wal() - 1);")
     segment = out.stdout.strip()
     deadline = time.monotonic() + timeout
     while True:
