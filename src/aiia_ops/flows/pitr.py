@@ -17,6 +17,7 @@ import dataclasses
 import json
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 from aiia_ops.commands import backups as bk
 from aiia_ops.commands import pgbackrest as pb
@@ -28,6 +29,7 @@ from aiia_ops.host.runners import Runner
 from aiia_ops.model import Stack
 from aiia_ops.model.state import StateDir
 
+STATUS_IO_TIMEOUT = 3  # seconds per try of the monitor's `pgbackrest info` (store down: ~20 s)
 SWITCH_TIMEOUT = 60  # seconds for the current WAL segment to reach the repository
 PROMOTE_TIMEOUT = 300
 SCRATCH_SHARED_BUFFERS = "16MB"  # a second server beside the live one for a few minutes
@@ -68,16 +70,18 @@ def archiver(stack: Stack, runner: Runner) -> dict:
     return json.loads(out.stdout.strip())
 
 
-def window(stack: Stack, runner: Runner, state: StateDir | None = None) -> pb.Window:
+def window(
+    stack: Stack, runner: Runner, state: StateDir | None = None, io_timeout: int | None = None
+) -> pb.Window:
     """The repository's window, read in the live server; with `state`, in a one-off
     container of its image given the state's env file: the keys a restore will use (a
     wrong key is refused here, before anything changes), and the live server may be down."""
     pitr = pb.require(stack)
     if state is None:
-        argv = _exec(stack, pb.info(stack))
+        argv = _exec(stack, pb.info(stack, io_timeout))
     else:
         image = _inspect(runner, "{{.Config.Image}}", stack.services.postgresql.container)
-        argv = pb.one_off(image, _options(state, None), pb.info(stack))
+        argv = pb.one_off(image, _options(state, None), pb.info(stack, io_timeout))
     out = runner.query(argv, timeout=120)
     if not out.ok:
         last = pb.error_line(out.stderr + out.stdout) or f"exit {out.returncode}"
@@ -86,6 +90,7 @@ def window(stack: Stack, runner: Runner, state: StateDir | None = None) -> pb.Wi
 
 
 def _options(state: StateDir, volume: str | None) -> list[str]:
+    state = state if isinstance(state, StateDir) else StateDir(Path(state))
     config = str(state.config / "postgresql")
     env_file = str(state.env_files / "postgresql.env")
     return pb.scratch_options(volume, config, env_file)
@@ -96,6 +101,17 @@ def status(stack: Stack, runner: Runner) -> dict:
     pitr = pb.require(stack)
     facts: dict = {"repository": f"repo1 s3://{pitr.repo1.bucket}{pitr.repo1.path} at "
                    f"{pitr.repo1.endpoint}:{pitr.repo1.port}"}  # fmt: skip
+    # The repository first, the archiver after: `pgbackrest info` against a stopped store
+    # takes its retries (tens of seconds); a lag read before them would be that old.
+    try:
+        w = window(stack, runner, io_timeout=STATUS_IO_TIMEOUT)
+        facts["status"] = w.status
+        facts["oldest"] = w.oldest
+        facts["backups"] = [(b.label, b.kind, b.stopped, b.size) for b in w.backups]
+        facts["reachable"] = w.status == "ok"  # info exits 0 with a down store's error
+    except OpsError as exc:
+        w = None
+        facts.update(status=str(exc), oldest=None, backups=[], reachable=False)
     arch = archiver(stack, runner)
     now = float(arch["now"])
     facts["last_archived_wal"] = arch["last_wal"]
@@ -114,16 +130,8 @@ def status(stack: Stack, runner: Runner) -> dict:
     facts["newest"] = (
         None if arch["last_time"] is None else datetime.fromtimestamp(arch["last_time"], UTC)
     )
-    try:
-        w = window(stack, runner)
-        facts["status"] = w.status
-        facts["oldest"] = w.oldest
-        newest = w.newest_backup
-        facts["backups"] = [(b.label, b.kind, b.stopped, b.size) for b in w.backups]
-        facts["backup_age_s"] = None if newest is None else now - newest.stopped.timestamp()
-        facts["reachable"] = True
-    except OpsError as exc:
-        facts.update(status=str(exc), oldest=None, backups=[], backup_age_s=None, reachable=False)
+    newest = None if w is None else w.newest_backup
+    facts["backup_age_s"] = None if newest is None else now - newest.stopped.timestamp()
     return facts
 
 
@@ -171,7 +179,10 @@ def base_backup(stack: Stack, runner: Runner, kind: str = "auto") -> str:
 def switch_and_wait(stack: Stack, runner: Runner, timeout: float = SWITCH_TIMEOUT) -> None:
     """Close the current WAL segment and wait until it is in the repository, so everything
     committed until now can be restored."""
-    out = runner.run(bk.psql(stack), input="SELECT pg_walfile_name(pg_switch_wal());")
+    # pg_switch_wal() answers the end + 1 of the segment it closed (a boundary), or, with
+    # nothing to switch, the current segment's start: the byte before names the segment
+    # that holds everything committed until now, never the next, empty one.
+    out = runner.run(bk.psql(stack), input="SELECT pg_walfile_name(pg_switch_wal() - 1);")
     segment = out.stdout.strip()
     deadline = time.monotonic() + timeout
     while True:

@@ -26,10 +26,12 @@ class Host(RecordingRunner):
     def __init__(self, promoted: bool = True):
         super().__init__()
         self.promoted = promoted
+        self.inputs: list[str] = []
 
     def _execute(self, argv, *, input, env, timeout, stream) -> Result:
         self.commands.append(argv)
         text = input.decode() if isinstance(input, bytes) else (input or "")
+        self.inputs.append(text)
         if "pg_switch_wal" in text:
             return Result(argv, 0, "000000010000000000000009\n")
         if "pg_stat_archiver" in text:
@@ -151,3 +153,24 @@ def test_a_repository_the_restore_keys_cannot_read_is_refused_before_any_change(
     one_off = next(a for a in host.commands if a[-2:] == ["info", "--output=json"])
     assert one_off[:5] == ["docker", "run", "--rm", "--env-file", f"{tmp_path}/env/postgresql.env"]
     assert host.changes() == []
+
+
+def test_switch_and_wait_waits_for_the_segment_it_closed(stack):
+    host = Host()
+    flow.switch_and_wait(stack, host, timeout=1)
+    switch = [i for i in host.inputs if "pg_switch_wal" in i]
+    assert switch == ["SELECT pg_walfile_name(pg_switch_wal() - 1);"]
+
+
+def test_each_lab_store_keeps_its_sockets_beside_its_data(stack):
+    from aiia_ops.flows import offsite
+
+    p = offsite.paths("/var/lib/aiia-lab/lab20/offsite")
+    argv = offsite.weed_argv(stack, "10.77.0.30", p)
+    sockets = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in argv if "Socket=" in a}
+    assert sockets == {
+        "-filer.localSocket": "/var/lib/aiia-lab/lab20/offsite/filer.sock",
+        "-s3.localFilerSocket": "/var/lib/aiia-lab/lab20/offsite/filer.sock",
+        "-s3.localSocket": "/var/lib/aiia-lab/lab20/offsite/s3.sock",
+    }
+    assert not [a for a in argv if "/tmp" in a]
