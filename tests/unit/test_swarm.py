@@ -208,3 +208,19 @@ def test_compose_stack_is_refused_by_the_cluster_tasks():
     with pytest.raises(OpsError, match="runtime: swarm"):
         require_swarm(load_stack())
     assert Path(STACK.profile).name == "swarm-lab.yml"
+
+
+def test_deploy_on_a_swarm_skips_the_default_pre_deploy_backup_and_says_so(monkeypatch, capsys):
+    """`invoke deploy --env prod` on a swarm, with the task's defaults (backup on): it was
+    refused as if --backup had been asked for (tests/lab_swarm found it)."""
+    import pytest
+
+    from aiia_ops.errors import OpsError
+    from aiia_ops.flows import deploy as flow
+    from aiia_ops.flows import swarm
+
+    monkeypatch.setattr(swarm, "deploy", lambda model, env, ref: {"release": "abc", "seconds": 1})
+    got = flow.deploy(STACK, "prod", None, host=None, dry_run=False, backup=True)
+    assert got["release"] == "abc" and "pre-deploy backup: skipped" in capsys.readouterr().out
+    with pytest.raises(OpsError, match="--dry-run: not on runtime: swarm"):
+        flow.deploy(STACK, "prod", None, dry_run=True, backup=False)

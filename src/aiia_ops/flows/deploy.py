@@ -671,6 +671,13 @@ def deploy(model: Stack, env_name: str, ref: str | None = None, **options) -> di
     if model.runtime == "swarm":  # issue 16: the engine updates and rolls back
         from aiia_ops.flows import swarm
 
+        # The pre-deploy backup is the compose path's step (on by default, so the flag
+        # cannot say whether it was asked for): on a swarm it is skipped, and said so.
+        if options.pop("backup", False):
+            print(
+                "-> pre-deploy backup: skipped on runtime: swarm (invoke backup does not "
+                "reach the swarm's database node yet; the engine rolls back the release)"
+            )
         swarm.refuse_options(options)
         return {**swarm.deploy(model, env_name, ref), "dry_run": False}
     d = prepare(model, env_name, **options)
