@@ -36,7 +36,17 @@ def test_a_signal_inside_shielded_waits_for_the_block_then_raises():
     assert done == ["resume sent"]
 
 
-def test_ctrl_c_held_in_shielded_is_a_keyboard_interrupt_afterwards():
+@pytest.fixture
+def ctrl_c_raises():
+    """Python's own SIGINT handler for the test, whatever the run inherited: a process
+    started in the background (`cmd &` without job control, nohup) ignores SIGINT, and
+    Python then installs no handler (the clean-clone check, run that way, failed here)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_held_in_shielded_is_a_keyboard_interrupt_afterwards(ctrl_c_raises):
     with pytest.raises(KeyboardInterrupt), shielded():
         os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
