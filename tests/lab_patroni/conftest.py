@@ -45,6 +45,28 @@ def streaming_all(cluster, timeout: float = 180) -> dict:
     raise AssertionError(f"not every replica streaming within {timeout}s: {cluster.status()}")
 
 
+def rejoin_as_replica(cluster, old: str, same: str) -> tuple[float, dict]:
+    """`invoke db.up` brings the old primary `old` back: it must stream from the leader on
+    the leader's timeline, and `same` (a query) must give the same answer on both within
+    30 s (what the old primary had alone was rewound away). (seconds taken, its row)."""
+    started = time.monotonic()
+    invoke("db.up", timeout=600)
+    st = streaming_all(cluster)
+    took = time.monotonic() - started
+    row = next(m for m in st["members"] if m["name"] == old)
+    lead = next(m for m in st["members"] if m["role"] == "Leader")
+    assert row["role"] == "Replica" and row["state"] == "streaming", st
+    assert row["timeline"] == lead["timeline"], st
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        mine, theirs = cluster.local_sql(old, same), cluster.local_sql(lead["name"], same)
+        if mine == theirs:
+            break
+        time.sleep(1)
+    assert mine == theirs, (mine, theirs)
+    return took, row
+
+
 def invoke(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     return run_invoke(*args, check=True, timeout=timeout)
 

@@ -46,7 +46,7 @@ from aiia_ops.commands.hardening import run_flags
 from aiia_ops.flows import patroni as patroni_flow
 from aiia_ops.host.git import head_version
 from tests.conftest import run_invoke
-from tests.lab_patroni.conftest import invoke, load_average, streaming_all
+from tests.lab_patroni.conftest import load_average, rejoin_as_replica, streaming_all
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 FIGURES = Path(os.environ.get("AIIA_PATRONI_APP_FIGURES", "/tmp/aiia-patroni-app-figures.json"))
@@ -442,22 +442,8 @@ def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(c
     assert statement_calls(cluster, new_leader) >= 20
 
     # -- the old primary comes back and rejoins as a replica with the same courses
-    started = time.monotonic()
-    invoke("db.up", timeout=600)
-    st = streaming_all(cluster)
-    rejoined_s = time.monotonic() - started
-    row = next(m for m in st["members"] if m["name"] == lead)
-    leader_row = next(m for m in st["members"] if m["role"] == "Leader")
-    assert row["role"] == "Replica" and row["state"] == "streaming", st
-    assert row["timeline"] == leader_row["timeline"], st
     count = f"SELECT count(*), coalesce(sum(id), 0) FROM {COURSES} WHERE slug LIKE '{prefix}%';"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        mine, theirs = cluster.local_sql(lead, count), cluster.local_sql(new_leader, count)
-        if mine == theirs:
-            break
-        time.sleep(1)
-    assert mine == theirs, (mine, theirs)
+    rejoined_s, row = rejoin_as_replica(cluster, lead, count)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         lines = monitor_lines(cluster)

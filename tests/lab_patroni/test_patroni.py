@@ -25,7 +25,7 @@ import pytest
 
 from aiia_ops.commands import patroni as p
 from tests.conftest import run_invoke
-from tests.lab_patroni.conftest import invoke, load_average, streaming_all
+from tests.lab_patroni.conftest import invoke, load_average, rejoin_as_replica, streaming_all
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 FIGURES = Path(os.environ.get("AIIA_PATRONI_FIGURES", "/tmp/aiia-patroni-figures.json"))
@@ -202,26 +202,10 @@ def kill_primary_under_writes(cluster, round_no: int) -> dict:
 
 
 def rejoin(cluster, old: str, round_no: int) -> dict:
-    started = time.monotonic()
-    invoke("db.up", timeout=600)
-    st = streaming_all(cluster)
-    took = time.monotonic() - started
-    row = next(m for m in st["members"] if m["name"] == old)
-    lead = next(m for m in st["members"] if m["role"] == "Leader")
-    assert row["role"] == "Replica" and row["state"] == "streaming", st
-    assert row["timeline"] == lead["timeline"], st
-    # the old primary holds exactly the new primary's rows: what it had alone was rewound away
     table = f"probe_acks_{round_no}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        mine = cluster.local_sql(old, f"SELECT count(*), coalesce(max(id), 0) FROM {table};")
-        theirs = cluster.local_sql(
-            lead["name"], f"SELECT count(*), coalesce(max(id), 0) FROM {table};"
-        )
-        if mine == theirs:
-            break
-        time.sleep(1)
-    assert mine == theirs, (mine, theirs)
+    took, row = rejoin_as_replica(
+        cluster, old, f"SELECT count(*), coalesce(max(id), 0) FROM {table};"
+    )
     logs = cluster.docker(old, "logs", "aiia_patroni")
     rewound = "pg_rewind" in (logs.stdout + logs.stderr)
     return {"rejoined_s": round(took, 1), "pg_rewind_in_log": rewound, "timeline": row["timeline"]}
