@@ -37,7 +37,7 @@ def test_the_profile_is_a_swarm_of_three_hosts():
     assert STACK.runtime == "swarm"
     assert sw.swarm_hosts(STACK) == ["lab6", "lab7", "lab8"]
     assert sw.node_labels(STACK, "lab6") == {
-        "aiia.role.cache": "true", "aiia.role.database": "true",
+        "aiia.role.app": "true", "aiia.role.cache": "true", "aiia.role.database": "true",
         "aiia.role.load_balancer": "true", "aiia.role.pooler": "true",
     }  # fmt: skip
     assert sw.node_labels(STACK, "lab7") == {"aiia.role.app": "true"}
@@ -71,7 +71,52 @@ def test_placement_follows_the_roles_and_apps_spread():
     for key, role in want.items():
         placement = services[key]["deploy"]["placement"]
         assert placement["constraints"] == [f"node.labels.aiia.role.{role} == true"]
-    assert services["django_prod"]["deploy"]["placement"]["preferences"] == [{"spread": "node.id"}]
+    prod = services["django_prod"]["deploy"]["placement"]
+    assert prod["preferences"] == [{"spread": "node.id"}]
+    # a preference alone let start-first updates put both replicas on one node (lab test)
+    assert prod["max_replicas_per_node"] == 1  # 2 replicas, 3 app nodes
+    assert "max_replicas_per_node" not in services["postgresql"]["deploy"]["placement"]
+    # computed from the planned replicas, also while setup runs the service at 0
+    zero = data({"prod": 0})["services"]["django_prod"]["deploy"]
+    assert zero["placement"]["max_replicas_per_node"] == 1
+
+
+@pytest.mark.parametrize(
+    "replicas, nodes, per_node, order, survives",
+    [
+        (2, 3, 1, "start-first", True),   # the lab: a free node for updates and for a loss
+        (2, 2, 1, "stop-first", False),   # full: the update stops one first; a loss waits
+        (3, 2, 2, "start-first", False),  # room for one new task, not for a lost node's two
+        (4, 2, 2, "stop-first", False),
+        (1, 1, 1, "stop-first", False),
+        (1, 3, 1, "start-first", True),
+        (4, 3, 2, "start-first", True),
+        (5, 3, 2, "start-first", False),  # 2 nodes x 2 left for 5
+    ],
+)  # fmt: skip
+def test_spread_rule_order_and_node_loss(replicas, nodes, per_node, order, survives):
+    from aiia_ops.model.placement import Spread
+
+    got = Spread(replicas, nodes, -(-replicas // nodes))
+    assert (got.per_node, got.order, got.survives_node_loss) == (per_node, order, survives)
+
+
+def test_two_app_nodes_make_prod_updates_stop_first_and_config_check_says_why():
+    from aiia_ops.model.budget import check_budget
+    from aiia_ops.model.types import Host
+
+    hosts = dict(STACK.hosts)
+    hosts["lab6"] = Host(**{**vars(hosts["lab6"]), "roles": ["load_balancer", "database",
+                                                             "pooler", "cache"]})  # fmt: skip
+    two = STACK.__class__(**{**vars(STACK), "hosts": hosts})
+    app = sw.stack_data(two, sw.swarm_objects(two, SECRETS), TAGS)["services"]["django_prod"]
+    assert app["deploy"]["update_config"]["order"] == "stop-first"
+    assert app["deploy"]["placement"]["max_replicas_per_node"] == 1
+    found = {(f.severity, f.check, f.message.split(":")[1].strip()[:22])
+             for f in check_budget(two) if f.check.endswith("spread")}  # fmt: skip
+    assert ("warning", "prod spread", "no free slot, so an up") in found
+    assert ("warning", "prod spread", "a lost node's replicas") in found
+    assert ("ok", "staging spread", "start-first updates, a") in found
 
 
 def test_updates_are_start_first_with_engine_rollback_except_host_ports():

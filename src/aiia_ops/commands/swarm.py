@@ -50,7 +50,7 @@ from aiia_ops.commands.compose import (
 from aiia_ops.commands.render import SERVICE_UID, render_stack
 from aiia_ops.errors import OpsError
 from aiia_ops.model import Environment, Healthcheck, Service, Stack
-from aiia_ops.model.placement import SERVICE_ROLES, app_instances
+from aiia_ops.model.placement import SERVICE_ROLES, app_instances, app_spread
 from aiia_ops.model.secrets import Secrets
 
 STACK_FILE_VERSION = "3.8"  # what `docker stack deploy` of engine 20.10 reads
@@ -276,10 +276,11 @@ def _hardening(key: str) -> dict:
     return out
 
 
-def _placement(roles: list[str], spread: bool) -> dict:
+def _placement(roles: list[str], per_node: int | None = None) -> dict:
     out: dict = {"constraints": [f"node.labels.{role_label(r)} == true" for r in roles]}
-    if spread:
+    if per_node is not None:  # an app: the even spread as a rule (placement.Spread)
         out["preferences"] = [{"spread": "node.id"}]
+        out["max_replicas_per_node"] = per_node
     return out
 
 
@@ -327,7 +328,14 @@ def stack_data(
     services: dict[str, dict] = {}
     secret_env = {o.service for o in objects if o.kind == "secret" and "/" not in o.target}
 
-    def base(item: Service | Environment, tag: str, role: str, replicas: int, order: str):
+    def base(
+        item: Service | Environment,
+        tag: str,
+        role: str,
+        replicas: int,
+        order: str,
+        per_node: int | None = None,
+    ):
         key = service_key(item)
         hard = "app" if isinstance(item, Environment) else key  # hardening.py's profile
         mine = [o for o in objects if o.service == key]
@@ -345,7 +353,7 @@ def stack_data(
                 "replicas": replicas,
                 "endpoint_mode": "dnsrr",
                 "resources": _resources(item),
-                "placement": _placement([role], spread=role == "app"),
+                "placement": _placement([role], per_node),
                 "update_config": _update(order),
                 "rollback_config": _rollback(order),
                 "restart_policy": {"condition": "any", "delay": "2s"},
@@ -407,7 +415,8 @@ def stack_data(
         tag = tags[env.name]
         count = (replicas or {}).get(env.name, len(app_instances(env)))
         key = service_key(env)
-        services[key] = base(env, tag, "app", count, "start-first")
+        spread = app_spread(stack, env)  # from the planned replicas, not `count` before setup
+        services[key] = base(env, tag, "app", count, spread.order, spread.per_node)
         services[key] |= {
             "environment": swarm_app_environment(stack, env, tag),
             "entrypoint": ["/bin/sh", "-c", _lit(DRAINING_PRELUDE), "aiia-swarm"],

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from aiia_ops.model.placement import HostLoad, app_instances, host_loads
+from aiia_ops.model.placement import HostLoad, app_instances, app_spread, host_loads
 from aiia_ops.model.types import Stack
 from aiia_ops.model.units import Size
 
@@ -53,6 +53,7 @@ def check_budget(stack: Stack) -> list[Finding]:
             *_connections(stack),
             *_deploy_overlap(load),
             *_thresholds(stack),
+            *_swarm_spread(stack),
         ]
     per_host = []
     for load in loads:
@@ -61,7 +62,14 @@ def check_budget(stack: Stack) -> list[Finding]:
             per_host.append(Finding("warning", f"{prefix}placement", "nothing is placed here"))
             continue
         per_host += [*_memory(load, prefix), *_cpu(load, prefix), *_deploy_overlap(load, prefix)]
-    return [*per_host, *_redis(stack), *_postgres(stack), *_connections(stack), *_thresholds(stack)]
+    return [
+        *per_host,
+        *_redis(stack),
+        *_postgres(stack),
+        *_connections(stack),
+        *_thresholds(stack),
+        *_swarm_spread(stack),
+    ]
 
 
 def _memory(load: HostLoad, prefix: str = "") -> list[Finding]:
@@ -351,6 +359,39 @@ def _deploy_overlap(load: HostLoad, prefix: str = "") -> list[Finding]:
                     f"{_mb(peak_lim)} fit while two {env.name} containers run",
                 )
             )
+    return out
+
+
+def _swarm_spread(stack: Stack) -> list[Finding]:
+    """On a swarm, each environment's replicas at most `per_node` to a node (placement.Spread):
+    say what that costs when the app nodes have no spare room."""
+    if stack.runtime != "swarm":
+        return []
+    out = []
+    for env in stack.environments.values():
+        spread = app_spread(stack, env)
+        check = f"{env.name} spread"
+        if spread.per_node is None:
+            continue
+        head = (
+            f"{spread.replicas} replica(s) on {spread.nodes} app node(s), "
+            f"at most {spread.per_node} per node"
+        )
+        if spread.order == "stop-first":
+            why = (
+                "no free slot, so an update stops a replica before starting its successor "
+                "(one fewer serving meanwhile); another app node gives start-first updates"
+            )
+            out.append(Finding("warning", check, f"{head}: {why}"))
+        if not spread.survives_node_loss:
+            why = (
+                "a lost node's replicas wait for it to come back (the other nodes are "
+                "full); another app node gives them room"
+            )
+            out.append(Finding("warning", check, f"{head}: {why}"))
+        if spread.order == "start-first" and spread.survives_node_loss:
+            why = "start-first updates, and a lost node's replicas move to the others"
+            out.append(Finding("ok", check, f"{head}: {why}"))
     return out
 
 

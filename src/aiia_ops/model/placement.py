@@ -130,6 +130,43 @@ def app_instances(env: Environment) -> list[AppInstance]:
     ]
 
 
+@dataclass(frozen=True)
+class Spread:
+    """How a swarm spreads an environment's replicas over its app nodes.
+
+    Swarm's `spread` placement is only a preference: a start-first update counts the old
+    task beside the new one, so ties put both replicas on one node (seen in tests/lab_swarm),
+    and a node's loss then takes the whole environment. `per_node` (the stack file's
+    `max_replicas_per_node`) makes the even spread a rule. A start-first update needs a free
+    slot for the new task, else the update has to stop a replica first; a lost node's
+    replicas move only if the other nodes have room for them."""
+
+    replicas: int
+    nodes: int
+    per_node: int | None  # None: no rule (no replicas, or no app node)
+
+    @property
+    def order(self) -> str:
+        if self.per_node is None or self.nodes * self.per_node > self.replicas:
+            return "start-first"
+        return "stop-first"
+
+    @property
+    def survives_node_loss(self) -> bool:
+        return self.per_node is None or (self.nodes - 1) * self.per_node >= self.replicas
+
+
+def swarm_app_nodes(stack: Stack) -> list[str]:
+    """The swarm nodes that may run app replicas: reached over SSH, role app or no roles."""
+    return [n for n, h in stack.hosts.items() if h.ssh and (not h.roles or APP_ROLE in h.roles)]
+
+
+def app_spread(stack: Stack, env: Environment) -> Spread:
+    replicas, nodes = len(app_instances(env)), len(swarm_app_nodes(stack))
+    per_node = -(-replicas // nodes) if replicas and nodes else None
+    return Spread(replicas, nodes, per_node)
+
+
 def host_machine(stack: Stack, name: str) -> tuple[Machine, str]:
     machine = stack.hosts[name].machine
     if machine is None:
