@@ -227,7 +227,7 @@ def test_a_release_whose_health_fails_is_rolled_back_by_the_engine(lab):
     model, tag = lab["model"], lab["tag"]
     bad = "badhealth000"
     dockerfile = f'FROM aiia/django:{tag}\nHEALTHCHECK --interval=5s CMD ["false"]\n'
-    for h in lab["hosts"][1:]:  # the app nodes
+    for h in lab["hosts"]:  # the app nodes: all three
         subprocess.run([*sock(h), "build", "-q", "-t", f"aiia/django:{bad}", "-"],
                        input=dockerfile, text=True, check=True, capture_output=True)  # fmt: skip
     serving = json.loads(get("/health/")[1])["version"]
@@ -240,11 +240,12 @@ def test_a_release_whose_health_fails_is_rolled_back_by_the_engine(lab):
     assert status == 200 and json.loads(body)["version"] == serving, body
 
 
-def prod_nodes(model) -> list[str]:
-    """The nodes of prod's running tasks, sorted (one entry per task)."""
+def prod_nodes(model, ids: dict[str, str] | None = None) -> list[str]:
+    """The nodes of prod's running tasks, sorted (one entry per task). `ids`: node id ->
+    host, read while every engine answers (a stopped engine cannot say its id)."""
     c = flow.Cluster.of(model)
     try:
-        ids = c.node_ids()
+        ids = ids or c.node_ids()
         tasks = sw.live_tasks(flow._tasks(c, "aiia_django_prod"))
         live = [t for t in tasks if t.state == "running"]
         where = flow._task_nodes(c, live, ids)
@@ -255,7 +256,13 @@ def prod_nodes(model) -> list[str]:
 
 def test_a_stopped_node_engine_moves_its_tasks_and_the_site_keeps_answering(lab):
     model, hosts = lab["model"], lab["hosts"]
-    before = prod_nodes(model)
+    c = flow.Cluster.of(model)
+    try:
+        ids = c.node_ids()
+    finally:
+        c.close()
+    assert sorted(ids.values()) == ["lab6", "lab7", "lab8"], ids
+    before = prod_nodes(model, ids)
     # max_replicas_per_node: the two replicas on two nodes whatever the updates before did
     assert len(before) == 2 and len(set(before)) == 2, before
     victim = next(h for h in hosts[1:] if h.name in before)  # lab6 carries the LB and the DB
@@ -283,7 +290,7 @@ def test_a_stopped_node_engine_moves_its_tasks_and_the_site_keeps_answering(lab)
     moved, after = None, before
     deadline = killed + 150
     while time.monotonic() < deadline:
-        after = prod_nodes(model)
+        after = prod_nodes(model, ids)
         if len(after) == 2 and len(set(after)) == 2 and victim.name not in after:
             moved = time.monotonic() - killed
             break
@@ -299,6 +306,12 @@ def test_a_stopped_node_engine_moves_its_tasks_and_the_site_keeps_answering(lab)
           f"prod tasks before the stop on {before}, failures {failures}")  # fmt: skip
     assert moved is not None, f"{victim.name}'s prod task did not move within 150s: {after}"
     assert not failures, (before, failures)
+    for _ in range(120):  # the stopped engine's own shutdown ends before lab.up restarts it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.5)
     make_lab_restart = run_invoke("lab.up", "--hosts", "3", "--first", "6",
                                   env={"AIIA_LAB_DIR": "/var/lib/aiia-lab"})  # fmt: skip
     assert make_lab_restart.returncode == 0, make_lab_restart.stderr
