@@ -105,3 +105,31 @@ def test_archiving_on_counts_pgbackrest_inside_postgresqls_limit():
     fits = {**on, "services": {"postgresql": {"settings": {"maintenance_work_mem": "8MB"}}}}
     assert findings(fits)["postgresql memory"].severity == "ok"
     assert "pgBackRest" not in findings({})["postgresql memory"].message  # archiving off
+
+
+def test_the_patroni_clusters_containers_count_on_each_database_host():
+    """etcd, Patroni (with its PostgreSQL) and HAProxy run with hard memory limits on each
+    of replication.hosts: the per-host budget adds them, so a cluster that does not fit is
+    refused before `db.up`."""
+    import dataclasses
+
+    from aiia_ops.model.placement import host_loads
+    from aiia_ops.model.units import Size
+
+    stack = load_stack(None, "patroni-lab")
+    loads = {load.name: load for load in host_loads(stack)}
+    for host in ("lab15", "lab16", "lab17"):
+        extra = {i.container: i.memory.limit for i in loads[host].replication}
+        assert extra == {"aiia_etcd": Size.parse("64MB"), "aiia_patroni": Size.parse("256MB"),
+                         "aiia_haproxy": Size.parse("32MB")}  # fmt: skip
+        assert {i.cpu.limit for i in loads[host].replication} == {0.0}  # no CPU limit is set
+    by = {f.check: f for f in check_budget(stack)}
+    assert by["lab17 memory limits"].message.startswith("limits 472MB fit in 896MB")  # 120+352
+    assert not has_errors(check_budget(stack))
+    big = dataclasses.replace(
+        stack.replication,
+        memory=dataclasses.replace(stack.replication.memory, patroni=Size.parse("900MB")),
+    )
+    over = {f.check: f for f in check_budget(dataclasses.replace(stack, replication=big))}
+    assert over["lab17 memory limits"].severity == "error"
+    assert "add up to 1116MB on a 1024MB host" in over["lab17 memory limits"].message

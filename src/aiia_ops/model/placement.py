@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from aiia_ops.errors import OpsError
 from aiia_ops.model.schema import Problems
 from aiia_ops.model.types import Cpu, Environment, Machine, Memory, Service, Stack
+from aiia_ops.model.units import Size
 
 # The role a host needs to run each shared service (hosts.<name>.roles).
 SERVICE_ROLES = {
@@ -70,6 +71,46 @@ class AppInstance:
 
 
 @dataclass(frozen=True)
+class ReplicationContainer:
+    """One of the Patroni cluster's containers on a database host (`replication.hosts`).
+    commands/patroni.py runs each with --memory = --memory-swap = its `replication.memory`
+    size and no CPU limit, so the budget counts that size as both limit and reservation,
+    and no CPU."""
+
+    container: str
+    size: Size
+    key: str  # its key under replication.memory
+    address: ipaddress.IPv4Address | None = None
+    port: int | None = None
+    env: None = None  # not an app container
+    publish: tuple = ()
+
+    @property
+    def name(self) -> str:
+        return self.container
+
+    @property
+    def memory(self) -> Memory:
+        return Memory(self.size, self.size)
+
+    @property
+    def cpu(self) -> Cpu:
+        return Cpu(0.0, 0.0)
+
+
+def replication_containers(stack: Stack, host: str) -> list[ReplicationContainer]:
+    r = stack.replication
+    if host not in r.hosts:
+        return []
+    address = stack.hosts[host].address
+    return [
+        ReplicationContainer("aiia_etcd", r.memory.etcd, "etcd", address, r.etcd_client_port),
+        ReplicationContainer("aiia_patroni", r.memory.patroni, "patroni", address, r.postgres_port),
+        ReplicationContainer("aiia_haproxy", r.memory.haproxy, "haproxy", address, r.write_port),
+    ]
+
+
+@dataclass(frozen=True)
 class HostLoad:
     """What runs on one host, against that host's machine."""
 
@@ -78,10 +119,11 @@ class HostLoad:
     machine_path: str  # "machine" or "hosts.<name>.machine": what to raise
     services: list[Service] = field(default_factory=list)
     instances: list[AppInstance] = field(default_factory=list)
+    replication: list[ReplicationContainer] = field(default_factory=list)
 
     @property
-    def items(self) -> list[Service | AppInstance]:
-        return [*self.services, *self.instances]
+    def items(self) -> list[Service | AppInstance | ReplicationContainer]:
+        return [*self.services, *self.instances, *self.replication]
 
 
 def placed_hosts(stack: Stack) -> set[str]:
@@ -179,7 +221,7 @@ def host_loads(stack: Stack) -> list[HostLoad]:
     loads = {}
     for name in stack.hosts:
         machine, path = host_machine(stack, name)
-        loads[name] = HostLoad(name, machine, path)
+        loads[name] = HostLoad(name, machine, path, replication=replication_containers(stack, name))
     for service in stack.services.all():
         loads[service_host(stack, service)].services.append(service)
     for env in stack.environments.values():
