@@ -4,8 +4,11 @@ The built Django image (aiia/django:<this checkout>, gunicorn as in production) 
 machine's engine with the cluster's database settings (commands/patroni.app_database_env:
 every member's HAProxy, :5000 for writes, :5001 for reads through aiia/dbrouter.py), its
 port on 127.0.0.1 only. CLIENTS concurrent clients POST courses to its API (the bearer
-token, JSON, two lessons each: one transaction per course) while the primary's host dies
-(every process on it SIGKILLed at once, as in test_patroni.py). Then:
+token, JSON, two lessons each: one transaction per course) while the primary's host dies,
+twice: `kill` (every process on it SIGKILLed at once, as in test_patroni.py: the peers see
+resets) and `cut` (its link to the others down: it keeps running, packets to it vanish, no
+reset, so the app's connections through its HAProxy only fail by the app's keepalives and
+tcp_user_timeout, services/django/app/aiia/settings.py). Then:
 - Patroni elected a new leader among the survivors;
 - the API acknowledges writes again after a window (measured: the longest silence between
   two acknowledged writes, and the longest run of failed or slow ones);
@@ -18,7 +21,8 @@ token, JSON, two lessons each: one transaction per course) while the primary's h
 - reads through the app after the failover see the writes: from a replica (its own
   pg_stat_statements count them, the primary's do not), and read-your-writes (a POST, then
   at once a GET with the aiia_rw cookie it set: from the primary);
-- the old primary comes back (`db.up`) and rejoins as a replica holding the same courses.
+- the old primary comes back (`db.up`; for `cut`, its link up again) and rejoins as a
+  replica holding the same courses.
 
 Figures go to $AIIA_PATRONI_APP_FIGURES (default /tmp/aiia-patroni-app-figures.json).
 """
@@ -323,9 +327,23 @@ def monitor_lines(cluster) -> dict[str, mon.Check]:
 # --- the test ---------------------------------------------------------------------------------
 
 
-def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(cluster, app):
+def link(host: str, state: str) -> None:
+    """The bridge side of a lab host's veth (commands/lab.py `veth`) up or down."""
+    subprocess.run(["ip", "link", "set", f"v{host}", state], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("how", ["kill", "cut"])
+def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(cluster, app, how):
     streaming_all(cluster)
     lead = cluster.leader()
+    try:
+        failover_under_load(cluster, app, how, lead)
+    finally:
+        if how == "cut":
+            link(lead, "up")  # whatever failed: the host is not left cut off
+
+
+def failover_under_load(cluster, app, how: str, lead: str) -> None:
     survivors = [n for n in cluster.hosts if n != lead]
     survivor_addresses = [cluster.hosts[n].address for n in survivors]
     prefix = f"af{int(time.time())}"
@@ -339,9 +357,12 @@ def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(c
     try:
         lag = sample_lag(cluster, lead, time.time() + STEADY_S)
         killed_at = time.time()
-        out = cluster.docker(lead, *p.kill_argv()[1:])
+        if how == "kill":
+            out = cluster.docker(lead, *p.kill_argv()[1:])
+            assert out.returncode == 0, out.stderr
+        else:
+            link(lead, "down")
         kill_done = time.time()
-        assert out.returncode == 0, out.stderr
         while time.time() < kill_done + AFTER_MAX_S:
             new = [w.t1 for w in list(writes) if w.acked and w.t0 >= kill_done]
             if new and time.time() > min(new) + RESUMED_S:
@@ -443,6 +464,8 @@ def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(c
 
     # -- the old primary comes back and rejoins as a replica with the same courses
     count = f"SELECT count(*), coalesce(sum(id), 0) FROM {COURSES} WHERE slug LIKE '{prefix}%';"
+    if how == "cut":
+        link(lead, "up")  # it demoted itself when it lost etcd; back, it rewinds and follows
     rejoined_s, row = rejoin_as_replica(cluster, lead, count)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -457,8 +480,8 @@ def test_the_app_keeps_writing_through_the_primarys_death_and_reads_its_writes(c
         if not w.acked:
             key = str(w.status) if w.status is not None else w.error
             statuses[key] = statuses.get(key, 0) + 1
-    record("app_failover", {
-        "clients": CLIENTS, "killed": lead, "promoted": new_leader,
+    record("app_failover" if how == "kill" else "app_failover_cut", {
+        "how": how, "clients": CLIENTS, "killed": lead, "promoted": new_leader,
         "requests": len(writes), "acked": len(acks), "acked_before_kill": len(before),
         "acked_by_new_primary": len(new_acks),
         "write_rate_before_kill_per_s": round(len(before) / (before[-1].t1 - before[0].t0), 1),

@@ -103,13 +103,14 @@ def _size(n: int) -> str:
 
 def app_database_env(stack: Stack) -> dict[str, str]:
     """The app's database settings against the cluster (services/django/app/aiia/settings.py):
-    every member's HAProxy, in order, as a libpq host list (a host that does not answer is
-    skipped for the next), the write port as `default`, the read port as `replica`
-    (aiia/dbrouter.py). No single HAProxy is then a point of failure for the app."""
+    every member's HAProxy as a libpq host list, tried in random order per connection (a
+    host that does not answer is skipped for the next), the write port as `default`, the
+    read port as `replica` (aiia/dbrouter.py). No single HAProxy is then a point of failure for the app."""
     r = stack.replication
     hosts = ",".join(m.address for m in members(stack))
     return {"DB_HOST": hosts, "DB_PORT": str(r.write_port),
-            "DB_REPLICA_HOST": hosts, "DB_REPLICA_PORT": str(r.read_port)}  # fmt: skip
+            "DB_REPLICA_HOST": hosts, "DB_REPLICA_PORT": str(r.read_port),
+            "DB_LOAD_BALANCE_HOSTS": "random"}  # fmt: skip
 
 
 # --- rendered configs ---------------------------------------------------------------------

@@ -122,11 +122,26 @@ def start(stack: Stack, rs: dict[str, Runner], names: list[str] | None = None, o
                 r.run(p.start_argv(container))
 
 
-def cluster(stack: Stack, rs: dict[str, Runner]) -> list[p.MemberState]:
+def _ask(r: Runner, argv: list[str], unreachable: set[str] | None, timeout: float = 20):
+    """A read on one member's host; None when the host does not answer (down, or cut off
+    the network: SSH's connect timeout), and then it is not asked again in this call."""
+    if unreachable is not None and r.host in unreachable:
+        return None
+    try:
+        return r.query(argv, timeout=timeout)
+    except OpsError:
+        if unreachable is not None:
+            unreachable.add(r.host)
+        return None
+
+
+def cluster(
+    stack: Stack, rs: dict[str, Runner], unreachable: set[str] | None = None
+) -> list[p.MemberState]:
     """Patroni's view of the cluster, from the first member that answers."""
     for r in rs.values():
-        res = r.query(p.list_argv(), timeout=20)
-        if res.ok and res.stdout.strip().startswith("["):
+        res = _ask(r, p.list_argv(), unreachable if unreachable is not None else set())
+        if res is not None and res.ok and res.stdout.strip().startswith("["):
             return p.parse_list(res.stdout)
     return []
 
@@ -190,14 +205,23 @@ def up(stack: Stack, state_root: Path, local: Runner, out: Out = print) -> list[
 # --- status, switchover, down ------------------------------------------------------------------
 
 
-def memory(rs: dict[str, Runner]) -> dict[str, dict[str, float]]:
-    return {name: p.parse_mem(r.query(p.stats_argv()).stdout) for name, r in rs.items()}
+def memory(
+    rs: dict[str, Runner], unreachable: set[str] | None = None
+) -> dict[str, dict[str, float]]:
+    """Each member host's containers' memory; a host that does not answer is left out."""
+    out = {}
+    for name, r in rs.items():
+        res = _ask(r, p.stats_argv(), unreachable)
+        if res is not None:
+            out[name] = p.parse_mem(res.stdout)
+    return out
 
 
 def status(stack: Stack) -> tuple[list[p.MemberState], dict[str, dict[str, float]]]:
     rs = runners(stack)
+    unreachable: set[str] = set()
     try:
-        return cluster(stack, rs), memory(rs)
+        return cluster(stack, rs, unreachable), memory(rs, unreachable)
     finally:
         close(rs)
 
@@ -205,13 +229,14 @@ def status(stack: Stack) -> tuple[list[p.MemberState], dict[str, dict[str, float
 def replication(stack: Stack) -> tuple[list[p.MemberState], dict]:
     """What the monitor shows: Patroni's view, and the primary's own pg_stat_replication."""
     rs = runners(stack)
+    unreachable: set[str] = set()
     try:
-        states = cluster(stack, rs)
+        states = cluster(stack, rs, unreachable)
         lead = p.leader(states)
         lag: dict = {}
         if lead is not None and lead.name in rs:
-            res = rs[lead.name].query(p.replication_argv(), timeout=20)
-            lag = p.parse_replication(res.stdout) if res.ok else {}
+            res = _ask(rs[lead.name], p.replication_argv(), unreachable)
+            lag = p.parse_replication(res.stdout) if res is not None and res.ok else {}
         return states, lag
     finally:
         close(rs)

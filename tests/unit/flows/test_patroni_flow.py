@@ -75,6 +75,7 @@ def test_the_app_reaches_the_cluster_through_every_members_haproxy():
     assert p.app_database_env(STACK) == {
         "DB_HOST": "10.77.0.25,10.77.0.26,10.77.0.27", "DB_PORT": "5000",
         "DB_REPLICA_HOST": "10.77.0.25,10.77.0.26,10.77.0.27", "DB_REPLICA_PORT": "5001",
+        "DB_LOAD_BALANCE_HOSTS": "random",  # a lost host holds a third of the connections
     }  # fmt: skip
 
 
@@ -90,3 +91,28 @@ def test_the_monitor_reads_the_leaders_own_pg_stat_replication(monkeypatch):
     assert [s.name for s in states] == ["lab15", "lab16"]
     assert rows == {"lab15": ("streaming", 0.0, 1.5)}
     assert rs["lab17"].commands == [] and p.replication_argv() in rs["lab16"].commands
+
+
+class CutOff(RecordingRunner):
+    """A member's host that does not answer (SSH's connect timeout): every call raises."""
+
+    def _execute(self, argv, *, input, env, timeout, stream):
+        self.commands.append(argv)
+        raise OpsError("cannot connect to root@10.77.0.26:22: no answer within 15s")
+
+
+def test_status_and_the_monitor_read_past_a_member_cut_off_the_network(monkeypatch):
+    listing = ('[{"Member": "lab15", "Host": "10.77.0.25", "Role": "Leader", "State": "running",'
+               ' "TL": 2}, {"Member": "lab17", "Host": "10.77.0.27", "Role": "Replica", '
+               '"State": "streaming", "TL": 2, "Lag in MB": 0}]')  # fmt: skip
+    stats = "aiia_etcd 30.1MiB / 64MiB\naiia_patroni 90MiB / 256MiB\n"
+    answers = {"docker exec aiia_patroni patronictl": listing, "docker stats": stats}
+    rs = {"lab16": CutOff(host="lab16"), "lab15": RecordingRunner(answers, host="lab15"),
+          "lab17": RecordingRunner(answers, host="lab17")}  # fmt: skip
+    monkeypatch.setattr(flow, "runners", lambda stack: rs)
+    states, mem = flow.status(STACK)
+    assert [(s.name, s.role) for s in states] == [("lab15", "Leader"), ("lab17", "Replica")]
+    assert set(mem) == {"lab15", "lab17"}  # the cut-off host left out, not a traceback
+    assert len(rs["lab16"].commands) == 1  # asked once per call: one connect timeout, not two
+    states, lag = flow.replication(STACK)
+    assert p.leader(states).name == "lab15" and lag == {}  # the canned leader says nothing

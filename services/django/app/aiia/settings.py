@@ -172,9 +172,23 @@ if DB_ENGINE == "postgresql":
                 "connect_timeout": env_int("DB_CONNECT_TIMEOUT", 3),
                 "prepare_threshold": None,
                 "application_name": f"aiia-django-{AIIA_ENV}",
+                # A database host that vanishes without a reset (power or network cut):
+                # unacknowledged data fails after tcp_user_timeout and an idle pooled
+                # connection after the keepalive probes (5 + 3 x 2 s), so the request
+                # errs in seconds and the next connection goes elsewhere, instead of TCP's
+                # ~15 min of retransmits (gunicorn's timeout would kill the worker first).
+                "keepalives": 1,
+                "keepalives_idle": env_int("DB_KEEPALIVES_IDLE", 5),
+                "keepalives_interval": 2,
+                "keepalives_count": 3,
+                "tcp_user_timeout": env_int("DB_TCP_USER_TIMEOUT_MS", 10000),
             },
         }
     }
+    # Level 4: DB_HOST lists every database host's HAProxy; "random" spreads the
+    # connections over them (libpq >= 16), so a lost host holds a third of them, not all.
+    if env("DB_LOAD_BALANCE_HOSTS", ""):
+        DATABASES["default"]["OPTIONS"]["load_balance_hosts"] = env("DB_LOAD_BALANCE_HOSTS")
     # Level 4 (docs/patroni.md): DB_REPLICA_HOST names the read port of the replicated
     # database (HAProxy -> a streaming replica); read-only queries go there through
     # aiia/dbrouter.py, with read-your-writes. Unset: one database, exactly as before.

@@ -49,6 +49,21 @@ class SettingsTests(SimpleTestCase):
         self.assertEqual(s["MIDDLEWARE"][0], "aiia.dbrouter.ReadYourWritesMiddleware")
         self.assertEqual(s["LEAN_MIDDLEWARE"][0], "aiia.dbrouter.ReadYourWritesMiddleware")
 
+    def test_a_vanished_database_host_fails_in_seconds_not_tcps_minutes(self):
+        options = settings_with()["DATABASES"]["default"]["OPTIONS"]
+        self.assertEqual((options["keepalives"], options["keepalives_idle"],
+                          options["keepalives_interval"], options["keepalives_count"],
+                          options["tcp_user_timeout"]), (1, 5, 2, 3, 10000))  # fmt: skip
+        self.assertNotIn("load_balance_hosts", options)  # one host (PgBouncer): nothing to spread
+
+    def test_the_cluster_hosts_are_tried_in_random_order_by_primary_and_replica_alike(self):
+        s = settings_with(DB_REPLICA_HOST="10.77.0.25,10.77.0.26", DB_HOST="10.77.0.25,10.77.0.26",
+                          DB_LOAD_BALANCE_HOSTS="random")  # fmt: skip
+        for alias in ("default", "replica"):
+            options = s["DATABASES"][alias]["OPTIONS"]
+            self.assertEqual(options["load_balance_hosts"], "random")
+            self.assertEqual(options["tcp_user_timeout"], 10000)
+
 
 class RouterTests(SimpleTestCase):
     router = dbrouter.PrimaryReplicaRouter()
