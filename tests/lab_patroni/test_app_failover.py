@@ -158,6 +158,9 @@ def app(cluster):
         **p.app_database_env(cluster.stack),
         "CACHE_BACKEND": "locmem",  # no Redis in this lab: the database is what is tested
         "PORT": str(PORT), "GUNICORN_WORKERS": str(env.gunicorn.workers),
+        # A/B runs: e.g. {"DB_TCP_USER_TIMEOUT_MS": "0", "DB_KEEPALIVES_IDLE": "7200"} gives
+        # the kernel's defaults (docs/patroni.md, "A host cut off the network")
+        **json.loads(os.environ.get("AIIA_PATRONI_APP_ENV", "{}")),
     }  # fmt: skip
     common = ["--network", "host", "--env-file", str(env_file), *run_flags("app")]
     for k, v in settings.items():
