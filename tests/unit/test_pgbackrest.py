@@ -172,6 +172,10 @@ def test_pgbackrest_errors_are_explained():
                       "not known; unable to connect", pitr)  # fmt: skip
     assert down.startswith("the off-site store at 10.77.0.19:8443 is unreachable")
     assert pb.explain("ERROR: [056]: something else", pitr) == "ERROR: [056]: something else"
+    lost = pb.explain("ERROR: [057]: unable to execute query 'select pg_catalog.pg_is_in_"
+                      "recovery()': server closed the connection unexpectedly", pitr)  # fmt: skip
+    assert lost.startswith("pgBackRest lost its connection to PostgreSQL (did the container")
+    assert "off-site store" not in lost
 
 
 def test_bad_pitr_keys_are_reported():
