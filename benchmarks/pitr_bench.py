@@ -3,11 +3,15 @@ memory with archiving on (pgBackRest's processes inside it), RPO when the server
 mid-load, and the time of `backup.pitr` for a database of --size-mb.
 
     AIIA_STACK=... AIIA_STATE_DIR=... python benchmarks/pitr_bench.py [--env prod]
-        [--rate 13.4] [--seconds 120] [--kills 3] [--size-mb 200]
+        [--rate 13.4] [--seconds 120] [--kills 3] [--size-mb 200] [--parts wal,rpo,pitr]
+        [--json FILE]
 
 Runs against a stack with backups.pitr on, set up, `backup.pitr-init` done and its store
-up: the off-site tests' stack kept (`AIIA_E2E_KEEP=1 AIIA_LAB_KEEP=1 pytest tests/lab_offsite`,
-then AIIA_STACK/AIIA_STATE_DIR of its /tmp/aiia-pitr-*), with the flows' own code.
+up: the off-site tests' stack kept (`AIIA_PITR_BENCH=1 AIIA_E2E_KEEP=1 AIIA_LAB_KEEP=1 pytest
+tests/lab_offsite`, then AIIA_STACK/AIIA_STATE_DIR of its /tmp/aiia-pitr-*), with the flows'
+own code. AIIA_PITR_BENCH=1 gives PostgreSQL the memory a full backup of a large database
+takes (tests/stackfiles.py with_backup_memory); the store's tmpfs (384 MB, for the full-disk
+test) needs room for --size-mb: `mount -o remount,size=4g /var/lib/aiia-lab/lab9/offsite/data`.
 
 - Writes are the app's: a course and 2 lessons in one transaction (the load test's POST),
   through PgBouncer as the environment's role, at --rate a second: the `app` scenario's
@@ -31,9 +35,13 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from aiia_ops.commands import backups as bk
 from aiia_ops.commands import pgbackrest as pb
@@ -167,27 +175,9 @@ def wait_up(stack, timeout=180) -> None:
         time.sleep(2)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--env", default="prod")
-    ap.add_argument("--rate", type=float, default=13.4)
-    ap.add_argument("--seconds", type=float, default=120)
-    ap.add_argument("--kills", type=int, default=3)
-    ap.add_argument("--size-mb", type=float, default=200)
-    args = ap.parse_args()
-    stack = load_stack()
-    state = local_state_dir(stack)
-    pitr = pb.require(stack)
+def wal_and_memory(stack, state, runner, args, run: str, fig: dict) -> None:
+    """WAL volume and memory under the write load; then a full backup under it."""
     pg = stack.services.postgresql
-    env = stack.environment(args.env)
-    runner = LocalRunner()
-    run = str(int(time.time()))
-    fig: dict = {"load_start": loadavg(), "rate": args.rate,
-                 "archive_timeout_s": pitr.archive_timeout.seconds,
-                 "pg_limit_mb": pg.memory.limit.bytes // 1024**2,
-                 "pgbackrest_budget_mb": pitr.memory.bytes // 1024**2}  # fmt: skip
-
-    # 1. WAL volume and memory under the write load; then a full backup under it.
     flow.switch_and_wait(stack, runner)
     lsn0, arch0, t0 = lsn_bytes(stack), archive_bytes(stack), time.monotonic()
     writer = AppWriter(stack, state, args.rate, f"{run}w")
@@ -211,9 +201,11 @@ def main() -> None:
     fig["pgbackrest_pss_load_mb"] = round(m_load.pgbackrest / 1024**2, 1)
     fig["pg_mem_backup_mb"] = round(m_backup.peak / 1024**2, 1)
     fig["pgbackrest_pss_backup_mb"] = round(m_backup.pgbackrest / 1024**2, 1)
-    print(json.dumps(fig), flush=True)
 
-    # 2. RPO: the server killed mid-load, the repository alone restores.
+
+def rpo(stack, state, runner, args, run: str, fig: dict) -> None:
+    """The server killed mid-load (SIGKILL of PostgreSQL), the repository alone restores."""
+    pitr, pg, env = pb.require(stack), stack.services.postgresql, stack.environment(args.env)
     rpos = []
     for k in range(args.kills):
         w = AppWriter(stack, state, args.rate, f"{run}k{k}")
@@ -238,26 +230,72 @@ def main() -> None:
     fig["rpo_s"] = rpos
     psql(stack, env.database, "DELETE FROM courses_course WHERE slug LIKE 'pitrbench-%';")
 
-    # 3. pitr of a database of --size-mb.
+
+def pitr_time(stack, state, runner, args, run: str, fig: dict) -> None:
+    """`backup.pitr --to latest` of a database of --size-mb, after a full base backup of it."""
+    pg, env = stack.services.postgresql, stack.environment(args.env)
     target = int(args.size_mb * 1024**2)
-    n = 0
+    n, tf = 0, time.monotonic()
     while db_size(stack, env.database) < target:
         psql(stack, env.database, FILL_SQL, n=str(BATCH), tag=f"pb{run}-{n}")
         n += 1
     fig["db_mb"] = round(db_size(stack, env.database) / 1024**2)
-    tb = time.monotonic()
-    flow.base_backup(stack, runner, "full")
-    fig["full_backup_db_s"] = round(time.monotonic() - tb, 1)
+    fig["fill_s"] = round(time.monotonic() - tf, 1)
+    print(f"filled to {fig['db_mb']} MB in {fig['fill_s']}s", flush=True)
+    with Memory(pg.container) as m_full:
+        tb = time.monotonic()
+        flow.base_backup(stack, runner, "full")
+        fig["full_backup_db_s"] = round(time.monotonic() - tb, 1)
+    fig["pg_mem_backup_db_mb"] = round(m_full.peak / 1024**2, 1)
+    fig["pgbackrest_pss_backup_db_mb"] = round(m_full.pgbackrest / 1024**2, 1)
+    print(json.dumps(fig), flush=True)
     with Memory(pg.container) as m_pitr:
         tp = time.monotonic()
         report = flow.pitr(stack, state, env.name, "latest", runner, yes=True)
         fig["pitr_s"] = round(time.monotonic() - tp, 1)
-    fig["pitr_switch_s"] = report["switch_s"]
+    fig["pitr_restore_s"] = report.get("restore_s")
+    fig["pitr_switch_s"] = report.get("switch_s")
     fig["pg_mem_pitr_mb"] = round(m_pitr.peak / 1024**2, 1)
     psql(stack, env.database, "DELETE FROM courses_lesson WHERE title LIKE 'Lesson %';"
          "DELETE FROM courses_course WHERE slug LIKE 'bench-pb%';")  # fmt: skip
-    fig["load_end"] = loadavg()
-    print(json.dumps(fig), flush=True)
+
+
+PARTS = {"wal": wal_and_memory, "rpo": rpo, "pitr": pitr_time}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--env", default="prod")
+    ap.add_argument("--rate", type=float, default=13.4)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--size-mb", type=float, default=200)
+    ap.add_argument("--parts", default="wal,rpo,pitr", help="any of wal, rpo, pitr (in order)")
+    ap.add_argument("--json", type=Path, help="also write the figures there")
+    args = ap.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"error: unknown part {unknown[0]!r}: expected some of wal, rpo, pitr")
+    stack = load_stack()
+    state = local_state_dir(stack)
+    pitr = pb.require(stack)
+    pg = stack.services.postgresql
+    runner = LocalRunner()
+    run = str(int(time.time()))
+    fig: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                 "load_start": loadavg(), "rate": args.rate,
+                 "archive_timeout_s": pitr.archive_timeout.seconds,
+                 "pg_limit_mb": pg.memory.limit.bytes // 1024**2,
+                 "pgbackrest_budget_mb": pitr.memory.bytes // 1024**2}  # fmt: skip
+    for part in parts:
+        t0 = time.monotonic()
+        PARTS[part](stack, state, runner, args, run, fig)
+        fig[f"{part}_part_s"] = round(time.monotonic() - t0, 1)
+        fig[f"load_after_{part}"] = loadavg()
+        print(json.dumps(fig), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(fig, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import yaml
 from aiia_ops import REPO_ROOT
 from tests.conftest import run_invoke
 from tests.lab import make_lab  # noqa: F401  (real hosts: namespaces with sshd and dockerd)
-from tests.stackfiles import isolated_stack
+from tests.stackfiles import isolated_stack, with_backup_memory
 
 PROJECT = "aiiarec"
 OCTET = 25  # each lab host has its own engine: the subnet only has to be the stack's own
@@ -61,15 +61,8 @@ def stack_data() -> dict:
     # maintenance_work_mem 32 -> 8 MB makes room, as docs/backups-offsite.md says (and
     # tests/lab_offsite's stack does).
     data["services"]["postgresql"]["settings"]["maintenance_work_mem"] = "8MB"
-    if int(os.environ.get("AIIA_RECOVER_DB_MB", "0")):
-        # The 1 GB RTO bench: a full base backup of 1 GB had the kernel OOM-kill PostgreSQL
-        # backends at the 146 MB limit (pgBackRest's processes held 56 MB anonymous memory,
-        # not 24; docs/backups-offsite.md "Measured"). The bench gives pgBackRest 80 MB and
-        # PostgreSQL the 56 MB more, on a host declared 56 MB bigger: the RTO is measured
-        # with the memory the backup needs, not with the OOM killer.
-        data["machine"]["memory"] = "568MB"
-        data["backups"]["pitr"]["memory"] = "80MB"
-        data["services"]["postgresql"]["memory"]["limit"] = "202MB"
+    if int(os.environ.get("AIIA_RECOVER_DB_MB", "0")):  # the 1 GB RTO bench
+        with_backup_memory(data)
     local = data["hosts"]["local"]
     local["publish_address"] = "0.0.0.0"  # inside the lab host's namespace: its address
     data["hosts"][NEW] = {
