@@ -16,8 +16,10 @@ test) needs room for --size-mb: `mount -o remount,size=4g /var/lib/aiia-lab/lab9
 - Writes are the app's: a course and 2 lessons in one transaction (the load test's POST),
   through PgBouncer as the environment's role, at --rate a second: the `app` scenario's
   448 requests/s x 3% writes = 13.4 (docs/performance.md).
-- WAL: bytes PostgreSQL wrote (LSN delta) and bytes the repository's archive grew
-  (pgbackrest repo-ls), per hour.
+- WAL: bytes of WAL records generated (pg_stat_wal.wal_bytes), 16 MB segment files closed
+  (LSN delta: archive_timeout switches part-filled ones), and bytes the repository's
+  archive grew (pgbackrest repo-ls, compressed and encrypted, read before the full backup
+  expires older WAL), per hour.
 - Memory: the container's (cgroup, as docker stats) and the sum of pgBackRest processes'
   PSS (`docker top` pids, /proc/PID/smaps_rollup), sampled every 0.5 s, under the write
   load and during a full backup.
@@ -151,7 +153,14 @@ def pgbackrest_pss(container: str) -> int:
 
 
 def lsn_bytes(stack) -> int:
+    """The WAL position: it jumps to the next 16 MB segment at every switch (archive_timeout
+    closes a part-filled one), so its delta counts segment files, padding included."""
     return int(psql(stack, "postgres", "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn;"))
+
+
+def wal_record_bytes(stack) -> int:
+    """Bytes of WAL records PostgreSQL generated (pg_stat_wal): what the writes cost."""
+    return int(psql(stack, "postgres", "SELECT wal_bytes FROM pg_stat_wal;"))
 
 
 def archive_bytes(stack) -> int:
@@ -179,24 +188,28 @@ def wal_and_memory(stack, state, runner, args, run: str, fig: dict) -> None:
     """WAL volume and memory under the write load; then a full backup under it."""
     pg = stack.services.postgresql
     flow.switch_and_wait(stack, runner)
-    lsn0, arch0, t0 = lsn_bytes(stack), archive_bytes(stack), time.monotonic()
+    lsn0, rec0, arch0 = lsn_bytes(stack), wal_record_bytes(stack), archive_bytes(stack)
+    t0 = time.monotonic()
     writer = AppWriter(stack, state, args.rate, f"{run}w")
     with Memory(pg.container) as m_load:
         writer.start()
         time.sleep(args.seconds)
-        lsn1, dt = lsn_bytes(stack), time.monotonic() - t0
+        lsn1, rec1, dt = lsn_bytes(stack), wal_record_bytes(stack), time.monotonic() - t0
+        # The repository's growth before the full backup: a full expires older WAL
+        # (retention_full), which made the first run's figure negative.
+        flow.switch_and_wait(stack, runner)
+        arch1, dta = archive_bytes(stack), time.monotonic() - t0
     with Memory(pg.container) as m_backup:
         tb = time.monotonic()
         flow.base_backup(stack, runner, "full")
         fig["full_backup_s"] = round(time.monotonic() - tb, 1)
     writer.stop.set()
     writer.join(10)
-    flow.switch_and_wait(stack, runner)
     fig["writes"] = len(writer.acked)
     fig["writes_per_s"] = round(len(writer.acked) / (time.monotonic() - t0), 1)
-    fig["wal_mb_per_h"] = round((lsn1 - lsn0) * 3600 / dt / 1024**2, 1)
-    arch1 = archive_bytes(stack)
-    fig["archive_mb_per_h"] = round((arch1 - arch0) * 3600 / (time.monotonic() - t0) / 1024**2, 1)
+    fig["wal_record_mb_per_h"] = round((rec1 - rec0) * 3600 / dt / 1024**2, 1)
+    fig["wal_segment_mb_per_h"] = round((lsn1 - lsn0) * 3600 / dt / 1024**2, 1)
+    fig["archive_mb_per_h"] = round((arch1 - arch0) * 3600 / dta / 1024**2, 1)
     fig["pg_mem_load_mb"] = round(m_load.peak / 1024**2, 1)
     fig["pgbackrest_pss_load_mb"] = round(m_load.pgbackrest / 1024**2, 1)
     fig["pg_mem_backup_mb"] = round(m_backup.peak / 1024**2, 1)
@@ -228,7 +241,13 @@ def rpo(stack, state, runner, args, run: str, fig: dict) -> None:
             runner.run(["docker", "start", pg.container])
             wait_up(stack)
     fig["rpo_s"] = rpos
-    psql(stack, env.database, "DELETE FROM courses_course WHERE slug LIKE 'pitrbench-%';")
+    psql(
+        stack,
+        env.database,
+        "DELETE FROM courses_lesson WHERE course_id IN (SELECT id FROM "
+        "courses_course WHERE slug LIKE 'pitrbench-%'); DELETE FROM courses_course WHERE slug "
+        "LIKE 'pitrbench-%';",
+    )  # fmt: skip (lessons first: their foreign key has no cascade)
 
 
 def pitr_time(stack, state, runner, args, run: str, fig: dict) -> None:
