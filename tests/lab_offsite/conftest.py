@@ -48,11 +48,8 @@ def offsite(make_lab):  # noqa: F811
     data = isolated_stack(PROJECT, OCTET, PORT_OFFSET, str(state))
     data["backups"]["pitr"] = PITR
     # Archiving on: pgBackRest's memory counts inside PostgreSQL's limit (backups.pitr.memory,
-    # the budget check); maintenance_work_mem 32 -> 8 MB makes room, as docs/backups-offsite.md
-    # says to do on the 512 MB server.
-    data["services"]["postgresql"]["settings"]["maintenance_work_mem"] = "8MB"
-    if os.environ.get("AIIA_PITR_BENCH") == "1":  # kept for benchmarks/pitr_bench.py
-        with_backup_memory(data)
+    # the budget check); tests/stackfiles.py with_backup_memory says what these stacks get.
+    with_backup_memory(data)
     stack_file = root / "stack.yml"
     stack_file.write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ.update(AIIA_STACK=str(stack_file), AIIA_STATE_DIR=str(state),

@@ -57,12 +57,8 @@ def state_of(host: str) -> Path:
 def stack_data() -> dict:
     data = isolated_stack(PROJECT, OCTET, 0, str(state_of(SERVER)))
     data["backups"]["pitr"] = PITR
-    # Archiving on: pgBackRest's memory counts inside PostgreSQL's limit (the budget check);
-    # maintenance_work_mem 32 -> 8 MB makes room, as docs/backups-offsite.md says (and
-    # tests/lab_offsite's stack does).
-    data["services"]["postgresql"]["settings"]["maintenance_work_mem"] = "8MB"
-    if int(os.environ.get("AIIA_RECOVER_DB_MB", "0")):  # the 1 GB RTO bench
-        with_backup_memory(data)
+    # Archiving on: pgBackRest's memory counts inside PostgreSQL's limit (the budget check)
+    with_backup_memory(data)
     local = data["hosts"]["local"]
     local["publish_address"] = "0.0.0.0"  # inside the lab host's namespace: its address
     data["hosts"][NEW] = {

@@ -81,7 +81,7 @@ def test_budget_counts_pgbackrest_when_archiving_is_on():
     findings = check_budget(stack())
     assert has_errors(findings)
     pg = next(f for f in findings if f.check == "postgresql memory")
-    assert "+ pgBackRest 24MB (backups.pitr.memory) = 170MB" in pg.message
+    assert "+ pgBackRest 64MB (backups.pitr.memory) = 210MB" in pg.message
 
 
 def test_restore_argv_targets_a_moment_in_utc_or_the_end():
