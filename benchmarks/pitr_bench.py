@@ -3,17 +3,23 @@ memory with archiving on (pgBackRest's processes inside it), RPO when the server
 mid-load, and the time of `backup.pitr` for a database of --size-mb.
 
     AIIA_STACK=... AIIA_STATE_DIR=... python benchmarks/pitr_bench.py [--env prod]
-        [--rate 13.4] [--seconds 120] [--kills 3] [--size-mb 200]
+        [--rate 13.4] [--seconds 120] [--kills 3] [--size-mb 200] [--parts wal,rpo,pitr]
+        [--json FILE]
 
 Runs against a stack with backups.pitr on, set up, `backup.pitr-init` done and its store
 up: the off-site tests' stack kept (`AIIA_E2E_KEEP=1 AIIA_LAB_KEEP=1 pytest tests/lab_offsite`,
-then AIIA_STACK/AIIA_STATE_DIR of its /tmp/aiia-pitr-*), with the flows' own code.
+then AIIA_STACK/AIIA_STATE_DIR of its /tmp/aiia-pitr-*), with the flows' own code. That
+stack gives PostgreSQL the memory a full backup of a large database takes
+(tests/stackfiles.py with_backup_memory); the store's tmpfs (384 MB, for the full-disk
+test) needs room for --size-mb: `mount -o remount,size=4g /var/lib/aiia-lab/lab9/offsite/data`.
 
 - Writes are the app's: a course and 2 lessons in one transaction (the load test's POST),
   through PgBouncer as the environment's role, at --rate a second: the `app` scenario's
   448 requests/s x 3% writes = 13.4 (docs/performance.md).
-- WAL: bytes PostgreSQL wrote (LSN delta) and bytes the repository's archive grew
-  (pgbackrest repo-ls), per hour.
+- WAL: bytes of WAL records generated (pg_stat_wal.wal_bytes), 16 MB segment files closed
+  (LSN delta: archive_timeout switches part-filled ones), and bytes the repository's
+  archive grew (pgbackrest repo-ls, compressed and encrypted, read before the full backup
+  expires older WAL), per hour.
 - Memory: the container's (cgroup, as docker stats) and the sum of pgBackRest processes'
   PSS (`docker top` pids, /proc/PID/smaps_rollup), sampled every 0.5 s, under the write
   load and during a full backup.
@@ -31,9 +37,13 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from aiia_ops.commands import backups as bk
 from aiia_ops.commands import pgbackrest as pb
@@ -143,7 +153,14 @@ def pgbackrest_pss(container: str) -> int:
 
 
 def lsn_bytes(stack) -> int:
+    """The WAL position: it jumps to the next 16 MB segment at every switch (archive_timeout
+    closes a part-filled one), so its delta counts segment files, padding included."""
     return int(psql(stack, "postgres", "SELECT pg_current_wal_lsn() - '0/0'::pg_lsn;"))
+
+
+def wal_record_bytes(stack) -> int:
+    """Bytes of WAL records PostgreSQL generated (pg_stat_wal): what the writes cost."""
+    return int(psql(stack, "postgres", "SELECT wal_bytes FROM pg_stat_wal;"))
 
 
 def archive_bytes(stack) -> int:
@@ -167,53 +184,41 @@ def wait_up(stack, timeout=180) -> None:
         time.sleep(2)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--env", default="prod")
-    ap.add_argument("--rate", type=float, default=13.4)
-    ap.add_argument("--seconds", type=float, default=120)
-    ap.add_argument("--kills", type=int, default=3)
-    ap.add_argument("--size-mb", type=float, default=200)
-    args = ap.parse_args()
-    stack = load_stack()
-    state = local_state_dir(stack)
-    pitr = pb.require(stack)
+def wal_and_memory(stack, state, runner, args, run: str, fig: dict) -> None:
+    """WAL volume and memory under the write load; then a full backup under it."""
     pg = stack.services.postgresql
-    env = stack.environment(args.env)
-    runner = LocalRunner()
-    run = str(int(time.time()))
-    fig: dict = {"load_start": loadavg(), "rate": args.rate,
-                 "archive_timeout_s": pitr.archive_timeout.seconds,
-                 "pg_limit_mb": pg.memory.limit.bytes // 1024**2,
-                 "pgbackrest_budget_mb": pitr.memory.bytes // 1024**2}  # fmt: skip
-
-    # 1. WAL volume and memory under the write load; then a full backup under it.
     flow.switch_and_wait(stack, runner)
-    lsn0, arch0, t0 = lsn_bytes(stack), archive_bytes(stack), time.monotonic()
+    lsn0, rec0, arch0 = lsn_bytes(stack), wal_record_bytes(stack), archive_bytes(stack)
+    t0 = time.monotonic()
     writer = AppWriter(stack, state, args.rate, f"{run}w")
     with Memory(pg.container) as m_load:
         writer.start()
         time.sleep(args.seconds)
-        lsn1, dt = lsn_bytes(stack), time.monotonic() - t0
+        lsn1, rec1, dt = lsn_bytes(stack), wal_record_bytes(stack), time.monotonic() - t0
+        # The repository's growth before the full backup: a full expires older WAL
+        # (retention_full), which made the first run's figure negative.
+        flow.switch_and_wait(stack, runner)
+        arch1, dta = archive_bytes(stack), time.monotonic() - t0
     with Memory(pg.container) as m_backup:
         tb = time.monotonic()
         flow.base_backup(stack, runner, "full")
         fig["full_backup_s"] = round(time.monotonic() - tb, 1)
     writer.stop.set()
     writer.join(10)
-    flow.switch_and_wait(stack, runner)
     fig["writes"] = len(writer.acked)
     fig["writes_per_s"] = round(len(writer.acked) / (time.monotonic() - t0), 1)
-    fig["wal_mb_per_h"] = round((lsn1 - lsn0) * 3600 / dt / 1024**2, 1)
-    arch1 = archive_bytes(stack)
-    fig["archive_mb_per_h"] = round((arch1 - arch0) * 3600 / (time.monotonic() - t0) / 1024**2, 1)
+    fig["wal_record_mb_per_h"] = round((rec1 - rec0) * 3600 / dt / 1024**2, 1)
+    fig["wal_segment_mb_per_h"] = round((lsn1 - lsn0) * 3600 / dt / 1024**2, 1)
+    fig["archive_mb_per_h"] = round((arch1 - arch0) * 3600 / dta / 1024**2, 1)
     fig["pg_mem_load_mb"] = round(m_load.peak / 1024**2, 1)
     fig["pgbackrest_pss_load_mb"] = round(m_load.pgbackrest / 1024**2, 1)
     fig["pg_mem_backup_mb"] = round(m_backup.peak / 1024**2, 1)
     fig["pgbackrest_pss_backup_mb"] = round(m_backup.pgbackrest / 1024**2, 1)
-    print(json.dumps(fig), flush=True)
 
-    # 2. RPO: the server killed mid-load, the repository alone restores.
+
+def rpo(stack, state, runner, args, run: str, fig: dict) -> None:
+    """The server killed mid-load (SIGKILL of PostgreSQL), the repository alone restores."""
+    pitr, pg, env = pb.require(stack), stack.services.postgresql, stack.environment(args.env)
     rpos = []
     for k in range(args.kills):
         w = AppWriter(stack, state, args.rate, f"{run}k{k}")
@@ -236,28 +241,80 @@ def main() -> None:
             runner.run(["docker", "start", pg.container])
             wait_up(stack)
     fig["rpo_s"] = rpos
-    psql(stack, env.database, "DELETE FROM courses_course WHERE slug LIKE 'pitrbench-%';")
+    psql(
+        stack,
+        env.database,
+        "DELETE FROM courses_lesson WHERE course_id IN (SELECT id FROM "
+        "courses_course WHERE slug LIKE 'pitrbench-%'); DELETE FROM courses_course WHERE slug "
+        "LIKE 'pitrbench-%';",
+    )  # fmt: skip (lessons first: their foreign key has no cascade)
 
-    # 3. pitr of a database of --size-mb.
+
+def pitr_time(stack, state, runner, args, run: str, fig: dict) -> None:
+    """`backup.pitr --to latest` of a database of --size-mb, after a full base backup of it."""
+    pg, env = stack.services.postgresql, stack.environment(args.env)
     target = int(args.size_mb * 1024**2)
-    n = 0
+    n, tf = 0, time.monotonic()
     while db_size(stack, env.database) < target:
         psql(stack, env.database, FILL_SQL, n=str(BATCH), tag=f"pb{run}-{n}")
         n += 1
     fig["db_mb"] = round(db_size(stack, env.database) / 1024**2)
-    tb = time.monotonic()
-    flow.base_backup(stack, runner, "full")
-    fig["full_backup_db_s"] = round(time.monotonic() - tb, 1)
+    fig["fill_s"] = round(time.monotonic() - tf, 1)
+    print(f"filled to {fig['db_mb']} MB in {fig['fill_s']}s", flush=True)
+    with Memory(pg.container) as m_full:
+        tb = time.monotonic()
+        flow.base_backup(stack, runner, "full")
+        fig["full_backup_db_s"] = round(time.monotonic() - tb, 1)
+    fig["pg_mem_backup_db_mb"] = round(m_full.peak / 1024**2, 1)
+    fig["pgbackrest_pss_backup_db_mb"] = round(m_full.pgbackrest / 1024**2, 1)
+    print(json.dumps(fig), flush=True)
     with Memory(pg.container) as m_pitr:
         tp = time.monotonic()
         report = flow.pitr(stack, state, env.name, "latest", runner, yes=True)
         fig["pitr_s"] = round(time.monotonic() - tp, 1)
-    fig["pitr_switch_s"] = report["switch_s"]
+    fig["pitr_restore_s"] = report.get("restore_s")
+    fig["pitr_switch_s"] = report.get("switch_s")
     fig["pg_mem_pitr_mb"] = round(m_pitr.peak / 1024**2, 1)
     psql(stack, env.database, "DELETE FROM courses_lesson WHERE title LIKE 'Lesson %';"
          "DELETE FROM courses_course WHERE slug LIKE 'bench-pb%';")  # fmt: skip
-    fig["load_end"] = loadavg()
-    print(json.dumps(fig), flush=True)
+
+
+PARTS = {"wal": wal_and_memory, "rpo": rpo, "pitr": pitr_time}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--env", default="prod")
+    ap.add_argument("--rate", type=float, default=13.4)
+    ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--size-mb", type=float, default=200)
+    ap.add_argument("--parts", default="wal,rpo,pitr", help="any of wal, rpo, pitr (in order)")
+    ap.add_argument("--json", type=Path, help="also write the figures there")
+    args = ap.parse_args()
+    parts = [p for p in args.parts.split(",") if p]
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise SystemExit(f"error: unknown part {unknown[0]!r}: expected some of wal, rpo, pitr")
+    stack = load_stack()
+    state = local_state_dir(stack)
+    pitr = pb.require(stack)
+    pg = stack.services.postgresql
+    runner = LocalRunner()
+    run = str(int(time.time()))
+    fig: dict = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                 "load_start": loadavg(), "rate": args.rate,
+                 "archive_timeout_s": pitr.archive_timeout.seconds,
+                 "pg_limit_mb": pg.memory.limit.bytes // 1024**2,
+                 "pgbackrest_budget_mb": pitr.memory.bytes // 1024**2}  # fmt: skip
+    for part in parts:
+        t0 = time.monotonic()
+        PARTS[part](stack, state, runner, args, run, fig)
+        fig[f"{part}_part_s"] = round(time.monotonic() - t0, 1)
+        fig[f"load_after_{part}"] = loadavg()
+        print(json.dumps(fig), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps(fig, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import yaml
 
 from tests.conftest import run_invoke
 from tests.lab import make_lab  # noqa: F401  (real hosts: namespaces with sshd and dockerd)
-from tests.stackfiles import isolated_stack, remove_stack
+from tests.stackfiles import isolated_stack, remove_stack, with_backup_memory
 
 PROJECT = "aiiapitr"
 OCTET = 26
@@ -48,9 +48,8 @@ def offsite(make_lab):  # noqa: F811
     data = isolated_stack(PROJECT, OCTET, PORT_OFFSET, str(state))
     data["backups"]["pitr"] = PITR
     # Archiving on: pgBackRest's memory counts inside PostgreSQL's limit (backups.pitr.memory,
-    # the budget check); maintenance_work_mem 32 -> 8 MB makes room, as docs/backups-offsite.md
-    # says to do on the 512 MB server.
-    data["services"]["postgresql"]["settings"]["maintenance_work_mem"] = "8MB"
+    # the budget check); tests/stackfiles.py with_backup_memory says what these stacks get.
+    with_backup_memory(data)
     stack_file = root / "stack.yml"
     stack_file.write_text(yaml.safe_dump(data, sort_keys=False))
     os.environ.update(AIIA_STACK=str(stack_file), AIIA_STATE_DIR=str(state),

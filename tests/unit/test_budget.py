@@ -99,11 +99,14 @@ def test_archiving_on_counts_pgbackrest_inside_postgresqls_limit():
     assert f.severity == "error"
     assert f.message == (
         "shared_buffers 64MB + max_connections 50 x work_mem 1MB + maintenance_work_mem 32MB"
-        " + pgBackRest 24MB (backups.pitr.memory) = 170MB, over the container limit 146MB:"
+        " + pgBackRest 64MB (backups.pitr.memory) = 210MB, over the container limit 146MB:"
         " raise services.postgresql.memory.limit or lower maintenance_work_mem"
     )
-    fits = {**on, "services": {"postgresql": {"settings": {"maintenance_work_mem": "8MB"}}}}
-    assert findings(fits)["postgresql memory"].severity == "ok"
+    small = {"settings": {"maintenance_work_mem": "8MB"}}
+    still = {**on, "services": {"postgresql": small}}
+    assert findings(still)["postgresql memory"].severity == "error"  # 186 MB: 8 MB is not enough
+    fits = {**on, "services": {"postgresql": {**small, "memory": {"limit": "186MB"}}}}
+    assert findings(fits)["postgresql memory"].message.endswith("= 186MB, within 186MB")
     assert "pgBackRest" not in findings({})["postgresql memory"].message  # archiving off
 
 

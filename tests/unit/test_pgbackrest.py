@@ -81,7 +81,7 @@ def test_budget_counts_pgbackrest_when_archiving_is_on():
     findings = check_budget(stack())
     assert has_errors(findings)
     pg = next(f for f in findings if f.check == "postgresql memory")
-    assert "+ pgBackRest 24MB (backups.pitr.memory) = 170MB" in pg.message
+    assert "+ pgBackRest 64MB (backups.pitr.memory) = 210MB" in pg.message
 
 
 def test_restore_argv_targets_a_moment_in_utc_or_the_end():
@@ -172,6 +172,10 @@ def test_pgbackrest_errors_are_explained():
                       "not known; unable to connect", pitr)  # fmt: skip
     assert down.startswith("the off-site store at 10.77.0.19:8443 is unreachable")
     assert pb.explain("ERROR: [056]: something else", pitr) == "ERROR: [056]: something else"
+    lost = pb.explain("ERROR: [057]: unable to execute query 'select pg_catalog.pg_is_in_"
+                      "recovery()': server closed the connection unexpectedly", pitr)  # fmt: skip
+    assert lost.startswith("pgBackRest lost its connection to PostgreSQL (did the container")
+    assert "off-site store" not in lost
 
 
 def test_bad_pitr_keys_are_reported():

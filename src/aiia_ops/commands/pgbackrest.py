@@ -192,6 +192,13 @@ def explain(message: str, pitr: Pitr) -> str:
             "PostgreSQL is not archiving with pgBackRest: `invoke deploy` to restart it "
             "with backups.pitr's settings"
         )
+    elif "[057]" in message or "unable to execute query" in low:
+        # seen on a 1 GB full backup: the kernel's OOM killer took a PostgreSQL backend
+        # inside the container's limit, and "server closed the connection" is not the store
+        hint = (
+            "pgBackRest lost its connection to PostgreSQL (did the container hit its memory "
+            "limit? `dmesg` names OOM kills; backups.pitr.memory is pgBackRest's share of it)"
+        )
     elif "403" in message or "signature" in low or "access denied" in low:
         hint = f"{store} refused the keys: check OFFSITE_S3_KEY / OFFSITE_S3_SECRET"
     elif "connect" in low or "timeout" in low or "resolve" in low:
