@@ -105,7 +105,8 @@ def app_database_env(stack: Stack) -> dict[str, str]:
     """The app's database settings against the cluster (services/django/app/aiia/settings.py):
     every member's HAProxy as a libpq host list, tried in random order per connection (a
     host that does not answer is skipped for the next), the write port as `default`, the
-    read port as `replica` (aiia/dbrouter.py). No single HAProxy is then a point of failure for the app."""
+    read port as `replica` (aiia/dbrouter.py). No single HAProxy is then a point of failure
+    for the app."""
     r = stack.replication
     hosts = ",".join(m.address for m in members(stack))
     return {"DB_HOST": hosts, "DB_PORT": str(r.write_port),
