@@ -48,7 +48,7 @@ def test_command_healthchecks_match_the_document():
         "interval": "10s",
         "timeout": "5s",
         "retries": 5,
-        "test": ["CMD", "pg_isready", "-U", "aiia"],
+        "test": ["CMD", "pg-health"],
     }
     assert services["redis"]["healthcheck"]["test"] == ["CMD", "redis-cli", "-e", "ping"]
 

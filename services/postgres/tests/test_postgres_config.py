@@ -205,7 +205,7 @@ def test_dockerfile_healthcheck_is_the_stacks(stack):
         "retries": hc.retries,
         "command": hc.command,
     }
-    assert hc.command == ["pg_isready", "-U", stack.services.postgresql.settings.superuser]
+    assert hc.command == ["pg-health"]  # pg_isready -U aiia, and the checkpointer wake-up
 
 
 def test_dockerfile_runs_as_10001_from_the_base():

@@ -51,7 +51,53 @@ def psql_tcp(server, user: str, password: str, db: str, sql: str = "SELECT curre
 def test_becomes_healthy_with_the_stack_healthcheck(postgres_server):
     assert wait_healthy(postgres_server.name) >= 0
     hc = docker("inspect", "-f", "{{json .Config.Healthcheck.Test}}", postgres_server.name)
-    assert hc.stdout.strip() == '["CMD","pg_isready","-U","aiia"]'
+    assert hc.stdout.strip() == '["CMD","pg-health"]'
+
+
+def test_archive_timeout_closes_the_wal_segment_after_each_crash_restart(containers, rendered):
+    """PostgreSQL 17's checkpointer can plan a sleep of checkpoint_timeout (5 min) without
+    archive_timeout around the end of recovery, and nothing wakes it: measured without
+    pg-health, 2 of 4 starts (first boot, crash restarts) left the segment open for > 26 s
+    with archive_timeout 10 s, so the archive lost everything written since the restart.
+    The image's health check (pg-health) reloads once per checkpointer, which wakes it."""
+    name = containers.run(
+        image("postgres"), "pgcrash", env={"POSTGRES_PASSWORD": "not-a-secret"},
+        config_dir=rendered / "postgresql",
+        args=["postgres", "-c", "archive_mode=on", "-c", "archive_command=true",
+              "-c", "archive_timeout=5s"],
+    )  # fmt: skip
+
+    def sql(text: str) -> str:
+        return dexec(name, "psql", "-X", "-At", "-U", "aiia", "-d", "postgres", "-c", text,
+                     check=False).stdout.strip()  # fmt: skip
+
+    wait_healthy(name)
+    sql("CREATE TABLE crash_probe (x int)")
+    for start in range(4):  # the first boot, then three crash restarts
+        if start:
+            docker("kill", name)
+            docker("start", name)
+            deadline = time.monotonic() + 60
+            while sql("SELECT 1") != "1" and time.monotonic() < deadline:
+                time.sleep(0.5)
+        began, first = time.monotonic(), sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        switched = None
+        while time.monotonic() - began < 40:  # health every 10 s + archive_timeout 5 s + slack
+            sql("INSERT INTO crash_probe VALUES (1)")
+            if sql("SELECT pg_walfile_name(pg_current_wal_lsn())") != first:
+                switched = time.monotonic() - began
+                break
+            time.sleep(0.5)
+        assert switched is not None, f"start {start}: segment {first} still open after 40 s"
+        pid = sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+        deadline, woken = time.monotonic() + 25, ""
+        while time.monotonic() < deadline:  # pg-health wakes this start's checkpointer once
+            marker = "/var/run/postgresql/.aiia-woken-checkpointer"
+            woken = dexec(name, "cat", marker, check=False).stdout.strip()
+            if woken == pid:
+                break
+            time.sleep(1)
+        assert woken == pid, (woken, pid)
 
 
 def test_every_process_runs_as_uid_10001(postgres_server):
