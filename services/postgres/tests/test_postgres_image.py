@@ -89,7 +89,10 @@ def test_archive_timeout_closes_the_wal_segment_after_each_crash_restart(contain
                 break
             time.sleep(0.5)
         assert switched is not None, f"start {start}: segment {first} still open after 40 s"
-        pid = sql("SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'")
+        pid = sql(
+            "SELECT pg_postmaster_start_time() || ' ' || pid FROM pg_stat_activity "
+            "WHERE backend_type = 'checkpointer'"
+        )  # pg-health's key of this start
         deadline, woken = time.monotonic() + 25, ""
         while time.monotonic() < deadline:  # pg-health wakes this start's checkpointer once
             marker = "/var/run/postgresql/.aiia-woken-checkpointer"
