@@ -22,6 +22,7 @@ from aiia_ops.flows import pitr as pitr_flow
 from aiia_ops.host.runners import LocalRunner
 from aiia_ops.host.secrets import load_secrets
 from aiia_ops.model.load import load_stack
+from aiia_ops.model.state import StateDir
 from tests.conftest import run_invoke
 from tests.lab_offsite.conftest import STORE_HOST
 
@@ -224,7 +225,7 @@ def test_server_killed_mid_load_the_repository_loses_only_the_last_archive_timeo
     acked = dict(writer.acked)
     assert len(acked) > 100, f"only {len(acked)} writes acknowledged"
     try:
-        with pitr_flow.scratch_copy(stack, state, None, runner) as copy:
+        with pitr_flow.scratch_copy(stack, StateDir(state), None, runner) as copy:
             restored = load_ids(copy)
         lost = sorted(t for i, t in acked.items() if i not in restored)
         rpo = failed_at - lost[0] if lost else 0.0

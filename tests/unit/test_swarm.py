@@ -97,7 +97,7 @@ def test_placement_follows_the_roles_and_apps_spread():
 def test_spread_rule_order_and_node_loss(replicas, nodes, per_node, order, survives):
     from aiia_ops.model.placement import Spread
 
-    got = Spread(replicas, nodes, -(-replicas // nodes))
+    got = Spread.of(replicas, nodes)
     assert (got.per_node, got.order, got.survives_node_loss) == (per_node, order, survives)
 
 

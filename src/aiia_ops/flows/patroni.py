@@ -140,7 +140,7 @@ def cluster(
 ) -> list[p.MemberState]:
     """Patroni's view of the cluster, from the first member that answers."""
     for r in rs.values():
-        res = _ask(r, p.list_argv(), unreachable if unreachable is not None else set())
+        res = _ask(r, p.list_argv(), unreachable)
         if res is not None and res.ok and res.stdout.strip().startswith("["):
             return p.parse_list(res.stdout)
     return []

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 from aiia_ops.commands import backups as bk
 from aiia_ops.commands import pgbackrest as pb
@@ -90,7 +89,6 @@ def window(
 
 
 def _options(state: StateDir, volume: str | None) -> list[str]:
-    state = state if isinstance(state, StateDir) else StateDir(Path(state))
     config = str(state.config / "postgresql")
     env_file = str(state.env_files / "postgresql.env")
     return pb.scratch_options(volume, config, env_file)

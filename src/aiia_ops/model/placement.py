@@ -79,7 +79,6 @@ class ReplicationContainer:
 
     container: str
     size: Size
-    key: str  # its key under replication.memory
     address: ipaddress.IPv4Address | None = None
     port: int | None = None
     env: None = None  # not an app container
@@ -104,9 +103,9 @@ def replication_containers(stack: Stack, host: str) -> list[ReplicationContainer
         return []
     address = stack.hosts[host].address
     return [
-        ReplicationContainer("aiia_etcd", r.memory.etcd, "etcd", address, r.etcd_client_port),
-        ReplicationContainer("aiia_patroni", r.memory.patroni, "patroni", address, r.postgres_port),
-        ReplicationContainer("aiia_haproxy", r.memory.haproxy, "haproxy", address, r.write_port),
+        ReplicationContainer("aiia_etcd", r.memory.etcd, address, r.etcd_client_port),
+        ReplicationContainer("aiia_patroni", r.memory.patroni, address, r.postgres_port),
+        ReplicationContainer("aiia_haproxy", r.memory.haproxy, address, r.write_port),
     ]
 
 
@@ -187,6 +186,11 @@ class Spread:
     nodes: int
     per_node: int | None  # None: no rule (no replicas, or no app node)
 
+    @classmethod
+    def of(cls, replicas: int, nodes: int) -> Spread:
+        """The even spread: ceil(replicas / nodes) to a node."""
+        return cls(replicas, nodes, -(-replicas // nodes) if replicas and nodes else None)
+
     @property
     def order(self) -> str:
         if self.per_node is None or self.nodes * self.per_node > self.replicas:
@@ -204,9 +208,7 @@ def swarm_app_nodes(stack: Stack) -> list[str]:
 
 
 def app_spread(stack: Stack, env: Environment) -> Spread:
-    replicas, nodes = len(app_instances(env)), len(swarm_app_nodes(stack))
-    per_node = -(-replicas // nodes) if replicas and nodes else None
-    return Spread(replicas, nodes, per_node)
+    return Spread.of(len(app_instances(env)), len(swarm_app_nodes(stack)))
 
 
 def host_machine(stack: Stack, name: str) -> tuple[Machine, str]:
