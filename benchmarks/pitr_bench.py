@@ -9,9 +9,9 @@ mid-load, and the time of `backup.pitr` for a database of --size-mb.
 Runs against a stack with backups.pitr on, set up, `backup.pitr-init` done and its store
 up: the off-site tests' stack kept (`AIIA_E2E_KEEP=1 AIIA_LAB_KEEP=1 pytest tests/lab_offsite`,
 then AIIA_STACK/AIIA_STATE_DIR of its /tmp/aiia-pitr-*), with the flows' own code. That
-stack gives PostgreSQL the memory a full backup of a large database takes
-(tests/stackfiles.py with_backup_memory); the store's tmpfs (384 MB, for the full-disk
-test) needs room for --size-mb: `mount -o remount,size=4g /var/lib/aiia-lab/lab9/offsite/data`.
+stack has the committed memory limits (PostgreSQL 146 MB, pgBackRest's allowance inside
+it); the store's tmpfs (384 MB, for the full-disk test) needs room for --size-mb:
+`mount -o remount,size=4g /var/lib/aiia-lab/lab9/offsite/data`.
 
 - Writes are the app's: a course and 2 lessons in one transaction (the load test's POST),
   through PgBouncer as the environment's role, at --rate a second: the `app` scenario's

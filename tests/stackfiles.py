@@ -81,21 +81,6 @@ def isolated_stack(
     return data
 
 
-def with_backup_memory(data: dict) -> dict:
-    """The lab's stacks with archiving on: the committed tunings fill PostgreSQL's 146 MB and
-    pgBackRest needs 64 MB inside it (backups.pitr.memory: PSS peak 62.2 MB in a full
-    backup of 1 GB; at 146 MB the kernel OOM-killed PostgreSQL backends in that backup,
-    docs/backups-offsite.md "Measured"). These stacks give pgBackRest 80 MB and PostgreSQL
-    202 MB (64 + 50 + 8 + 80), on a machine declared 56 MB bigger: what the off-site tests,
-    the drill and their benchmarks ran with on 2026-12-03. Everything else is the
-    committed stack's."""
-    data["services"]["postgresql"]["settings"]["maintenance_work_mem"] = "8MB"
-    data["machine"]["memory"] = "568MB"
-    data["backups"]["pitr"]["memory"] = "80MB"
-    data["services"]["postgresql"]["memory"]["limit"] = "202MB"
-    return data
-
-
 def write_isolated_stack(
     path: Path, project: str, second_octet: int, port_offset: int, state_dir: str | None = None
 ) -> Path:

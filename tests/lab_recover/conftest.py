@@ -20,7 +20,7 @@ import yaml
 from aiia_ops import REPO_ROOT
 from tests.conftest import run_invoke
 from tests.lab import make_lab  # noqa: F401  (real hosts: namespaces with sshd and dockerd)
-from tests.stackfiles import isolated_stack, with_backup_memory
+from tests.stackfiles import isolated_stack
 
 PROJECT = "aiiarec"
 OCTET = 25  # each lab host has its own engine: the subnet only has to be the stack's own
@@ -57,8 +57,7 @@ def state_of(host: str) -> Path:
 def stack_data() -> dict:
     data = isolated_stack(PROJECT, OCTET, 0, str(state_of(SERVER)))
     data["backups"]["pitr"] = PITR
-    # Archiving on: pgBackRest's memory counts inside PostgreSQL's limit (the budget check)
-    with_backup_memory(data)
+    # Archiving on, in the committed stack's memory limits (docs/allocation.md)
     local = data["hosts"]["local"]
     local["publish_address"] = "0.0.0.0"  # inside the lab host's namespace: its address
     data["hosts"][NEW] = {

@@ -76,12 +76,17 @@ def test_enabled_archiving_renders_pgbackrest_encrypted_and_keys_only_in_the_env
 
 
 def test_budget_counts_pgbackrest_when_archiving_is_on():
-    """The committed tunings fill PostgreSQL's 146 MB; pgBackRest needs room inside it
-    (tests/unit/test_budget.py: what fits)."""
+    """The committed allocation leaves pgBackRest its 40 MB inside PostgreSQL's 146 MB
+    (tests/unit/test_budget.py: what does not fit)."""
     findings = check_budget(stack())
-    assert has_errors(findings)
+    assert not has_errors(findings)
     pg = next(f for f in findings if f.check == "postgresql memory")
-    assert "+ pgBackRest 64MB (backups.pitr.memory) = 210MB" in pg.message
+    assert "+ pgBackRest 40MB (backups.pitr.memory) = 146MB, within 146MB" in pg.message
+
+
+def test_conf_uses_small_buffers():
+    """64 KiB buffers: the measured peak of a large full backup fits the 40 MB allowance."""
+    assert "\nbuffer-size=64KiB\n" in pb.conf_text(stack())
 
 
 def test_restore_argv_targets_a_moment_in_utc_or_the_end():
