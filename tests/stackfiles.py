@@ -81,6 +81,17 @@ def isolated_stack(
     return data
 
 
+def trust_store_ca(stack_file: Path, store_root: Path) -> None:
+    """Verify the lab store's certificate for real: its CA (made by `invoke offsite.up` in
+    the store's folder, which the lab hosts share with this machine) goes into the stack
+    file's backups.pitr.repo1.ca, with verify_tls on."""
+    data = yaml.safe_load(stack_file.read_text())
+    repo1 = data["backups"]["pitr"]["repo1"]
+    repo1["ca"] = (store_root / "ca.pem").read_text()
+    repo1["verify_tls"] = True
+    stack_file.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
 def write_isolated_stack(
     path: Path, project: str, second_octet: int, port_offset: int, state_dir: str | None = None
 ) -> Path:

@@ -33,8 +33,8 @@ PITR = {
     "archive_timeout": "10s",
     "lag_warning": "15s",
     "lag_critical": "30s",
-    "repo1": {"endpoint": "10.77.0.19", "port": 8443, "bucket": "aiia-backups",
-              "verify_tls": False},  # the lab's store has a self-made certificate
+    # verify_tls stays on: the prod fixture puts the store's CA in repo1.ca (trust_store_ca)
+    "repo1": {"endpoint": "10.77.0.19", "port": 8443, "bucket": "aiia-backups"},
 }  # fmt: skip
 
 

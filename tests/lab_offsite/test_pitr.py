@@ -25,6 +25,7 @@ from aiia_ops.model.load import load_stack
 from aiia_ops.model.state import StateDir
 from tests.conftest import run_invoke
 from tests.lab_offsite.conftest import STORE_HOST
+from tests.stackfiles import trust_store_ca
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 MARK = "pitr-probe-row"
@@ -74,6 +75,7 @@ def prod(offsite):
     """prod set up with archiving to the store on lab9, the stanza made, a first full."""
     t0 = time.monotonic()
     invoke("offsite.up", "--host", STORE_HOST)
+    trust_store_ca(Path(os.environ["AIIA_STACK"]), offsite["store_data"].parent)
     invoke("setup", "--env=prod", timeout=1800)
     invoke("backup.pitr-init")
     stack = load_stack()

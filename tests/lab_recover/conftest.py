@@ -44,8 +44,7 @@ PITR = {
         "endpoint": ADDRESS[STORE],
         "port": 8443,
         "bucket": "aiia-backups",
-        "verify_tls": False,
-    },  # the lab's store has a self-made certificate
+    },  # verify_tls on: the drill puts the store's CA in repo1.ca (trust_store_ca)
 }
 
 

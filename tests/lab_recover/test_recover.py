@@ -22,6 +22,7 @@ import socket
 import ssl
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -34,6 +35,7 @@ from aiia_ops.model import load_stack
 from tests.conftest import run_invoke
 from tests.lab_recover.conftest import (
     ADDRESS,
+    LAB_DIR,
     NEW,
     PASSPHRASE,
     SERVER,
@@ -42,6 +44,7 @@ from tests.lab_recover.conftest import (
     ssh,
     state_of,
 )
+from tests.stackfiles import trust_store_ca
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
 DOMAIN = "eduaiia.com"
@@ -159,7 +162,8 @@ def server(drill):
         f"{stack.environment('prod').image}:{tag}",
     ]:
         run_invoke("lab.load", "--image", image, "--hosts", SERVER, check=True, timeout=600)
-    run_invoke("offsite.up", "--host", STORE, check=True)  # makes the store's keys
+    run_invoke("offsite.up", "--host", STORE, check=True)  # makes the store's keys and CA
+    trust_store_ca(drill["stack_file"], Path(LAB_DIR) / STORE / "offsite")
     (state_of(SERVER) / "secrets").mkdir(parents=True, mode=0o700)
     for f in (drill["root"] / "store-state" / "secrets").iterdir():  # the server's S3 keys
         shutil.copy2(f, state_of(SERVER) / "secrets" / f.name)

@@ -220,3 +220,35 @@ def test_a_wrong_key_reads_as_such_in_info():
     assert pb.explain(w.status, stack().backups.pitr).startswith(
         "the repository cannot be read with this key"
     )
+
+
+CA_PEM = (
+    "-----BEGIN CERTIFICATE-----\nMIIBszCCAVmgAwIBAgIUQ2FkZW1v\nQ2FkZW1vQ2FkZW1v==\n"
+    "-----END CERTIFICATE-----\n"
+)
+
+
+def test_a_ca_of_ones_own_is_rendered_beside_the_config_and_given_to_restic():
+    import base64
+
+    model = stack(repo1={**LAB_REPO, "verify_tls": True, "ca": CA_PEM})
+    files = render_stack(model, secrets(model))
+    assert files["postgresql/pgbackrest-ca.pem"].text == CA_PEM
+    conf = files["postgresql/pgbackrest.conf"].text
+    lines = "\nrepo1-storage-verify-tls=y\nrepo1-storage-ca-file=/etc/aiia/pgbackrest-ca.pem\n"
+    assert lines in conf
+    env = env_files(model, secrets(model))["postgresql"]
+    assert base64.b64decode(env[pb.CA_ENV]).decode() == CA_PEM  # one line in the env file
+    # without one: the image's public CAs, nothing rendered, nothing in the env file
+    plain = stack(repo1={**LAB_REPO, "verify_tls": True})
+    files = render_stack(plain, secrets(plain))
+    assert "postgresql/pgbackrest-ca.pem" not in files
+    assert "ca-file" not in files["postgresql/pgbackrest.conf"].text
+    assert pb.CA_ENV not in env_files(plain, secrets(plain))["postgresql"]
+
+
+def test_a_ca_that_is_not_a_pem_certificate_is_refused_naming_the_key():
+    with pytest.raises(OpsError) as err:
+        stack(repo1={**LAB_REPO, "ca": "/etc/ssl/my-ca.pem"})
+    text = str(err.value)
+    assert "backups.pitr.repo1.ca" in text and "PEM text of the CA certificate" in text

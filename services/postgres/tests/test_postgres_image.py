@@ -398,3 +398,13 @@ def test_restart_keeps_the_data_and_does_not_initialise_again(containers, net_se
         for name in started:
             docker("rm", "-fv", name, check=False)
         docker("volume", "rm", "-f", volume, check=False)
+
+
+def test_pgbackrest_and_restic_have_the_public_cas_to_verify_a_store():
+    """repo1.verify_tls (on by default) checks a real store's certificate against the
+    system's CAs: without ca-certificates in the image every TLS handshake would fail."""
+    proc = docker(
+        "run", "--rm", "--entrypoint", "sh", image("postgres"), "-c",
+        "grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt",
+    )  # fmt: skip
+    assert int(proc.stdout.strip()) >= 100, proc.stdout

@@ -30,11 +30,15 @@ ROOT = "/offsite"
 TAG = "aiia-files"
 STATUS_FILE = "backups/offsite-files.json"  # under the state dir: the last copy's record
 
-# Run restic with the repository keys that pgBackRest's env file already holds.
+# Run restic with the repository keys that pgBackRest's env file already holds, and the
+# store's own CA from it when the stack names one (repo1.ca; pb.CA_ENV).
 _SCRIPT = (
     'export AWS_ACCESS_KEY_ID="$PGBACKREST_REPO1_S3_KEY" '
     'AWS_SECRET_ACCESS_KEY="$PGBACKREST_REPO1_S3_KEY_SECRET" '
-    'RESTIC_PASSWORD="$PGBACKREST_REPO1_CIPHER_PASS"; exec restic "$@"'
+    'RESTIC_PASSWORD="$PGBACKREST_REPO1_CIPHER_PASS"; '
+    'if [ -n "${AIIA_STORE_CA_B64:-}" ]; then '
+    'printf %s "$AIIA_STORE_CA_B64" | base64 -d >/tmp/store-ca.pem && '
+    'set -- --cacert /tmp/store-ca.pem "$@"; fi; exec restic "$@"'
 )
 
 

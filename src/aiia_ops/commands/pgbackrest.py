@@ -10,6 +10,7 @@ from PGBACKREST_REPO1_* environment variables, which the PostgreSQL container ge
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from aiia_ops.model.types import Pitr
 
 # In the PostgreSQL container: the rendered postgresql/ dir is mounted at /etc/aiia.
 CONFIG = "/etc/aiia/pgbackrest.conf"
+CA_FILE = "/etc/aiia/pgbackrest-ca.pem"  # repo1.ca, rendered beside the config
+CA_ENV = "AIIA_STORE_CA_B64"  # the same, one line, in the env file
 PGDATA = "/var/lib/postgresql/data"
 SOCKET = "/var/run/postgresql"
 SPOOL = "/tmp/pgbackrest-spool"  # async archive-push status files only: safe to lose
@@ -78,6 +81,7 @@ def conf_text(stack: Stack) -> str:
         f"repo1-s3-uri-style={r.uri_style}",
         f"repo1-path={r.path}",
         f"repo1-storage-verify-tls={'y' if r.verify_tls else 'n'}",
+        *([f"repo1-storage-ca-file={CA_FILE}"] if r.ca else []),
         f"repo1-cipher-type={CIPHER}",
         f"repo1-retention-full={r.retention_full}",
         f"repo1-retention-diff={r.retention_diff}",
@@ -112,13 +116,16 @@ def conf_text(stack: Stack) -> str:
 
 def env(stack: Stack, secrets: Secrets) -> dict[str, str]:
     """The secret environment pgBackRest needs (empty when archiving is off)."""
-    if pitr_of(stack) is None:
+    if (pitr := pitr_of(stack)) is None:
         return {}
-    return {
+    out = {
         "PGBACKREST_REPO1_CIPHER_PASS": secrets.pgbackrest_cipher_pass,
         "PGBACKREST_REPO1_S3_KEY": secrets.offsite_s3_key,
         "PGBACKREST_REPO1_S3_KEY_SECRET": secrets.offsite_s3_secret,
     }
+    if pitr.repo1.ca:  # for restic's one-off containers, which get this file and no configs
+        out[CA_ENV] = base64.b64encode(pitr.repo1.ca.encode()).decode()
+    return out
 
 
 # --- argv (run inside the PostgreSQL image) ------------------------------------------------

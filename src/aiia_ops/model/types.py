@@ -413,6 +413,17 @@ Stanza = Annotated[
 Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
+CaCertificates = Annotated[
+    str,
+    Match(
+        r"(\s*-----BEGIN CERTIFICATE-----\s+[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\s*)*",
+        "expected the PEM text of the CA certificate(s) that signed the store's certificate "
+        "(-----BEGIN CERTIFICATE----- ... -----END CERTIFICATE-----), or nothing when a "
+        "public CA signed it",
+    ),
+]
+
+
 @dataclass(frozen=True)
 class S3Repository:
     """pgBackRest's repo1: an S3-compatible object store on another host (off-site)."""
@@ -423,8 +434,10 @@ class S3Repository:
     region: str = "us-east-1"
     path: AbsolutePath = "/pgbackrest"
     uri_style: Literal["host", "path"] = "path"
-    # false only in the lab profile (a test store with a self-made certificate)
+    # The store's certificate is checked against the image's public CAs, or against `ca`
+    # when a CA of one's own signed it (the lab's store: `invoke offsite.up` prints it).
     verify_tls: bool = True
+    ca: CaCertificates = ""
     retention_full: int = 2  # full backups kept (and the WAL they need)
     retention_diff: int = 7  # differential backups kept
 
@@ -445,8 +458,8 @@ class Pitr:
     backup_age_critical: Duration = Duration(8 * 86400)
     # pgBackRest's own processes inside PostgreSQL's container (archive-push, its async
     # sender, a backup's processes at once), measured: the budget check adds it to
-    # PostgreSQL's worst case when archiving is on.
-    memory: Size = Size.mb_(24)
+    # PostgreSQL's worst case when archiving is on (docs/allocation.md "Archiving on 512 MB").
+    memory: Size = Size.mb_(40)
     # The media and configuration set off-site (restic, `invoke backup.media`): copied
     # every hour at files_minute; the monitor's "last off-site media copy" age thresholds.
     files_minute: int = 20
