@@ -247,6 +247,16 @@ def test_a_ca_of_ones_own_is_rendered_beside_the_config_and_given_to_restic():
     assert pb.CA_ENV not in env_files(plain, secrets(plain))["postgresql"]
 
 
+def test_a_real_ca_certificate_fits_and_an_endless_one_is_refused():
+    """A PEM is longer than the 1000 characters other strings may have (LongText)."""
+    body = "Q2FkZW1vQ2FkZW1vQ2FkZW1vQ2FkZW1vQ2FkZW1vQ2FkZW1vQ2FkZW1vQ2FkZW1vQ2FkZW1vQ2Fk\n" * 20
+    real = f"-----BEGIN CERTIFICATE-----\n{body}-----END CERTIFICATE-----\n"
+    assert len(real) > 1000
+    assert stack(repo1={**LAB_REPO, "ca": real}).backups.pitr.repo1.ca == real
+    with pytest.raises(OpsError, match="expected at most 20000 characters"):
+        stack(repo1={**LAB_REPO, "ca": real * 20})
+
+
 def test_a_ca_that_is_not_a_pem_certificate_is_refused_naming_the_key():
     with pytest.raises(OpsError) as err:
         stack(repo1={**LAB_REPO, "ca": "/etc/ssl/my-ca.pem"})

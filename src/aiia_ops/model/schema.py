@@ -48,6 +48,14 @@ class Match:
         return f"{shown(value)}: {self.says}"
 
 
+@dataclasses.dataclass(frozen=True)
+class LongText:
+    """`Annotated[str, LongText(n), ...]`: text of up to n characters instead of the 1000 every
+    other string may have (a PEM certificate is longer)."""
+
+    limit: int
+
+
 def shown(value: Any, limit: int = 60) -> str:
     """repr() of a value for a message: control characters escaped, long values cut."""
     try:
@@ -180,7 +188,16 @@ def _number_problem(value: Any) -> str | None:
 
 def _constrained(tp: Any, value: Any, path: str, problems: Problems) -> Any:
     base, *rules = get_args(tp)
-    built = build(base, value, path, problems)
+    long = next((r for r in rules if isinstance(r, LongText)), None)
+    if long and base is str and isinstance(value, str):
+        if len(value) > long.limit:
+            problems.add(
+                path, f"{shown(value)} is too long; expected at most {long.limit} characters"
+            )
+            return MISSING
+        built = value
+    else:
+        built = build(base, value, path, problems)
     if built is MISSING:
         return MISSING
     for rule in rules:

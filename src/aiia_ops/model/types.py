@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Literal
 
 from aiia_ops.errors import OpsError
-from aiia_ops.model.schema import Match, field_key
+from aiia_ops.model.schema import LongText, Match, field_key
 from aiia_ops.model.units import Duration, Size
 
 IPv4 = ipaddress.IPv4Address
@@ -415,6 +415,7 @@ Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 CaCertificates = Annotated[
     str,
+    LongText(20000),
     Match(
         r"(\s*-----BEGIN CERTIFICATE-----\s+[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\s*)*",
         "expected the PEM text of the CA certificate(s) that signed the store's certificate "
