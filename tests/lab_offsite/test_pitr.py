@@ -120,6 +120,40 @@ def test_objects_in_the_store_are_unreadable_without_the_key(prod):
     assert b"Salted__" in raw  # OpenSSL-format aes-256-cbc objects (pgBackRest's cipher)
 
 
+def test_the_stores_certificate_is_verified_against_the_stacks_ca(prod, tmp_path):
+    """TLS to the store is checked for real: the stack's pgBackRest reads the repository
+    through the store's CA (repo1.ca), and the same config with a CA that did not sign the
+    store's certificate is refused by the TLS handshake."""
+    stack, _ = prod
+    pg = stack.services.postgresql.container
+    conf = subprocess.run(["docker", "exec", pg, "cat", pb.CONFIG], capture_output=True,
+                          text=True, check=True).stdout  # fmt: skip
+    assert "\nrepo1-storage-verify-tls=y\n" in conf
+    assert f"\nrepo1-storage-ca-file={pb.CA_FILE}\n" in conf
+
+    def info(config: str) -> str:
+        # io-timeout 5 s: pgBackRest retries a failed handshake until it runs out (60 s)
+        proc = subprocess.run(["docker", "exec", pg, "pgbackrest", f"--config={config}",
+                               f"--stanza={stack.backups.pitr.stanza}", "--io-timeout=5",
+                               "info"],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        return proc.stdout + proc.stderr
+
+    assert "status: ok" in info(pb.CONFIG)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(tmp_path / "k.pem"), "-out", str(tmp_path / "other.pem"),
+                    "-subj", "/CN=not the store's CA"],
+                   capture_output=True, check=True)  # fmt: skip
+    other = conf.replace(pb.CA_FILE, "/tmp/other-ca.pem")
+    for path, text in (("/tmp/other-ca.pem", (tmp_path / "other.pem").read_text()),
+                       ("/tmp/other.conf", other)):  # fmt: skip
+        subprocess.run(["docker", "exec", "-i", pg, "sh", "-c", f"cat > {path}"], input=text,
+                       text=True, check=True)  # fmt: skip
+    refused = info("/tmp/other.conf")
+    assert "status: ok" not in refused, refused
+    assert "unable to verify certificate presented by '10.77.0.19:8443'" in refused, refused
+
+
 def test_store_down_stalls_archiving_serves_on_goes_critical_then_drains(prod):
     stack, state = prod
     runner = LocalRunner()
