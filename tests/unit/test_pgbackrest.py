@@ -262,3 +262,16 @@ def test_a_ca_that_is_not_a_pem_certificate_is_refused_naming_the_key():
         stack(repo1={**LAB_REPO, "ca": "/etc/ssl/my-ca.pem"})
     text = str(err.value)
     assert "backups.pitr.repo1.ca" in text and "PEM text of the CA certificate" in text
+
+
+def test_an_untrusted_store_certificate_is_explained_as_tls_not_as_a_wrong_key():
+    pitr = stack().backups.pitr
+    for line in (
+        "[CryptoError] unable to verify certificate presented by '10.77.0.19:8443': [19] "
+        "self-signed certificate in certificate chain",
+        "[CryptoError] unable to set user-defined CA certificate location: [2147483650]",
+    ):
+        said = pb.explain(line, pitr)
+        assert said.startswith("TLS to the off-site store at 10.77.0.19:8443 failed")
+        assert "backups.pitr.repo1.ca" in said and "with this key" not in said
+    assert "with this key" in pb.explain("[CryptoError] cipher: bad decrypt", pitr)

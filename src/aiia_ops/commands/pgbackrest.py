@@ -114,6 +114,16 @@ def conf_text(stack: Stack) -> str:
     return "\n".join(lines)
 
 
+def config_files(stack: Stack) -> dict[str, str]:
+    """What pgBackRest reads from /etc/aiia: its config, and the store's CA when the stack
+    names one (no secrets in either)."""
+    r = require(stack).repo1
+    files = {CONFIG.rsplit("/", 1)[1]: conf_text(stack)}
+    if r.ca:
+        files[CA_FILE.rsplit("/", 1)[1]] = r.ca.strip() + "\n"
+    return files
+
+
 def env(stack: Stack, secrets: Secrets) -> dict[str, str]:
     """The secret environment pgBackRest needs (empty when archiving is off)."""
     if (pitr := pitr_of(stack)) is None:
@@ -184,7 +194,13 @@ def explain(message: str, pitr: Pitr) -> str:
     low = message.lower()
     store = f"the off-site store at {pitr.repo1.endpoint}:{pitr.repo1.port}"
     unreadable_info = "formaterror" in low and "info file" in low  # garbage once decrypted
-    if "cipher" in low or "decrypt" in low or "crypto" in low or unreadable_info:
+    if "certificate" in low:  # a TLS CryptoError: not the repository's key
+        hint = (
+            f"TLS to {store} failed: its certificate is not trusted here. A store signed by a "
+            "CA of your own needs that CA's PEM in backups.pitr.repo1.ca, then `invoke "
+            "config.render`; a public store's certificate must name the endpoint"
+        )
+    elif "cipher" in low or "decrypt" in low or "crypto" in low or unreadable_info:
         hint = (
             "the repository cannot be read with this key: PGBACKREST_CIPHER_PASS (state "
             "secrets/shared.env) must be the key the repository was made with; put back the "

@@ -86,10 +86,9 @@ def render_stack(
             rel = t.output.format(env=env.name) if env else t.output
             text = render_file(path, **context, svc=svc, env=env)
             out[rel] = RenderedFile(text, t.secret)
-    if (pitr := pgbackrest.pitr_of(stack)) is not None:  # no secrets: the keys are env vars
-        out["postgresql/pgbackrest.conf"] = RenderedFile(pgbackrest.conf_text(stack))
-        if pitr.repo1.ca:
-            out["postgresql/pgbackrest-ca.pem"] = RenderedFile(pitr.repo1.ca.strip() + "\n")
+    if pgbackrest.pitr_of(stack) is not None:  # no secrets in them: the keys are env vars
+        for name, text in pgbackrest.config_files(stack).items():
+            out[f"postgresql/{name}"] = RenderedFile(text)
     return out
 
 

@@ -156,9 +156,31 @@ def list_text(stack: Stack, runner: Runner) -> str:
     return "\n".join(lines)
 
 
+PRIMARY_WAIT_S = 60
+
+
+def wait_primary(stack: Stack, runner: Runner, timeout: float = PRIMARY_WAIT_S) -> None:
+    """Until the server answers as a primary: pgBackRest needs one ("unable to find primary
+    cluster" from a stanza-create that ran while PostgreSQL was still restarting, seen once
+    in the recover drill right after setup)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        out = runner.query(bk.psql(stack), input="SELECT pg_is_in_recovery();")
+        if out.ok and out.stdout.strip() == "f":
+            return
+        if time.monotonic() >= deadline:
+            why = out.stderr.strip() or "it is still in recovery"
+            raise OpsError(
+                f"PostgreSQL ({stack.services.postgresql.container}) did not answer as a "
+                f"primary within {timeout:.0f}s: {why}; check `docker logs` and its health"
+            )
+        time.sleep(1)
+
+
 def init(stack: Stack, runner: Runner) -> str:
     """Create the stanza in the repository (idempotent), check archiving, take a full."""
     pb.require(stack)
+    wait_primary(stack, runner)
     run_pgbackrest(stack, runner, pb.stanza_create(stack), "pgbackrest stanza-create")
     run_pgbackrest(stack, runner, pb.check(stack), "pgbackrest check (WAL archiving)", 300)
     return base_backup(stack, runner, "full")

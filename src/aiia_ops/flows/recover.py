@@ -116,7 +116,8 @@ class LocalStore:
         self.env_file.write_text("".join(f"{k}={v}\n" for k, v in pb.env(stack, secrets).items()))
         self.env_file.chmod(0o600)
         (self.tmp / "conf").mkdir()
-        (self.tmp / "conf" / "pgbackrest.conf").write_text(pb.conf_text(stack))
+        for name, text in pb.config_files(stack).items():
+            (self.tmp / "conf" / name).write_text(text)
         (self.tmp / "conf").chmod(0o755)
         self.tmp.chmod(0o755)
 
@@ -139,9 +140,12 @@ class LocalStore:
         if w is None or w.status != "ok":
             why = (out.stderr or out.stdout).strip().splitlines() if not out.ok else [w.status]
             why = [*why, *of.s3_error(out.stdout)]
+            last = why[-1].strip() if why else "pgbackrest info"
+            explained = pb.explain(last, pb.require(self.stack))
+            if explained == last:  # nothing more specific: the usual two causes
+                explained += " (wrong key in the export, or the wrong store)"
             raise OpsError(
-                f"the off-site repository does not open: {why[-1] if why else 'pgbackrest info'}"
-                " (wrong key in the export, or the wrong store); nothing was changed"
+                f"the off-site repository does not open: {explained}; nothing was changed"
             )
         return w
 

@@ -174,3 +174,16 @@ def test_each_lab_store_keeps_its_sockets_beside_its_data(stack):
         "-s3.localSocket": "/var/lib/aiia-lab/lab20/offsite/s3.sock",
     }
     assert not [a for a in argv if "/tmp" in a]
+
+
+def test_init_waits_for_a_primary_before_the_stanza(stack, monkeypatch):
+    """pgBackRest needs a primary: init asks first, and says clearly when there is none."""
+    monkeypatch.setattr(flow.time, "sleep", lambda s: None)
+    host = Host(promoted=True)
+    flow.init(stack, host)
+    first_pgbackrest = next(i for i, a in enumerate(host.commands) if "pgbackrest" in a)
+    assert "pg_is_in_recovery" in "".join(host.inputs[:first_pgbackrest])
+    standby = Host(promoted=False)
+    with pytest.raises(OpsError, match="did not answer as a primary within 0s"):
+        flow.wait_primary(stack, standby, timeout=0)
+    assert not any("pgbackrest" in a for a in standby.commands)
