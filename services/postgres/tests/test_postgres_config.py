@@ -66,10 +66,10 @@ def test_figures_come_from_the_stack(stack, conf):
     s = stack.services.postgresql.settings
     assert conf["port"] == str(stack.services.postgresql.port) == "5432"
     assert conf["max_connections"] == str(s.max_connections) == "50"
-    assert conf["shared_buffers"] == pg_size(s.shared_buffers) == "64MB"
+    assert conf["shared_buffers"] == pg_size(s.shared_buffers) == "40MB"
     assert conf["effective_cache_size"] == pg_size(s.effective_cache_size) == "256MB"
     assert conf["work_mem"] == pg_size(s.work_mem) == "1MB"
-    assert conf["maintenance_work_mem"] == pg_size(s.maintenance_work_mem) == "32MB"
+    assert conf["maintenance_work_mem"] == pg_size(s.maintenance_work_mem) == "16MB"
     assert conf["autovacuum_naptime"] == pg_duration(s.autovacuum_naptime) == "10s"
     assert conf["default_statistics_target"] == str(s.default_statistics_target) == "10"
 
