@@ -27,6 +27,7 @@ import secrets
 import time
 from collections.abc import Callable
 
+from aiia.cache import lean_reader
 from django.core.cache import cache
 
 log = logging.getLogger("courses.cache")
@@ -60,11 +61,17 @@ def peek(kind: str, version_key: str, ident: str) -> bytes | None:
     """The fresh cached bytes, or None (a miss, a stale entry, no cache): one MGET.
 
     For the WSGI fast path (aiia/fastpath.py), which answers a hit without Django's
-    request handling and leaves everything else to the view (fetch below)."""
+    request handling and leaves everything else to the view (fetch below). On the
+    Redis backend it reads through aiia/redisread.py's lean client (one socket per
+    thread), elsewhere (the tests' local memory) through the cache."""
     entry = entry_key(kind, ident)
-    found = cache.get_many([version_key, entry])
-    got = found.get(entry)
-    return got[2] if _fresh(got, found.get(version_key)) else None
+    reader, make_key = lean_reader()
+    if reader is None:
+        found = cache.get_many([version_key, entry])
+        token, got = found.get(version_key), found.get(entry)
+    else:  # the same MGET and values without Django's cache and redis-py (~half the CPU)
+        token, got = reader.mget([make_key(version_key).encode(), make_key(entry).encode()])
+    return got[2] if _fresh(got, token) else None
 
 
 def fetch(kind: str, version_key: str, ident: str, build: Build) -> tuple[int, bytes, str]:
