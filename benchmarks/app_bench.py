@@ -17,8 +17,10 @@ was deleted in Redis: every request rebuilds page 1 from the database, one conne
 no request is answered another's stale copy), detail (GET /api/courses/<slug>/: cached
 per course since issue 17, two queries before), detail-miss (the same after that course's
 version key was deleted: two queries), write (POST /api/courses/ with two lessons, a
-unique slug each time). The database's and Redis' CPU per request (their containers'
-cgroups, same counters) are reported beside the app's: a list miss is mostly PostgreSQL.
+unique slug each time), mix (the `app` load test's mix: 60% list pages 1-3, 36% detail,
+1% health, 3% writes, so what a write costs the list's readers is in it). The database's
+and Redis' CPU per request (their containers' cgroups, same counters) are reported beside
+the app's: a list miss is mostly PostgreSQL.
 
 The writes stay in the database: run it on a throwaway isolated stack
 (tests/stackfiles.py write_isolated_stack); it refuses the committed stack's project.
@@ -104,13 +106,29 @@ PATHS = {
     "detail": lambda i: ("GET", f"/api/courses/{DETAIL_SLUG}/", None, 200),
     "detail-miss": lambda i: ("GET", f"/api/courses/{DETAIL_SLUG}/", None, 200),
     "write": lambda i: ("POST", "/api/courses/", course(f"bench-{uuid.uuid4().hex[:16]}"), 201),
+    "mix": lambda i: _mix(i),
 }
 
 
+def _mix(i: int) -> tuple:
+    """The `app` load test scenario's mix (commands/loadtest.py), in every 100 requests:
+    60 list reads (pages 1-3), 36 details, 1 /health/, 3 writes."""
+    k = i % 100
+    if k in (1, 33, 66):
+        return PATHS["write"](i)
+    if k == 3:
+        return PATHS["health"](i)
+    if k % 5 in (1, 3):  # 40 of the 100, less the 4 above
+        return PATHS["detail"](i)
+    return ("GET", f"/api/courses/?page={1 + k % 3}", None, 200)
+
+
 # Deleted in Redis before each request of a *-miss path (Django's key: prefix:version:key).
+# The list's entry too: a page built less than API_LIST_REBUILD_INTERVAL ago is answered
+# whatever its generation (fifth pass), so only a page with no entry is a miss every time.
 MISS_KEYS = {
-    "list-miss": "courses:list:generation",
-    "detail-miss": f"courses:detail:version:{DETAIL_SLUG}",
+    "list-miss": ("courses:list:generation", "courses:list:entry:1:20"),
+    "detail-miss": (f"courses:detail:version:{DETAIL_SLUG}",),
 }
 
 
@@ -221,8 +239,8 @@ def main() -> int:
     version = docker("inspect", "-f", "{{.Config.Image}}", env.container).strip()
     results = []
     for name in args.paths.split(","):
-        key = MISS_KEYS.get(name)
-        before_each = (lambda k=prefix + key: rc.delete(k)) if key else None
+        keys = [prefix + key for key in MISS_KEYS.get(name, ())]
+        before_each = (lambda k=keys: rc.delete(*k)) if keys else None
         runs = [run_path(target, cids, name, args.requests, args.concurrency, args.warmup,
                          before_each) for _ in range(args.repeat)]  # fmt: skip
         best = min(runs, key=lambda r: r["cpu_ms_per_request"])

@@ -36,7 +36,8 @@ def test_rendered_values_follow_the_stack(name):
     assert cfg["max_requests"] == g.max_requests
     assert cfg["max_requests_jitter"] == g.max_requests_jitter
     assert cfg["worker_tmp_dir"] == "/dev/shm"
-    assert cfg["accesslog"] == "-"
+    assert cfg["accesslog"] == ("-" if g.access_log else None)
+    assert cfg["errorlog"] == "-"
     # Measured: preloading saves memory only with several workers (README.md).
     assert cfg["preload_app"] is (g.workers > 1)
     assert callable(cfg["pre_fork"])

@@ -341,6 +341,10 @@ class Gunicorn:
     max_requests: int
     keepalive: Duration
     max_requests_jitter: int = 0
+    # One line per request on stdout (docker logs). Off by default: nginx's access log has
+    # every request with its upstream time and X-Request-ID; this cost 14% of the app's CPU
+    # (docs/performance.md, "Issue 17, fifth pass"). On for debugging the app without nginx.
+    access_log: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,6 +15,8 @@ import threading
 
 from django.core.cache.backends.redis import RedisCache as DjangoRedisCache
 from django.core.cache.backends.redis import RedisCacheClient as DjangoRedisCacheClient
+from django.core.signals import setting_changed
+from django.dispatch import receiver
 from django.utils.functional import cached_property
 
 _lock = threading.Lock()
@@ -56,3 +58,34 @@ class RedisCache(DjangoRedisCache):
             if client is None:
                 client = _clients[key] = self._class(self._servers, **self._options)
         return client
+
+
+# --- the lean reader of a cache hit (aiia/redisread.py) ---------------------------------
+
+_reader: tuple | None = None  # (RedisReader or None, make_key), resolved on first use
+
+
+def lean_reader() -> tuple:
+    """(reader, make_key) for the default cache when it is this backend on one server,
+    else (None, None): callers then use the cache itself (local memory in the tests)."""
+    global _reader
+    found = _reader
+    if found is None:
+        from django.core.cache import caches
+
+        from aiia.redisread import RedisReader
+
+        backend = caches["default"]
+        found = (None, None)
+        if isinstance(backend, RedisCache) and len(backend._servers) == 1:
+            reader = RedisReader.from_url(backend._servers[0], **backend._options)
+            found = (reader, backend.make_key)
+        _reader = found
+    return found
+
+
+@receiver(setting_changed)
+def _settings_changed(*, setting, **_kwargs):
+    global _reader
+    if setting == "CACHES":
+        _reader = None

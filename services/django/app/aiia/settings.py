@@ -45,6 +45,19 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name} must be an integer, got {value!r}") from None
 
 
+def env_float(name: str, default: float) -> float:
+    value = env(name)
+    if not value:
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 60:
+        raise ImproperlyConfigured(f"{name} must be a number of seconds 0-60, got {value!r}")
+    return number
+
+
 def env_list(name: str) -> list[str]:
     return [item.strip() for item in env(name).split(",") if item.strip()]
 
@@ -285,6 +298,13 @@ API_WRITE_TOKEN = env("API_WRITE_TOKEN")
 # Cached list pages and details answered before Django's request handling (aiia/fastpath.py):
 # the same bytes and headers, ~half the CPU of a hit. Off: every request through Django.
 API_FAST_PATH = env_bool("API_FAST_PATH", True)
+# A course-list page is rebuilt at most once per this many seconds, however often courses
+# are written (courses/listcache.py): under a stream of writes, every write used to make
+# every page's readers rebuild it. A write shows in every list page at most this long
+# after its commit, as nginx's edge cache already allows anonymous readers (stack.yml
+# api_cache: 1s). Details are unaffected (a write to a course shows in its detail at once).
+# 0: every write rebuilds the pages at once.
+API_LIST_REBUILD_INTERVAL = env_float("API_LIST_REBUILD_INTERVAL", 1.0)
 
 # --- Passwords ------------------------------------------------------------------------
 

@@ -754,3 +754,102 @@ class FastPathTests(ApiTestCase):
         before = self.calls
         self.call(self.fast, "/api/courses/a/")  # still off: straight to Django
         self.assertEqual(self.calls, before + 1)
+
+
+@override_settings(API_LIST_REBUILD_INTERVAL=1.0)  # production's (aiia/settings.py)
+class CoalescedRebuildTests(ApiTestCase):
+    """Issue 17, fifth pass: a list page is rebuilt at most once per interval after writes;
+    a write shows in it within the interval; details are not coalesced."""
+
+    def setUp(self):
+        super().setUp()
+        self.now = 1_000_000.0
+        clock = mock.patch("courses.pagecache.time.time", side_effect=lambda: self.now)
+        clock.start()
+        self.addCleanup(clock.stop)
+        self.create({"title": "A", "lessons": [{"title": "La"}]})
+
+    def slugs(self, response):
+        return [c["slug"] for c in response.json()["results"]]
+
+    def test_writes_within_the_interval_answer_the_page_built_before_them(self):
+        first = self.list()
+        self.assertEqual((first["X-Cache"], self.slugs(first)), ("miss", ["a"]))
+        for n, title in enumerate(["B", "C", "D"]):
+            self.now += 0.25  # binary fractions: exact clock arithmetic
+            self.create({"title": title})
+            with self.assertNumQueries(0):
+                same = self.list()  # 0.25, 0.5, 0.75 s after the page was built
+            self.assertEqual((same["X-Cache"], same.content), ("hit", first.content), n)
+        self.now += 0.25  # the page is 1.0 s old: the writes are due
+        rebuilt = self.list()
+        self.assertEqual((rebuilt["X-Cache"], self.slugs(rebuilt)), ("miss", ["d", "c", "b", "a"]))
+        self.assertEqual(rebuilt.json()["count"], 4)
+        self.assertEqual(self.list()["X-Cache"], "hit")
+
+    def test_one_rebuild_per_interval_however_many_writes(self):
+        self.list()
+        misses = 0
+        for i in range(20):  # 20 writes over 2.5 s, each followed by 5 reads
+            self.now += 0.125
+            self.create({"title": f"W{i}"})
+            for _ in range(5):
+                misses += self.list()["X-Cache"] == "miss"
+        self.assertEqual(misses, 2)  # at 1.0 s and 2.0 s, not 20
+        self.now += 1.0
+        self.assertEqual(self.list().json()["count"], 21)  # every write shown in the end
+
+    def test_without_writes_a_page_stays_fresh_for_its_timeout(self):
+        self.list()
+        self.now += listcache.PAGE_TIMEOUT - 1
+        self.assertEqual(self.list()["X-Cache"], "hit")
+        self.now += 1
+        self.assertEqual(self.list()["X-Cache"], "miss")
+
+    def test_the_entry_is_timed_before_its_rows_are_read(self):
+        from courses import views
+
+        real = views._page_sql  # called while the page's rows are read
+
+        def slow(*args, **kwargs):
+            self.now += 0.75  # a write may commit while the rows are read
+            return real(*args, **kwargs)
+
+        with mock.patch.object(views, "_page_sql", side_effect=slow):
+            self.list()
+        entry = cache.get(listcache.pagecache.entry_key(listcache.KIND, "1:20"))
+        self.assertEqual(entry[1], self.now - 0.75)  # when the build began, not when it ended
+        self.now += 0.125
+        self.create({"title": "B"})
+        self.assertEqual(self.slugs(self.list()), ["a"])  # within the interval
+        self.now += 0.125  # 1.0 s after the build began, 0.25 s after it was stored
+        self.assertEqual(self.slugs(self.list()), ["b", "a"])
+
+    def test_the_fast_path_answers_within_the_interval_too(self):
+        from aiia.fastpath import FastPath
+
+        answered = []
+        fast = FastPath(lambda environ, start: answered.append(1) or [b"django"])
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/api/courses/",
+            "QUERY_STRING": "",
+            "HTTP_HOST": "localhost",
+            "HTTP_X_FORWARDED_PROTO": "https",
+        }
+        built = self.list().content
+        self.now += 0.5
+        self.create({"title": "B"})
+        self.assertEqual(b"".join(fast(dict(environ), lambda *a: None)), built)
+        self.now += 0.5
+        self.assertEqual(b"".join(fast(dict(environ), lambda *a: None)), b"django")
+        self.assertEqual(answered, [1])
+
+    def test_details_show_a_write_at_once(self):
+        self.client.get("/api/courses/a/")
+        with self.captureOnCommitCallbacks(execute=True):
+            course = Course.objects.get(slug="a")
+            course.summary = "revised"
+            course.save()
+        detail = self.client.get("/api/courses/a/")
+        self.assertEqual((detail["X-Cache"], detail.json()["summary"]), ("miss", "revised"))
