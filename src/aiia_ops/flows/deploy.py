@@ -37,7 +37,12 @@ from aiia_ops.flows.output import paint
 from aiia_ops.flows.restore import resume_if_paused
 from aiia_ops.flows.status import health_through_nginx
 from aiia_ops.flows.steps import Steps
-from aiia_ops.flows.switch import inspect_release, live_upstreams, write_host_files
+from aiia_ops.flows.switch import (
+    inspect_release,
+    live_upstreams,
+    write_app_files,
+    write_host_files,
+)
 from aiia_ops.flows.targets import target, target_secrets
 from aiia_ops.host import git
 from aiia_ops.host import lock as locks
@@ -253,6 +258,12 @@ class Deploy:
         run("collectstatic", lambda: self.one_off(tag, ["collectstatic", "--noinput"]))
         address = apps.free_slot(env, live)
         self._mark("collectstatic", new_address=address)
+        run(
+            f"config of {env.name} (gunicorn, env file) from the stack",
+            lambda: write_app_files(
+                self.runner, self.stack, self.secrets, self.state_dir, env.name
+            ),
+        )
         run(
             f"start {tag} beside the live release on {address}",
             lambda: self.start_new(tag, address, new_name),

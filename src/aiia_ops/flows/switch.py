@@ -68,6 +68,23 @@ def write_host_files(
     return sync_files(runner, files)
 
 
+def write_app_files(
+    runner: Runner, stack: Stack, secrets: Secrets, state_dir: str, env_name: str
+) -> list[str]:
+    """One environment's own files (its config dir: gunicorn.conf.py; its env file) before a
+    release of it starts: gunicorn and `docker run --env-file` read them once, at the start,
+    so written only at the nginx switch (as before) a change reached the next release, not
+    this one. The switch writes every other file, as before."""
+    from aiia_ops.commands.compose import config_dir_name, service_key
+    from aiia_ops.host.git import shared_image_tags
+
+    env = stack.environment(env_name)
+    root = state_dir.rstrip("/")
+    mine = (f"{root}/config/{config_dir_name(env)}/", f"{root}/env/{service_key(env)}.env")
+    files = host_files(stack, secrets, state_dir, shared_image_tags(stack))
+    return sync_files(runner, [f for f in files if f.path.startswith(mine)])
+
+
 @contextmanager
 def switch_lock(runner: Runner, state_dir: str, out: Callable[[str], None] = print) -> Iterator:
     """The host-wide lock of every render + check + reload (waits for another switch)."""
