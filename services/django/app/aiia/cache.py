@@ -78,7 +78,9 @@ def lean_reader() -> tuple:
         backend = caches["default"]
         found = (None, None)
         if isinstance(backend, RedisCache) and len(backend._servers) == 1:
-            reader = RedisReader.from_url(backend._servers[0], **backend._options)
+            # the client's own serializer: the values decode exactly as get_many's
+            loads = backend._cache._serializer.loads
+            reader = RedisReader.from_url(backend._servers[0], loads=loads, **backend._options)
             found = (reader, backend.make_key)
         _reader = found
     return found

@@ -20,18 +20,22 @@ dropped) is retried once on a new socket, as redis-py's pool does with a dead co
 costs at most one connect timeout or one read timeout, as before. A forked child (gunicorn's
 workers after preload_app) never uses its parent's socket.
 
-Values are decoded as Django's RedisSerializer does (an int if it parses as one, else a
-pickle), so callers get what cache.get_many would give them.
+Values are decoded by the cache's own serializer (`loads`; Django's RedisSerializer by
+default), so callers get what cache.get_many would give them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import socket
 import threading
+from collections.abc import Callable
 from urllib.parse import unquote, urlsplit
+
+from django.core.cache.backends.redis import RedisSerializer
+
+DJANGO_LOADS = RedisSerializer().loads  # the cache's default serializer
 
 
 class RedisReplyError(Exception):
@@ -45,16 +49,6 @@ def _bulk(value: bytes) -> bytes:
 def command(*parts: bytes) -> bytes:
     """One RESP command (an array of bulk strings)."""
     return b"*%d\r\n" % len(parts) + b"".join(_bulk(p) for p in parts)
-
-
-def decode(data: bytes | None):
-    """Django's RedisSerializer.loads: ints are stored as digits, everything else pickled."""
-    if data is None:
-        return None
-    try:
-        return int(data)
-    except ValueError:
-        return pickle.loads(data)
 
 
 class _Conn:
@@ -115,8 +109,10 @@ class RedisReader:
         password: str | None = None,
         connect_timeout: float | None = None,
         timeout: float | None = None,
+        loads: Callable[[bytes], object] = DJANGO_LOADS,
     ):
         self.address = (host, port)
+        self.loads = loads
         self.connect_timeout, self.timeout = connect_timeout, timeout
         setup = []
         if password:
@@ -128,7 +124,7 @@ class RedisReader:
         self._local = threading.local()
 
     @classmethod
-    def from_url(cls, url: str, **options) -> RedisReader:
+    def from_url(cls, url: str, loads=DJANGO_LOADS, **options) -> RedisReader:
         """redis://[user:password@]host[:port][/db], the cache LOCATION's form."""
         parts = urlsplit(url)
         if parts.scheme != "redis" or not parts.hostname:
@@ -142,6 +138,7 @@ class RedisReader:
             password=options.get("password") or (unquote(parts.password or "") or None),
             connect_timeout=options.get("socket_connect_timeout"),
             timeout=options.get("socket_timeout"),
+            loads=loads,
         )
 
     def _connect(self) -> _Conn:
@@ -207,5 +204,5 @@ class RedisReader:
         raise AssertionError("unreachable")
 
     def mget(self, keys: list[bytes]) -> list:
-        """As cache.get_many would decode them (Django's RedisSerializer), None if missing."""
-        return [decode(value) for value in self.mget_raw(keys)]
+        """As cache.get_many would decode them (the cache's serializer), None if missing."""
+        return [None if v is None else self.loads(v) for v in self.mget_raw(keys)]
