@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
@@ -40,7 +41,13 @@ READY = replace(
     base_image_sha=BASE_LABEL,
     debootstrap=True,
     iptables=True,
+    daemon_json='{\n  "userland-proxy": false\n}\n',
 )
+ENGINE_CONFIG = [
+    ["mkdir", "-p", "/etc/docker"],
+    ["tee", "/etc/docker/daemon.json.aiia-new"],
+    ["mv", "-f", "/etc/docker/daemon.json.aiia-new", "/etc/docker/daemon.json"],
+]
 
 R = "/var/tmp/aiia-trixie-rootfs"
 DEBOOTSTRAP_BUILD = [
@@ -102,6 +109,7 @@ def table(steps: list[P.Step]) -> dict[str, list[list[str]] | str]:
 def test_fresh_debian_root_without_systemd_installs_starts_and_builds_everything():
     steps = run_plan(FRESH)
     assert table(steps) == {
+        "engine.config": ENGINE_CONFIG,
         "engine.install": [
             ["apt-get", "update", "-qq"],
             [
@@ -120,10 +128,11 @@ def test_fresh_debian_root_without_systemd_installs_starts_and_builds_everything
         "compose": COMPOSE_FETCH,
         "image.base": base_build(f"{SHA}."),
     }
-    start = steps[1]
+    assert steps[0].commands[1].input == '{\n  "userland-proxy": false\n}\n'
+    start = steps[2]
     assert start.wait_for == ("docker", "version", "--format", "{{.Server.Version}}")
     assert start.wait_seconds == 60
-    debian = steps[2]
+    debian = steps[3]
     # debootstrap is installed with the engine, so the fallback does not install it again.
     assert debian.fallback_argvs[:2] == [
         ["apt-get", "update", "-qq"],
@@ -145,27 +154,52 @@ def test_pull_falls_back_to_debootstrap_and_import():
 
 
 def test_fresh_debian_with_systemd_starts_the_engine_with_systemctl():
-    start = run_plan(replace(FRESH, systemd=True))[1]
+    start = run_plan(replace(FRESH, systemd=True))[2]
     assert start.argvs == [["systemctl", "enable", "--now", "docker"]]
     assert start.wait_for is not None
 
 
 def test_engine_installed_but_stopped_is_only_started():
     facts = replace(FRESH, dockerd="20.10.24+dfsg1", debootstrap=True, iptables=True)
-    install, start = run_plan(facts, phases=("engine",))
+    _config, install, start = run_plan(facts, phases=("engine",))
     assert install.skip == "installed: dockerd 20.10.24+dfsg1, debootstrap, iptables"
     assert start.argvs[0][0] == "start-stop-daemon"
 
 
 def test_only_missing_packages_are_installed():
     facts = replace(FRESH, debootstrap=True, iptables=True)
-    install = run_plan(facts, phases=("engine",))[0]
+    install = run_plan(facts, phases=("engine",))[1]
     assert install.argvs[1][-1] == "docker.io"
     assert install.description == "install docker.io from the OS archive"
 
 
+def test_engine_settings_are_merged_into_an_existing_daemon_json():
+    facts = replace(READY, daemon_json='{"log-driver": "local", "userland-proxy": true}')
+    config = run_plan(facts, phases=("engine",))[0]
+    assert config.argvs == ENGINE_CONFIG
+    assert json.loads(config.commands[1].input) == {"log-driver": "local", "userland-proxy": False}
+    # The running engine keeps its settings until it restarts: said, not done behind its back.
+    assert "next start: `invoke engine.stop` then `invoke provision`" in config.description
+    assert not [c for c in config.argvs if c[0] in ("systemctl", "start-stop-daemon")]
+
+
+@pytest.mark.parametrize("text", ['{"userland-proxy": false', "[1, 2]"])
+def test_an_unreadable_daemon_json_is_refused_and_left_alone(text):
+    with pytest.raises(P.Refused) as err:
+        run_plan(replace(READY, daemon_json=text))
+    assert "/etc/docker/daemon.json is not" in str(err.value)
+    assert "nothing was changed" in str(err.value)
+
+
+def test_not_root_with_an_engine_leaves_the_engine_settings_alone():
+    facts = replace(READY, is_root=False, daemon_json=None)
+    config = run_plan(facts, phases=("engine",))[0]
+    assert config.skip.startswith("not root: the engine keeps its own settings")
+
+
 def test_provisioned_machine_skips_every_step_with_its_reason():
     assert table(run_plan(READY)) == {
+        "engine.config": "skip: /etc/docker/daemon.json has them",
         "engine.install": "skip: engine answers: 20.10.24+dfsg1 (API 1.41)",
         "engine.start": "skip: engine answers: 20.10.24+dfsg1 (API 1.41)",
         "image.debian": "skip: debian:trixie-slim present",
@@ -228,7 +262,7 @@ def test_not_root_without_an_engine_is_refused():
     with pytest.raises(P.Refused) as err:
         run_plan(replace(FRESH, is_root=False))
     assert str(err.value) == (
-        "provisioning needs root for: engine.install, engine.start, image.debian. "
+        "provisioning needs root for: engine.config, engine.install, engine.start, image.debian. "
         "Run `invoke provision` as root (e.g. `sudo invoke provision`), or install Docker "
         "Engine 24+ and the compose v2 plugin yourself, give your user access to the engine, "
         "and make debian:trixie-slim pullable; then rerun."
@@ -381,6 +415,7 @@ def test_gather_reads_facts_with_read_only_commands():
             "iptables --version": "iptables v1.8.9 (nf_tables)\n",
             "df ": f"Avail\n{80 * 1024**3}\n",
             "cat /run/aiia-dockerd.pid": "7131\n",
+            "cat /etc/docker/daemon.json": READY.daemon_json,
             "cat /proc/7131/comm": "dockerd\n",
             "docker version": "20.10.24+dfsg1 1.41\n",
             "docker compose version --short": "2.26.1-4\n",
@@ -431,8 +466,10 @@ def test_context_sha_ignores_docs_and_follows_content(tmp_path):
 def test_dry_run_prints_exact_commands_and_skip_reasons(capsys):
     FP.print_plan(run_plan(replace(READY, compose_version=None, base_image_sha=None)))
     out = capsys.readouterr().out.splitlines()
-    assert out[:2] == [
-        "[1/5] engine.install: install docker.io, debootstrap, iptables",
+    assert out[:4] == [
+        '[1/6] engine.config: engine settings in /etc/docker/daemon.json: "userland-proxy": false',
+        "    skip: /etc/docker/daemon.json has them",
+        "[2/6] engine.install: install docker.io, debootstrap, iptables",
         "    skip: engine answers: 20.10.24+dfsg1 (API 1.41)",
     ]
     assert "    $ docker rm -f aiia-compose-fetch   # may fail" in out

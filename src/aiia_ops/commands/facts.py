@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiia_ops.commands.argv import Result
-from aiia_ops.commands.provision import BASE_IMAGE, BASE_SHA_LABEL, DEBIAN_IMAGE, PIDFILE
+from aiia_ops.commands.provision import (
+    BASE_IMAGE,
+    BASE_SHA_LABEL,
+    DAEMON_JSON,
+    DEBIAN_IMAGE,
+    PIDFILE,
+)
 
 
 @dataclass(frozen=True)
@@ -101,6 +107,11 @@ def parse_pidfile(r: Result) -> int | None:
     return int(text) if r.ok and text.isdigit() else None
 
 
+def parse_file_text(r: Result) -> str | None:
+    """`cat FILE` -> its text; None when it cannot be read (absent)."""
+    return r.stdout if r.ok else None
+
+
 def parse_comm(r: Result) -> str:
     return r.stdout.strip() if r.ok else ""
 
@@ -116,6 +127,7 @@ FACTS: tuple[Fact, ...] = (
     Fact("iptables", ("iptables", "--version"), parse_ok),
     Fact("free_bytes", ("df", "-B1", "--output=avail", "/var/lib"), parse_df_avail),
     Fact("pidfile_pid", ("cat", PIDFILE), parse_pidfile),
+    Fact("daemon_json", ("cat", DAEMON_JSON), parse_file_text),
 )
 
 ENGINE_FACTS: tuple[Fact, ...] = (

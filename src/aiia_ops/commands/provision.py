@@ -17,6 +17,7 @@ Every step whose fact says it is done stays in the plan, skipped, with its reaso
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from aiia_ops.errors import OpsError
@@ -27,6 +28,16 @@ BASE_SHA_LABEL = "org.aiia.context-sha256"
 PIDFILE = "/run/aiia-dockerd.pid"
 LOGFILE = "/var/log/aiia-dockerd.log"
 DOCKERD = "/usr/sbin/dockerd"
+DAEMON_JSON = "/etc/docker/daemon.json"
+# What the project needs of the engine, merged into DAEMON_JSON (dockerd reads it at start,
+# whether systemd or provision starts it; other keys there are kept).
+ENGINE_SETTINGS = {
+    # Published ports through the kernel's NAT (DNAT, route_localnet for 127.0.0.1) instead
+    # of docker-proxy, a process copying every byte: a client on this machine (load test,
+    # monitor, deploy probe) then costs what an outside client costs. Under the load test
+    # the proxy took 0.6 of the 2 cores (docs/performance.md, "Issue 17, sixth pass").
+    "userland-proxy": False,
+}
 ROOT_PLUGIN_DIR = "/usr/local/lib/docker/cli-plugins"
 ROOTFS_DIR = "/var/tmp/aiia-trixie-rootfs"
 ROOTFS_TAR = "/var/tmp/aiia-trixie-rootfs.tar"
@@ -65,6 +76,7 @@ class HostFacts:
     debootstrap: bool = False
     iptables: bool = False
     pidfile_pid: int | None = None  # pid in PIDFILE whose process is a running dockerd
+    daemon_json: str | None = None  # text of DAEMON_JSON; None: absent
 
     @property
     def debian_like(self) -> bool:
@@ -146,10 +158,65 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 # --- the steps ------------------------------------------------------------------------------
 
 
+def engine_config(text: str | None) -> dict:
+    """DAEMON_JSON's settings as they are (empty when absent); Refused when unreadable."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        config = exc
+    if not isinstance(config, dict):
+        problem = (
+            f"not valid JSON ({config})" if isinstance(config, ValueError) else "not a JSON object"
+        )
+        raise Refused(
+            f"{DAEMON_JSON} is {problem}, so the engine's settings cannot be merged into it. "
+            "Fix it (dockerd would refuse it too) or move it away, then rerun; nothing was changed."
+        )
+    return config
+
+
+def _engine_config_step(f: HostFacts) -> Step:
+    wanted = ", ".join(f'"{k}": {json.dumps(v)}' for k, v in ENGINE_SETTINGS.items())
+    desc = f"engine settings in {DAEMON_JSON}: {wanted}"
+    current = engine_config(f.daemon_json)
+    if all(k in current and current[k] == v for k, v in ENGINE_SETTINGS.items()):
+        return Step("engine", "engine.config", desc, skip=f"{DAEMON_JSON} has them")
+    if not f.is_root and f.engine_version:
+        return Step(
+            "engine",
+            "engine.config",
+            desc,
+            skip=f"not root: the engine keeps its own settings (as root, add {wanted} "
+            f"to {DAEMON_JSON} and restart it)",
+        )
+    if f.engine_version:
+        desc += (
+            " (the running engine reads them at its next start: `invoke engine.stop` then "
+            "`invoke provision`, which restarts every container)"
+        )
+    text = json.dumps({**current, **ENGINE_SETTINGS}, indent=2) + "\n"
+    new = f"{DAEMON_JSON}.aiia-new"
+    return Step(
+        "engine",
+        "engine.config",
+        desc,
+        commands=(
+            _cmd("mkdir", "-p", DAEMON_JSON.rsplit("/", 1)[0]),
+            _cmd("tee", new, input=text),
+            _cmd("mv", "-f", new, DAEMON_JSON),  # whole or not at all
+        ),
+        needs_root=True,
+    )
+
+
 def _engine_steps(f: HostFacts) -> list[Step]:
+    config = _engine_config_step(f)
     if f.engine_version:
         done = f"engine answers: {f.engine_version} (API {f.engine_api})"
         return [
+            config,
             Step("engine", "engine.install", "install docker.io, debootstrap, iptables", skip=done),
             Step("engine", "engine.start", "start the Docker engine", skip=done),
         ]
@@ -207,7 +274,7 @@ def _engine_steps(f: HostFacts) -> list[Step]:
             wait_seconds=ENGINE_WAIT_SECONDS,
             needs_root=True,
         )
-    return [install, start]
+    return [config, install, start]
 
 
 def _debian_image_step(f: HostFacts) -> Step:
