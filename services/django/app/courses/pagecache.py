@@ -57,21 +57,41 @@ def _fresh(entry, token, coalesce: float = 0.0) -> bool:
     return age < coalesce or (token is not None and entry[0] == token and age < PAGE_TIMEOUT)
 
 
+# Entries read by peek with `coalesce` > 0, in this process: entry key -> (built_at, bytes).
+# Such an entry is answered for `coalesce` seconds after it was built whatever the token
+# (fetch), so a copy answers exactly what Redis would within that time, without the round
+# trip (docs/performance.md, "Issue 17, sixth pass"). Bounded: a scanner asking for
+# many pages empties it rather than growing it.
+_recent: dict[str, tuple[float, bytes]] = {}
+RECENT_MAX = 256
+
+
 def peek(kind: str, version_key: str, ident: str, coalesce: float = 0.0) -> bytes | None:
-    """The fresh cached bytes, or None (a miss, a stale entry, no cache): one MGET.
+    """The fresh cached bytes, or None (a miss, a stale entry, no cache): one MGET, or
+    none while this process holds a copy younger than `coalesce` seconds.
 
     For the WSGI fast path (aiia/fastpath.py), which answers a hit without Django's
     request handling and leaves everything else to the view (fetch below). On the
     Redis backend it reads through aiia/redisread.py's lean client (one socket per
     thread), elsewhere (the tests' local memory) through the cache."""
     entry = entry_key(kind, ident)
+    if coalesce > 0:
+        recent = _recent.get(entry)
+        if recent is not None and time.time() - recent[0] < coalesce:
+            return recent[1]
     reader, make_key = lean_reader()
     if reader is None:
         found = cache.get_many([version_key, entry])
         token, got = found.get(version_key), found.get(entry)
     else:  # the same MGET and values without Django's cache and redis-py (~half the CPU)
         token, got = reader.mget([make_key(version_key).encode(), make_key(entry).encode()])
-    return got[2] if _fresh(got, token, coalesce) else None
+    if not _fresh(got, token, coalesce):
+        return None
+    if coalesce > 0:
+        if len(_recent) >= RECENT_MAX:
+            _recent.clear()
+        _recent[entry] = (got[1], got[2])
+    return got[2]
 
 
 def fetch(

@@ -767,6 +767,8 @@ class CoalescedRebuildTests(ApiTestCase):
         clock = mock.patch("courses.pagecache.time.time", side_effect=lambda: self.now)
         clock.start()
         self.addCleanup(clock.stop)
+        listcache.pagecache._recent.clear()  # the process' copies (same clock in every test)
+        self.addCleanup(listcache.pagecache._recent.clear)
         self.create({"title": "A", "lessons": [{"title": "La"}]})
 
     def slugs(self, response):
@@ -844,6 +846,46 @@ class CoalescedRebuildTests(ApiTestCase):
         self.now += 0.5
         self.assertEqual(b"".join(fast(dict(environ), lambda *a: None)), b"django")
         self.assertEqual(answered, [1])
+
+    def test_the_fast_path_keeps_a_copy_for_the_rest_of_the_interval_only(self):
+        from aiia.fastpath import FastPath
+
+        pagecache = listcache.pagecache
+        fast = FastPath(lambda environ, start: [b"django"])
+        environ = {
+            "REQUEST_METHOD": "GET",
+            "PATH_INFO": "/api/courses/",
+            "QUERY_STRING": "",
+            "HTTP_HOST": "localhost",
+            "HTTP_X_FORWARDED_PROTO": "https",
+        }
+
+        def answer():
+            return b"".join(fast(dict(environ), lambda *a: None))
+
+        built = self.list().content
+        self.now += 0.25
+        self.assertEqual(answer(), built)  # read from the cache, copied in the process
+        self.create({"title": "B"})
+        no_read = mock.patch.object(pagecache, "lean_reader", side_effect=AssertionError("read"))
+        with no_read, mock.patch.object(pagecache, "cache", None):
+            self.now += 0.5
+            self.assertEqual(answer(), built)  # 0.75 s after the build: no cache read at all
+        self.now += 0.25  # 1.0 s: the copy is over, and the cache's entry is stale
+        self.assertEqual(answer(), b"django")
+        self.assertEqual(self.slugs(self.list()), ["b", "a"])
+
+    def test_the_process_copies_are_bounded(self):
+        pagecache = listcache.pagecache
+        for page in range(2, pagecache.RECENT_MAX + 50):  # page 1 is read below
+            pagecache._recent[f"courses:list:entry:{page}:20"] = (self.now, b"x")
+            if len(pagecache._recent) >= pagecache.RECENT_MAX:
+                break
+        self.list()  # stores page 1:20's entry
+        self.assertEqual(
+            pagecache.peek(listcache.KIND, listcache.GENERATION_KEY, "1:20", 1.0)[:1], b"{"
+        )
+        self.assertEqual(len(pagecache._recent), 1)  # full: emptied, then this page's copy
 
     def test_details_show_a_write_at_once(self):
         self.client.get("/api/courses/a/")
