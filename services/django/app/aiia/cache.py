@@ -62,12 +62,13 @@ class RedisCache(DjangoRedisCache):
 
 # --- the lean reader of a cache hit (aiia/redisread.py) ---------------------------------
 
-_reader: tuple | None = None  # (RedisReader or None, make_key), resolved on first use
+_reader: tuple | None = None  # (RedisReader or None, make_key, dumps), resolved on first use
 
 
 def lean_reader() -> tuple:
-    """(reader, make_key) for the default cache when it is this backend on one server,
-    else (None, None): callers then use the cache itself (local memory in the tests)."""
+    """(reader, make_key, dumps) for the default cache when it is this backend on one
+    server, else (None, None, None): callers then use the cache itself (local memory in the
+    tests). `dumps` is the cache client's serializer: what it stores, they store."""
     global _reader
     found = _reader
     if found is None:
@@ -76,12 +77,14 @@ def lean_reader() -> tuple:
         from aiia.redisread import RedisReader
 
         backend = caches["default"]
-        found = (None, None)
+        found = (None, None, None)
         if isinstance(backend, RedisCache) and len(backend._servers) == 1:
             # the client's own serializer: the values decode exactly as get_many's
-            loads = backend._cache._serializer.loads
-            reader = RedisReader.from_url(backend._servers[0], loads=loads, **backend._options)
-            found = (reader, backend.make_key)
+            serializer = backend._cache._serializer
+            reader = RedisReader.from_url(
+                backend._servers[0], loads=serializer.loads, **backend._options
+            )
+            found = (reader, backend.make_key, serializer.dumps)
         _reader = found
     return found
 

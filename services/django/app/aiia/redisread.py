@@ -96,8 +96,32 @@ def _bulk_reply(file) -> bytes | None:
     raise RedisReplyError(f"unexpected reply {line[:40]!r}")
 
 
+def _reply(file):
+    """One reply of any kind a pipeline's commands give: +simple, :integer, $bulk (None
+    for nil); a -error is returned as a RedisReplyError, so the replies after it are still
+    read and the stream stays in step."""
+    line = _line(file)
+    kind = line[:1]
+    if kind == b"+":
+        return line[1:]
+    if kind == b":":
+        return int(line[1:])
+    if kind == b"-":
+        return RedisReplyError(line[1:].decode("utf-8", "replace"))
+    if kind == b"$":
+        size = int(line[1:])
+        if size < 0:
+            return None
+        data = file.read(size + 2)
+        if len(data) != size + 2:
+            raise ConnectionError("Redis closed the connection")
+        return data[:-2]
+    raise RedisReplyError(f"unexpected reply {line[:40]!r}")
+
+
 class RedisReader:
-    """MGET through one socket per thread; see the module's docstring."""
+    """MGET through one socket per thread; see the module's docstring. Also the writes
+    after a commit, several commands in one round trip (pipeline)."""
 
     def __init__(
         self,
@@ -202,6 +226,21 @@ class RedisReader:
             conn.used = True
             return values
         raise AssertionError("unreachable")
+
+    def pipeline(self, commands: list[bytes]) -> list:
+        """Send the commands (each made by `command`) in one write and read their replies
+        in order: one round trip. Never retried (INCRBY is not repeatable): any error but a
+        Redis error reply closes the socket and is raised; the caller cannot know which
+        commands ran."""
+        conn = self._conn()
+        try:
+            conn.sock.sendall(b"".join(commands))
+            replies = [_reply(conn.file) for _ in commands]
+        except BaseException:
+            self.close()
+            raise
+        conn.used = True
+        return replies
 
     def mget(self, keys: list[bytes]) -> list:
         """As cache.get_many would decode them (the cache's serializer), None if missing."""

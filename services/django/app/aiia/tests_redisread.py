@@ -89,6 +89,26 @@ class FakeHandler(socketserver.StreamRequestHandler):
                         b"$-1\r\n" if value is None else b"$%d\r\n%s\r\n" % (len(value), value)
                     )
                 self.wfile.write(b"".join(out))
+            elif name == b"GET":
+                value = server.data.get(parts[1])
+                self.wfile.write(
+                    b"$-1\r\n" if value is None else b"$%d\r\n%s\r\n" % (len(value), value)
+                )
+            elif name == b"EXISTS":
+                self.wfile.write(b":%d\r\n" % (parts[1] in server.data))
+            elif name == b"INCRBY":
+                try:
+                    value = int(server.data.get(parts[1], b"0")) + int(parts[2])
+                except ValueError:
+                    self.wfile.write(b"-ERR value is not an integer or out of range\r\n")
+                    continue
+                server.data[parts[1]] = b"%d" % value
+                self.wfile.write(b":%d\r\n" % value)
+            elif name == b"SET":
+                server.data[parts[1]] = parts[2]
+                self.wfile.write(b"+OK\r\n")
+            elif name == b"DEL":
+                self.wfile.write(b":%d\r\n" % (server.data.pop(parts[1], None) is not None))
             else:
                 self.wfile.write(b"-ERR unknown command\r\n")
 
@@ -164,6 +184,31 @@ class RedisReaderTests(SimpleTestCase):
         self.assertEqual(self.reader.mget([b"k"]), [None])
         self.assertEqual(self.server.connections, 2)
 
+    def test_a_pipeline_is_one_write_and_its_replies_in_order(self):
+        self.server.data[b"n"] = b"41"
+        self.server.data[b"text"] = b"abc"
+        replies = self.reader.pipeline(
+            [
+                command(b"INCRBY", b"n", b"1"),
+                command(b"INCRBY", b"text", b"1"),  # an error reply in the middle
+                command(b"SET", b"t", b"x"),
+                command(b"DEL", b"t"),
+                command(b"EXISTS", b"t"),
+            ]
+        )
+        self.assertEqual(replies[0], 42)
+        self.assertIsInstance(replies[1], RedisReplyError)
+        self.assertEqual(replies[2:], [b"OK", 1, 0])
+        self.assertEqual(self.reader.mget([b"n"]), [42])  # the stream stayed in step
+        self.assertEqual(self.server.connections, 1)
+
+    def test_a_pipeline_is_never_retried(self):
+        self.reader.mget([b"k"])
+        self.server.drop_all()
+        with self.assertRaises((ConnectionError, OSError)):
+            self.reader.pipeline([command(b"INCRBY", b"n", b"1")])
+        self.assertNotIn(b"n", self.server.data)  # sent on the dead socket only, not again
+
     def test_wrong_password_is_an_error(self):
         reader = RedisReader("127.0.0.1", self.server.port, username="app", password="nope")
         with self.assertRaisesRegex(RedisReplyError, "WRONGPASS"):
@@ -198,7 +243,7 @@ class RedisReaderTests(SimpleTestCase):
         with override_settings(CACHES=caches):
             from django.core.cache import caches as django_caches
 
-            reader, make_key = aiia_cache.lean_reader()
+            reader, make_key, _dumps = aiia_cache.lean_reader()
             self.assertIsNotNone(reader)
             self.addCleanup(reader.close)
             self.assertIs(django_caches["default"].__class__, aiia_cache.RedisCache)
@@ -209,4 +254,58 @@ class RedisReaderTests(SimpleTestCase):
             self.assertEqual(pagecache.peek("k", "v", "1"), b"[1]")
             self.server.data[version] = dumps("newer")  # a write: the entry is stale
             self.assertIsNone(pagecache.peek("k", "v", "1"))
-        self.assertEqual(aiia_cache.lean_reader(), (None, None))  # local memory again
+        self.assertEqual(aiia_cache.lean_reader(), (None, None, None))  # local memory again
+
+    def test_pagecache_after_write_stores_what_djangos_cache_would(self):
+        from courses import pagecache
+
+        from aiia import cache as aiia_cache
+
+        caches = {
+            "default": {
+                "BACKEND": "aiia.cache.RedisCache",
+                "LOCATION": f"redis://127.0.0.1:{self.server.port}/3",
+                "KEY_PREFIX": "aiia:test",
+                "OPTIONS": {"username": "app", "password": "s3cret", "socket_timeout": 1},
+            }
+        }
+        django = RedisSerializer()
+        data = self.server.data
+
+        def key(name: str) -> bytes:
+            return b"aiia:test:1:" + name.encode()  # Django's make_key
+
+        def stored(name: str):
+            value = data.get(key(name))
+            return None if value is None else django.loads(value)
+
+        def commands_of(call) -> list[bytes]:
+            before = len(self.server.commands)
+            call()
+            return [c[0] for c in self.server.commands[before:] if c[0] not in (b"AUTH", b"SELECT")]
+
+        with override_settings(CACHES=caches):
+            reader = aiia_cache.lean_reader()[0]
+            self.addCleanup(reader.close)
+            data[key("count")] = django.dumps(41)
+            data[key("gone")] = django.dumps(("tok", 1.0, b"[]"))
+            data[key("v1")] = django.dumps("old")
+            sent = commands_of(lambda: pagecache.after_write(["v1", "v2"], "count", 1, ("gone",)))
+            # the count before the tokens (whoever sees a new token sees the new count)
+            self.assertEqual(sent, [b"EXISTS", b"INCRBY", b"SET", b"SET", b"DEL"])
+            self.assertEqual(stored("count"), 42)
+            self.assertNotIn(stored("v1"), (None, "old"))  # a new token, as Django stores it
+            self.assertEqual(len(stored("v2")), 16)
+            self.assertIsNone(stored("gone"))
+            # Without a count change: one round trip, no EXISTS.
+            self.assertEqual(commands_of(lambda: pagecache.after_write(["v1"])), [b"SET"])
+            # A missing count is not created: the next list miss recounts it.
+            del data[key("count")]
+            pagecache.after_write(["v1"], "count", 1)
+            self.assertIsNone(stored("count"))
+            # A failing command: logged, and the count dropped (what ran is unknown).
+            data[key("count")] = django.dumps("not a number")
+            with self.assertLogs("courses.cache", "ERROR") as logs:
+                pagecache.after_write(["v1"], "count", 1)
+            self.assertIn("not an integer", logs.output[0])
+            self.assertIsNone(stored("count"))

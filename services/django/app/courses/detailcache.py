@@ -17,6 +17,10 @@ def version_key(slug: str) -> str:
     return f"{KIND}:version:{slug}"
 
 
+def entry(slug: str) -> str:
+    return pagecache.entry_key(KIND, slug)
+
+
 def fetch(slug: str, build) -> tuple[int, bytes, str]:
     return pagecache.fetch(KIND, version_key(slug), slug, build)
 
@@ -27,6 +31,4 @@ def peek(slug: str) -> bytes | None:
 
 
 def invalidate(slug: str, *, deleted: bool = False) -> None:
-    pagecache.bump(version_key(slug))
-    if deleted:
-        pagecache.forget(KIND, slug)
+    pagecache.after_write([version_key(slug)], forgets=(entry(slug),) if deleted else ())

@@ -54,9 +54,8 @@ def forget_count() -> None:
     cache.delete(COUNT_KEY)
 
 
-def invalidate(delta: int = 0) -> None:
+def invalidate(delta: int = 0, *, also: list[str] = (), forgets: tuple[str, ...] = ()) -> None:
     """After a commit: the total first, then the generation (whoever sees the new
-    generation sees the new total)."""
-    if delta:
-        pagecache.adjust(COUNT_KEY, delta)
-    pagecache.bump(GENERATION_KEY)
+    generation sees the new total), and `also`'s version keys (a course's detail) in the
+    same round trip, then `forgets` (entry keys) deleted."""
+    pagecache.after_write([GENERATION_KEY, *also], COUNT_KEY, delta, forgets)

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 
 from aiia.cache import lean_reader
+from aiia.redisread import command
 from django.core.cache import cache
 
 log = logging.getLogger("courses.cache")
@@ -79,7 +80,7 @@ def peek(kind: str, version_key: str, ident: str, coalesce: float = 0.0) -> byte
         recent = _recent.get(entry)
         if recent is not None and time.time() - recent[0] < coalesce:
             return recent[1]
-    reader, make_key = lean_reader()
+    reader, make_key, _dumps = lean_reader()
     if reader is None:
         found = cache.get_many([version_key, entry])
         token, got = found.get(version_key), found.get(entry)
@@ -128,6 +129,53 @@ def fetch(
     if status == 200 and token is not None:
         _quietly(cache.set, entry, (token, started, body), STALE_TIMEOUT)
     return status, body, "miss"
+
+
+def after_write(
+    bumps: list[str], count_key: str | None = None, delta: int = 0, forgets: tuple[str, ...] = ()
+) -> None:
+    """After a commit: the stored count adjusted by `delta` (only if it is stored: a missing
+    one is recounted by the next list miss), then a new token for each of `bumps`, then
+    `forgets` (entry keys) deleted: in this order, so whoever sees a new token sees the
+    new count.
+
+    On the lean client that is one round trip (two when a count changes: EXISTS first,
+    as Django's incr does), with the values Django's cache would store; through Django's
+    cache and redis-py it was four or five, most of a write's cache work
+    (docs/performance.md, "Issue 17, sixth pass"). Elsewhere (the tests' local memory)
+    through the cache, one call each. If Redis fails, the count is dropped (which of the
+    commands ran is unknown) and it is logged: cached answers age out within PAGE_TIMEOUT.
+    """
+    reader, make_key, dumps = lean_reader()
+    if reader is None:
+        if count_key is not None and delta:
+            adjust(count_key, delta)
+        for key in bumps:
+            bump(key)
+        for key in forgets:
+            _quietly(cache.delete, key)
+        return
+    commands = []
+    try:
+        if count_key is not None and delta:
+            count = make_key(count_key).encode()
+            (stored,) = reader.pipeline([command(b"EXISTS", count)])
+            if stored == 1:
+                commands.append(command(b"INCRBY", count, str(delta).encode()))
+        for key in bumps:
+            commands.append(command(b"SET", make_key(key).encode(), dumps(new_token())))
+        for key in forgets:
+            commands.append(command(b"DEL", make_key(key).encode()))
+        failed = [r for r in reader.pipeline(commands) if isinstance(r, Exception)]
+        if failed:
+            raise failed[0]
+    except Exception as exc:
+        log.error("cache invalidation failed: %s: %s", type(exc).__name__, exc)
+        if count_key is not None:
+            try:
+                reader.pipeline([command(b"DEL", make_key(count_key).encode())])
+            except Exception as again:
+                log.warning("cache write failed: %s: %s", type(again).__name__, again)
 
 
 def bump(key: str) -> None:

@@ -12,18 +12,22 @@ from .models import Course, Lesson
 
 
 # All after COMMIT: a reader that sees the new version also sees the new rows.
-def _after_course_write(delta: int, slug: str, old_slug: str | None, deleted: bool) -> None:
-    listcache.invalidate(delta)
-    detailcache.invalidate(slug, deleted=deleted)
+# One call: the list's count and generation and the course's detail version in one round
+# trip (pagecache.after_write). Also called by courses/views.py's one-statement insert.
+def after_course_write(delta: int, slug: str, old_slug: str | None, deleted: bool) -> None:
+    versions = [detailcache.version_key(slug)]
+    forgets = [detailcache.entry(slug)] if deleted else []
     if old_slug is not None and old_slug != slug:
-        detailcache.invalidate(old_slug, deleted=True)
+        versions.append(detailcache.version_key(old_slug))
+        forgets.append(detailcache.entry(old_slug))
+    listcache.invalidate(delta, also=versions, forgets=tuple(forgets))
 
 
 @receiver(post_save, sender=Course)
 def course_saved(sender, instance, created, **kwargs) -> None:
     old_slug = getattr(instance, "_slug_before", None)
     transaction.on_commit(
-        partial(_after_course_write, 1 if created else 0, instance.slug, old_slug, False)
+        partial(after_course_write, 1 if created else 0, instance.slug, old_slug, False)
     )
 
 
@@ -38,7 +42,7 @@ def course_renamed(sender, instance, **kwargs) -> None:
 
 @receiver(post_delete, sender=Course)
 def course_deleted(sender, instance, **kwargs) -> None:
-    transaction.on_commit(partial(_after_course_write, -1, instance.slug, None, True))
+    transaction.on_commit(partial(after_course_write, -1, instance.slug, None, True))
 
 
 @receiver([post_save, post_delete], sender=Lesson)
@@ -56,6 +60,4 @@ def lesson_changed(sender, instance, **kwargs) -> None:
 
 
 def _after_lesson_write(slug: str | None) -> None:
-    listcache.invalidate()
-    if slug is not None:
-        detailcache.invalidate(slug)
+    listcache.invalidate(also=[detailcache.version_key(slug)] if slug is not None else [])
