@@ -115,6 +115,7 @@ def test_access_log_is_buffered_json_with_what_the_monitor_needs(http):
         "flush=5s",
     ]
     assert nginx_size(NGINX.settings.access_log_buffer) == "32k"
+    assert http.arg("ssl_buffer_size") == "16k"  # one TLS record per write (stack.yml)
 
 
 def test_gzip_follows_the_settings(http):
@@ -165,6 +166,7 @@ def test_figures_follow_the_model_when_it_changes():
         access_log_flush="1m",
         upstream_keepalive=8,
         static_max_age="7d",
+        ssl_buffer_size="4KB",
     )
     changed["tls"].update(
         session_cache_size="1MB",
@@ -178,6 +180,7 @@ def test_figures_follow_the_model_when_it_changes():
     assert parse_conf(files["nginx.conf"]).arg("worker_processes") == "1"
     assert http.arg("gzip_comp_level") == "4"
     assert http.one("access_log").args[2:] == ["buffer=64k", "flush=60s"]
+    assert http.arg("ssl_buffer_size") == "4k"
     assert http.arg("ssl_session_cache") == "shared:SSL:1m"
     assert http.arg("ssl_session_timeout") == "3600s"
     assert http.arg("ssl_session_tickets") == "on"

@@ -224,6 +224,10 @@ class NginxSettings:
     # plain, the others gzipped), so the logs' disk use is bounded whatever the traffic.
     access_log_keep: int = 14
     access_log_max: Size = Size(256 * 1024**2)
+    # Bytes of a response nginx encrypts per TLS record and write: 16 KB (OpenSSL's record
+    # size) sends a gzipped CSS or a list page in one record; 4 KB split them (static
+    # scenario +10-19%, docs/performance.md "Issue 17, sixth pass").
+    ssl_buffer_size: Size = Size(16 * 1024)
 
 
 @dataclass(frozen=True)
