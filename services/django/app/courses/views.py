@@ -7,6 +7,7 @@ GET  /api/courses/<slug>/               one course with its lessons
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 from datetime import UTC, datetime
@@ -265,7 +266,11 @@ def _insert(course: Course, lessons: list[Lesson]) -> None:
     params = [course.title, course.slug, course.summary, now, now]
     for lesson in lessons:
         params += [lesson.position, lesson.title, lesson.body]
-    with connection.cursor() as cursor:
+    # In autocommit (a request) the statement is its own transaction. Inside a caller's
+    # transaction (tests, scripts) a savepoint keeps a failed INSERT (a taken slug) from
+    # aborting that transaction, as the ORM path's atomic() does.
+    inner = transaction.atomic() if connection.in_atomic_block else contextlib.nullcontext()
+    with inner, connection.cursor() as cursor:
         cursor.execute(_insert_sql(len(lessons)), params)
         (course.id,) = cursor.fetchone()
     course.created_at = course.updated_at = now
