@@ -80,17 +80,22 @@ def _simple(file) -> bytes:
     return line
 
 
+def _bulk_body(file, line: bytes) -> bytes | None:
+    """The data after a `$<size>` line (None for nil, `$-1`)."""
+    size = int(line[1:])
+    if size < 0:
+        return None
+    data = file.read(size + 2)
+    if len(data) != size + 2:
+        raise ConnectionError("Redis closed the connection")
+    return data[:-2]
+
+
 def _bulk_reply(file) -> bytes | None:
     line = _line(file)
     kind = line[:1]
     if kind == b"$":
-        size = int(line[1:])
-        if size < 0:
-            return None
-        data = file.read(size + 2)
-        if len(data) != size + 2:
-            raise ConnectionError("Redis closed the connection")
-        return data[:-2]
+        return _bulk_body(file, line)
     if kind == b"-":
         raise RedisReplyError(line[1:].decode("utf-8", "replace"))
     raise RedisReplyError(f"unexpected reply {line[:40]!r}")
@@ -109,13 +114,7 @@ def _reply(file):
     if kind == b"-":
         return RedisReplyError(line[1:].decode("utf-8", "replace"))
     if kind == b"$":
-        size = int(line[1:])
-        if size < 0:
-            return None
-        data = file.read(size + 2)
-        if len(data) != size + 2:
-            raise ConnectionError("Redis closed the connection")
-        return data[:-2]
+        return _bulk_body(file, line)
     raise RedisReplyError(f"unexpected reply {line[:40]!r}")
 
 

@@ -123,6 +123,17 @@ class RedisReaderTests(SimpleTestCase):
         )  # fmt: skip
         self.addCleanup(self.reader.close)
 
+    def caches_on_the_fake(self) -> dict:
+        """CACHES for aiia.cache.RedisCache on this test's fake server."""
+        return {
+            "default": {
+                "BACKEND": "aiia.cache.RedisCache",
+                "LOCATION": f"redis://127.0.0.1:{self.server.port}/3",
+                "KEY_PREFIX": "aiia:test",
+                "OPTIONS": {"username": "app", "password": "s3cret", "socket_timeout": 1},
+            }
+        }
+
     def test_command_is_resp(self):
         self.assertEqual(
             command(b"MGET", b"a", b"bc"), b"*3\r\n$4\r\nMGET\r\n$1\r\na\r\n$2\r\nbc\r\n"
@@ -231,14 +242,7 @@ class RedisReaderTests(SimpleTestCase):
 
         from aiia import cache as aiia_cache
 
-        caches = {
-            "default": {
-                "BACKEND": "aiia.cache.RedisCache",
-                "LOCATION": f"redis://127.0.0.1:{self.server.port}/3",
-                "KEY_PREFIX": "aiia:test",
-                "OPTIONS": {"username": "app", "password": "s3cret", "socket_timeout": 1},
-            }
-        }
+        caches = self.caches_on_the_fake()
         dumps = RedisSerializer().dumps
         with override_settings(CACHES=caches):
             from django.core.cache import caches as django_caches
@@ -261,14 +265,7 @@ class RedisReaderTests(SimpleTestCase):
 
         from aiia import cache as aiia_cache
 
-        caches = {
-            "default": {
-                "BACKEND": "aiia.cache.RedisCache",
-                "LOCATION": f"redis://127.0.0.1:{self.server.port}/3",
-                "KEY_PREFIX": "aiia:test",
-                "OPTIONS": {"username": "app", "password": "s3cret", "socket_timeout": 1},
-            }
-        }
+        caches = self.caches_on_the_fake()
         django = RedisSerializer()
         data = self.server.data
 
