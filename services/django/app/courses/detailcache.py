@@ -31,4 +31,4 @@ def peek(slug: str) -> bytes | None:
 
 
 def invalidate(slug: str, *, deleted: bool = False) -> None:
-    pagecache.after_write([version_key(slug)], forgets=(entry(slug),) if deleted else ())
+    pagecache.after_write([version_key(slug)], forgets=[entry(slug)] if deleted else [])

@@ -18,6 +18,8 @@ request, the page is built from the database.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from django.conf import settings
 
 from . import pagecache
@@ -54,7 +56,7 @@ def forget_count() -> None:
     cache.delete(COUNT_KEY)
 
 
-def invalidate(delta: int = 0, *, also: list[str] = (), forgets: tuple[str, ...] = ()) -> None:
+def invalidate(delta: int = 0, *, also: Sequence[str] = (), forgets: Sequence[str] = ()) -> None:
     """After a commit: the total first, then the generation (whoever sees the new
     generation sees the new total), and `also`'s version keys (a course's detail) in the
     same round trip, then `forgets` (entry keys) deleted."""

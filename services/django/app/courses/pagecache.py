@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from aiia.cache import lean_reader
 from aiia.redisread import command
@@ -132,7 +132,7 @@ def fetch(
 
 
 def after_write(
-    bumps: list[str], count_key: str | None = None, delta: int = 0, forgets: tuple[str, ...] = ()
+    bumps: Sequence[str], count_key: str | None = None, delta: int = 0, forgets: Sequence[str] = ()
 ) -> None:
     """After a commit: the stored count adjusted by `delta` (only if it is stored: a missing
     one is recounted by the next list miss), then a new token for each of `bumps`, then
@@ -185,11 +185,6 @@ def bump(key: str) -> None:
     except Exception as exc:
         # Nothing better to do: cached answers age out within PAGE_TIMEOUT.
         log.error("cache invalidation of %s failed: %s: %s", key, type(exc).__name__, exc)
-
-
-def forget(kind: str, ident: str) -> None:
-    """Drop the entry (the thing is gone: no previous bytes to answer)."""
-    _quietly(cache.delete, entry_key(kind, ident))
 
 
 def _quietly(call, *args) -> None:

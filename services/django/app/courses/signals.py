@@ -20,7 +20,7 @@ def after_course_write(delta: int, slug: str, old_slug: str | None, deleted: boo
     if old_slug is not None and old_slug != slug:
         versions.append(detailcache.version_key(old_slug))
         forgets.append(detailcache.entry(old_slug))
-    listcache.invalidate(delta, also=versions, forgets=tuple(forgets))
+    listcache.invalidate(delta, also=versions, forgets=forgets)
 
 
 @receiver(post_save, sender=Course)

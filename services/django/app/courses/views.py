@@ -8,10 +8,10 @@ GET  /api/courses/<slug>/               one course with its lessons
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
 import json
 from datetime import UTC, datetime
-from functools import partial
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -236,9 +236,10 @@ def _parse(payload: dict) -> tuple[Course, list[Lesson], dict]:
     return course, lessons, errors
 
 
+@functools.lru_cache(maxsize=16)
 def _insert_sql(lessons: int) -> str:
     """The course and its lessons in ONE statement (data-modifying CTEs: one snapshot, all
-    or nothing without BEGIN/COMMIT)."""
+    or nothing without BEGIN/COMMIT); made once per number of lessons."""
     q = connection.ops.quote_name
     courses, lesson_table = q(Course._meta.db_table), q(Lesson._meta.db_table)
     columns = ", ".join(q(c) for c in ("title", "slug", "summary", "created_at", "updated_at"))
@@ -277,7 +278,9 @@ def _insert(course: Course, lessons: list[Lesson]) -> None:
     course._state.adding = False
     for lesson in lessons:
         lesson.course = course
-    transaction.on_commit(partial(signals.after_course_write, 1, course.slug, None, False))
+    transaction.on_commit(
+        functools.partial(signals.after_course_write, 1, course.slug, None, False)
+    )
 
 
 def course_create(request: HttpRequest) -> HttpResponse:
