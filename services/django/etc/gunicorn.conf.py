@@ -4,7 +4,9 @@ from templates/gunicorn.conf.py.j2; these values mirror deploy/stack.yml's app.g
 with PORT and GUNICORN_WORKERS from the environment.
 """
 
+import contextlib
 import gc
+import logging
 import os
 import sys
 
@@ -30,3 +32,15 @@ control_socket_disable = True
 
 def pre_fork(server, worker):
     gc.freeze()  # keep the master's objects shared copy-on-write (see the template)
+
+
+def worker_exit(server, worker):
+    # No interpreter teardown: it un-shares every page (see the template)
+    exc = sys.exc_info()[1]
+    code = exc.code if isinstance(exc, SystemExit) else 1
+    code = 0 if code is None else code if isinstance(code, int) else 1
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code & 0xFF)

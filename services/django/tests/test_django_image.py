@@ -11,8 +11,10 @@ app must answer /health/ with a well-formed 503. HTTP is spoken from inside the 
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import signal
 import subprocess
 import time
 import uuid
@@ -313,3 +315,43 @@ def test_collectstatic_writes_gzip_files_for_nginx(image):
         assert mode == "0o644"  # nginx (another user) reads it
     finally:
         docker("volume", "rm", "-f", volume, check=False)
+
+
+def _memory_cgroup(pid: int) -> tuple[Path, str]:
+    """The memory cgroup of host process `pid` and its resettable high-water file."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):  # cgroup v1
+            return Path("/sys/fs/cgroup/memory" + path), "memory.max_usage_in_bytes"
+        if controllers == "":  # cgroup v2: memory.peak (resettable since Linux 6.12)
+            return Path("/sys/fs/cgroup" + path), "memory.peak"
+    pytest.fail(f"no memory cgroup for pid {pid}: {Path(f'/proc/{pid}/cgroup').read_text()}")
+
+
+@pytest.mark.parametrize("name", sorted(MODEL.environments))
+def test_retiring_workers_copy_no_memory(image, config_dirs, app_containers, name):
+    # Every worker stopped at once, as a deploy's stop, a HUP or max_requests reached together
+    # retire them: the interpreter's teardown used to write to every page a worker shared
+    # with the master (~20 MB each), and two of them OOM-killed the master at 120 MB.
+    c = app_containers(image, name, config_dirs[name])
+    c.wait_answering()
+    master = int(docker("inspect", "-f", "{{.State.Pid}}", c.name).stdout)
+    workers = [int(p) for p in Path(f"/proc/{master}/task/{master}/children").read_text().split()]
+    assert len(workers) == c.env.gunicorn.workers
+    cgroup, peak_file = _memory_cgroup(master)
+    usage_file = "memory.usage_in_bytes" if peak_file.startswith("memory.max") else "memory.current"
+    before = int((cgroup / usage_file).read_text())
+    (cgroup / peak_file).write_text("0")  # the high-water mark starts again from now
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "the workers did not exit within 30 s"
+        time.sleep(0.05)
+    peak = int((cgroup / peak_file).read_text())
+    print(f"{name}: {before / 2**20:.1f} MB before, peak {peak / 2**20:.1f} MB while retiring")
+    assert peak - before < 4 * 2**20, f"retiring the workers took {(peak - before) >> 20} MB more"
+    assert c.wait_answering().stdout.startswith("503 ")  # new workers answer
+    logs = c.logs()
+    assert logs.count("Worker exiting") >= len(workers)  # logged before leaving (flushed)
+    assert "exited with code" not in logs  # a clean 0, as gunicorn's own exit gives
