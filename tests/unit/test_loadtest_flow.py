@@ -202,3 +202,57 @@ def test_no_ceiling_without_a_running_app(stack):
 def test_options_are_checked():
     with pytest.raises(OpsError, match="--duration and --ceiling-duration must be 1 to 600"):
         flow.Options(duration=0).check()
+
+
+LIVE_ID = "a" * 64
+GONE_ID = "b" * 64
+DMESG = (
+    "[  100.000001] something else\n"
+    f"[  900.500000] oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),"
+    f"oom_memcg=/docker/{GONE_ID},"
+    f"task_memcg=/docker/{GONE_ID},task=gunicorn,pid=22143,uid=10001\n"
+    "[  900.500100] Memory cgroup out of memory: Killed process 22143 (gunicorn)\n"
+    f"[ 1372.047185] oom-kill:constraint=CONSTRAINT_MEMCG,oom_memcg=/system.slice/docker-{LIVE_ID}"
+    f".scope,task_memcg=/system.slice/docker-{LIVE_ID}.scope,task=gunicorn,pid=7,uid=10001\n"
+    "[ 1400.000000] oom-kill:constraint=CONSTRAINT_NONE,task_memcg=/,task=python3,pid=99,uid=0\n"
+)
+
+
+def test_kernel_oom_kills_after_a_point_in_time():
+    kills = lt.kernel_oom_kills(DMESG, since_s=500.0)
+    assert [(k.at_s, k.task, k.pid, k.container_id) for k in kills] == [
+        (900.5, "gunicorn", 22143, GONE_ID),
+        (1372.047185, "gunicorn", 7, LIVE_ID),
+        (1400.0, "python3", 99, ""),
+    ]
+    assert lt.kernel_oom_kills(DMESG, since_s=1400.0) == []
+    assert lt.kernel_oom_kills("", since_s=0) == []
+
+
+def test_kernel_oom_kills_the_live_counters_miss_are_problems():
+    kills = lt.kernel_oom_kills(DMESG, since_s=500.0)
+    names = {LIVE_ID: "aiia_django_prod", GONE_ID: "aiia_loadtest_bare"}
+    problems = lt.kernel_oom_problems(kills, names, counted={LIVE_ID})
+    assert problems == [
+        "kernel log: gunicorn (pid 22143) OOM-killed in aiia_loadtest_bare",
+        "kernel log: python3 (pid 99) OOM-killed in the host",
+    ]
+    unknown = lt.kernel_oom_problems(kills[:1], {}, counted=set())
+    assert unknown == ["kernel log: gunicorn (pid 22143) OOM-killed in container bbbbbbbbbbbb"]
+
+
+def test_integrity_fails_on_kernel_kills_and_notes_an_unreadable_log():
+    snap = {"aiia_redis": {"present": True, "running": True, "started_at": "t", "restart_count": 0,
+                           "oom_killed": False, "oom_kills": 0}}  # fmt: skip
+    report = lt.integrity_report(snap, snap, {}, ["kernel log: x (pid 1) OOM-killed in y"])
+    assert not report["ok"] and report["problems"] == ["kernel log: x (pid 1) OOM-killed in y"]
+    assert report["notes"] == []
+    unread = lt.integrity_report(snap, snap, {}, None)
+    assert unread["ok"] and "kernel log not readable" in unread["notes"][0]
+
+
+def test_an_unreadable_kernel_log_is_none():
+    runner = RecordingRunner(
+        {"dmesg": Result(["dmesg"], 1, "", "dmesg: read kernel buffer failed")}
+    )
+    assert flow.kernel_oom_problems(runner, 0.0, {}, {}, {}) is None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
@@ -1091,7 +1092,56 @@ def integrity_snapshot(
     return out
 
 
-def integrity_report(before: dict, after: dict, app_trouble: dict) -> dict:
+# The kernel's own record of an OOM kill: one `oom-kill:` line per kill naming the memory
+# cgroup of the killed task (cgroupfs: /docker/<id>; systemd: .../docker-<id>.scope).
+KERNEL_LOG = ["dmesg"]
+_OOM_LINE = re.compile(r"^\[\s*(\d+(?:\.\d+)?)\]\s+oom-kill:(.*)$", re.M)
+_CONTAINER_ID = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class KernelOomKill:
+    at_s: float  # seconds since boot, the kernel log's clock (/proc/uptime's)
+    task: str
+    pid: int
+    container_id: str  # "" when the cgroup is not a container's
+
+
+def kernel_oom_kills(dmesg: str, since_s: float) -> list[KernelOomKill]:
+    """Every OOM kill the kernel logged after `since_s` seconds since boot."""
+    out = []
+    for m in _OOM_LINE.finditer(dmesg):
+        at = float(m.group(1))
+        if at <= since_s:
+            continue
+        fields = dict(f.split("=", 1) for f in m.group(2).split(",") if "=" in f)
+        cid = _CONTAINER_ID.search(fields.get("task_memcg", ""))
+        pid = fields.get("pid", "")
+        out.append(KernelOomKill(at, fields.get("task", "?"), int(pid) if pid.isdigit() else 0,
+                                 cid.group(0) if cid else ""))  # fmt: skip
+    return out
+
+
+def kernel_oom_problems(
+    kills: list[KernelOomKill], names_by_id: dict[str, str], counted: set[str]
+) -> list[str]:
+    """The kills the live containers' own counters (`counted`, by id) do not show: in a
+    container gone by the end (the bare ceiling, a release a deploy replaced), elsewhere."""
+    problems = []
+    for k in kills:
+        if k.container_id and k.container_id in counted:
+            continue
+        name = names_by_id.get(k.container_id)
+        where = name or (f"container {k.container_id[:12]}" if k.container_id else "the host")
+        problems.append(f"kernel log: {k.task} (pid {k.pid}) OOM-killed in {where}")
+    return problems
+
+
+def integrity_report(
+    before: dict, after: dict, app_trouble: dict, kernel_kills: list[str] | None = None
+) -> dict:
+    """`kernel_kills`: kernel_oom_problems of the run, or None when the kernel log could
+    not be read (reported as a note: the live containers' counters still count)."""
     problems = []
     for name, b in before.items():
         a = after.get(name, {"present": False})
@@ -1108,4 +1158,9 @@ def integrity_report(before: dict, after: dict, app_trouble: dict) -> dict:
     for name, trouble in app_trouble.items():
         for what, n in trouble.items():
             problems.append(f"{name} log: {what!r} x{n}")
-    return {"ok": not problems, "problems": problems, "before": before, "after": after}
+    problems.extend(kernel_kills or [])
+    notes = [] if kernel_kills is not None else [
+        "kernel log not readable (dmesg): OOM kills in containers gone by the end not checked"
+    ]  # fmt: skip
+    return {"ok": not problems, "problems": problems, "notes": notes, "before": before,
+            "after": after}  # fmt: skip

@@ -254,6 +254,25 @@ def require_wrk(runner: Runner) -> str:
     return lt.first_line(found.stdout + found.stderr)
 
 
+def uptime(runner: Runner) -> float:
+    """Seconds since boot: the kernel log's clock."""
+    text = (runner.read_file("/proc/uptime") or b"0").decode().split()
+    return float(text[0]) if text else 0.0
+
+
+def kernel_oom_problems(
+    runner: Runner, since_s: float, names_by_id: dict[str, str], after: dict, ids: dict
+) -> list[str] | None:
+    """OOM kills the kernel logged during the run that no live container's counter shows;
+    None when the kernel log cannot be read (not root with dmesg restricted)."""
+    result = runner.query(lt.KERNEL_LOG)
+    if not result.ok:
+        return None
+    counted = {ids[n] for n, a in after.items() if a.get("present") and n in ids}
+    return lt.kernel_oom_problems(lt.kernel_oom_kills(result.stdout, since_s), names_by_id,
+                                  counted)  # fmt: skip
+
+
 def loadavg(runner: Runner) -> tuple[float, float, float]:
     return lt.parse_loadavg((runner.read_file("/proc/loadavg") or b"0 0 0").decode())
 
@@ -358,6 +377,8 @@ def loadtest(stack: Stack, state: StateDir, opts: Options, runner: Runner | None
     raw_phases: list[dict] = []
     before = integrity_snapshot(engine, list(running))
     started = time.time()
+    booted_s = uptime(runner)
+    names_by_id = {ids[n]: n for n in running}
 
     def phase(sc_: lt.Scenario, kind: str, n: int, seconds: int, tgt: lt.Target) -> None:
         url = tgt.url()
@@ -398,6 +419,7 @@ def loadtest(stack: Stack, state: StateDir, opts: Options, runner: Runner | None
                 bare_id = running_containers(engine, [bare_name]).get(bare_name)
                 if bare_id:
                     sampler.add(bare_name, bare_id)
+                    names_by_id[bare_id] = bare_name
                 running_all[bare_name] = "loadtest_bare"
                 limits[bare_name] = (target_env.cpu.limit, target_env.memory.limit.bytes)
             time.sleep(2)
@@ -419,7 +441,9 @@ def loadtest(stack: Stack, state: StateDir, opts: Options, runner: Runner | None
         for t in [lt.log_trouble(_output(runner.query(lt.app_logs_since(name, started))))]
         if t
     }
-    integrity = lt.integrity_report(before, after, trouble)
+    integrity = lt.integrity_report(
+        before, after, trouble, kernel_oom_problems(runner, booted_s, names_by_id, after, ids)
+    )
     # nginx writes its access log in 32 KB chunks, at least every access_log_flush.
     time.sleep(nginx.settings.access_log_flush.seconds + 1)
     lines = read_log(log_path, log_offset)
@@ -514,6 +538,8 @@ def print_report(report: dict, scenario_name: str) -> None:
     integrity = report["integrity"]
     print("\nintegrity: " + ("nothing restarted, nothing OOM-killed" if integrity["ok"]
                              else "; ".join(integrity["problems"])))  # fmt: skip
+    for note in integrity.get("notes", []):
+        print(f"  ({note})")
 
 
 def _rel(path: Path) -> str:
