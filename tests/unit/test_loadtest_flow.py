@@ -232,21 +232,29 @@ def test_kernel_oom_kills_after_a_point_in_time():
 def test_kernel_oom_kills_the_live_counters_miss_are_problems():
     kills = lt.kernel_oom_kills(DMESG, since_s=500.0)
     names = {LIVE_ID: "aiia_django_prod", GONE_ID: "aiia_loadtest_bare"}
-    problems = lt.kernel_oom_problems(kills, names, counted={LIVE_ID})
-    assert problems == [
-        "kernel log: gunicorn (pid 22143) OOM-killed in aiia_loadtest_bare",
-        "kernel log: python3 (pid 99) OOM-killed in the host",
+    problems, notes = lt.kernel_oom_problems(kills, names, counted={LIVE_ID})
+    assert problems == ["kernel log: gunicorn (pid 22143) OOM-killed in aiia_loadtest_bare"]
+    assert notes == [
+        "the kernel OOM-killed python3 (pid 99) in a host process, outside this stack, "
+        "during the run"
     ]
-    unknown = lt.kernel_oom_problems(kills[:1], {}, counted=set())
-    assert unknown == ["kernel log: gunicorn (pid 22143) OOM-killed in container bbbbbbbbbbbb"]
+    problems, notes = lt.kernel_oom_problems(kills[:1], {}, counted=set())
+    assert problems == []
+    assert notes == [
+        "the kernel OOM-killed gunicorn (pid 22143) in container bbbbbbbbbbbb, outside this "
+        "stack, during the run"
+    ]
 
 
 def test_integrity_fails_on_kernel_kills_and_notes_an_unreadable_log():
     snap = {"aiia_redis": {"present": True, "running": True, "started_at": "t", "restart_count": 0,
                            "oom_killed": False, "oom_kills": 0}}  # fmt: skip
-    report = lt.integrity_report(snap, snap, {}, ["kernel log: x (pid 1) OOM-killed in y"])
-    assert not report["ok"] and report["problems"] == ["kernel log: x (pid 1) OOM-killed in y"]
-    assert report["notes"] == []
+    kill = "kernel log: x (pid 1) OOM-killed in y"
+    report = lt.integrity_report(snap, snap, {}, ([kill], ["elsewhere"]))
+    assert not report["ok"] and report["problems"] == [kill]
+    assert report["notes"] == ["elsewhere"]
+    elsewhere_only = lt.integrity_report(snap, snap, {}, ([], ["elsewhere"]))
+    assert elsewhere_only["ok"] and elsewhere_only["notes"] == ["elsewhere"]
     unread = lt.integrity_report(snap, snap, {}, None)
     assert unread["ok"] and "kernel log not readable" in unread["notes"][0]
 

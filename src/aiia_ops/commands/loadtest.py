@@ -1124,21 +1124,31 @@ def kernel_oom_kills(dmesg: str, since_s: float) -> list[KernelOomKill]:
 
 def kernel_oom_problems(
     kills: list[KernelOomKill], names_by_id: dict[str, str], counted: set[str]
-) -> list[str]:
-    """The kills the live containers' own counters (`counted`, by id) do not show: in a
-    container gone by the end (the bare ceiling, a release a deploy replaced), elsewhere."""
-    problems = []
+) -> tuple[list[str], list[str]]:
+    """→ (problems, notes). Problems: kills in the run's own containers (`names_by_id`: the
+    stack's, live when it began, and the bare ceiling) that their counters cannot show
+    (`counted`: the ids still live at the end, whose own oom_kill counters already count).
+    Notes: kills anywhere else on the machine (another project's container, a lab host, a
+    host process): the machine ran short of memory, which the figures may show."""
+    problems, notes = [], []
     for k in kills:
-        if k.container_id and k.container_id in counted:
+        if k.container_id in counted:
             continue
         name = names_by_id.get(k.container_id)
-        where = name or (f"container {k.container_id[:12]}" if k.container_id else "the host")
-        problems.append(f"kernel log: {k.task} (pid {k.pid}) OOM-killed in {where}")
-    return problems
+        if name:
+            problems.append(f"kernel log: {k.task} (pid {k.pid}) OOM-killed in {name}")
+        else:
+            where = f"container {k.container_id[:12]}" if k.container_id else "a host process"
+            notes.append(f"the kernel OOM-killed {k.task} (pid {k.pid}) in {where}, "
+                         "outside this stack, during the run")  # fmt: skip
+    return problems, notes
 
 
 def integrity_report(
-    before: dict, after: dict, app_trouble: dict, kernel_kills: list[str] | None = None
+    before: dict,
+    after: dict,
+    app_trouble: dict,
+    kernel_kills: tuple[list[str], list[str]] | None = None,
 ) -> dict:
     """`kernel_kills`: kernel_oom_problems of the run, or None when the kernel log could
     not be read (reported as a note: the live containers' counters still count)."""
@@ -1158,9 +1168,11 @@ def integrity_report(
     for name, trouble in app_trouble.items():
         for what, n in trouble.items():
             problems.append(f"{name} log: {what!r} x{n}")
-    problems.extend(kernel_kills or [])
-    notes = [] if kernel_kills is not None else [
-        "kernel log not readable (dmesg): OOM kills in containers gone by the end not checked"
-    ]  # fmt: skip
+    if kernel_kills is None:
+        notes = ["kernel log not readable (dmesg): OOM kills in containers gone by the end "
+                 "not checked"]  # fmt: skip
+    else:
+        problems.extend(kernel_kills[0])
+        notes = list(kernel_kills[1])
     return {"ok": not problems, "problems": problems, "notes": notes, "before": before,
             "after": after}  # fmt: skip

@@ -262,9 +262,9 @@ def uptime(runner: Runner) -> float:
 
 def kernel_oom_problems(
     runner: Runner, since_s: float, names_by_id: dict[str, str], after: dict, ids: dict
-) -> list[str] | None:
-    """OOM kills the kernel logged during the run that no live container's counter shows;
-    None when the kernel log cannot be read (not root with dmesg restricted)."""
+) -> tuple[list[str], list[str]] | None:
+    """OOM kills the kernel logged during the run that no live container's counter shows,
+    as (problems, notes); None when the kernel log cannot be read (dmesg restricted)."""
     result = runner.query(lt.KERNEL_LOG)
     if not result.ok:
         return None
