@@ -38,7 +38,8 @@ def worker_exit(server, worker):
     # No interpreter teardown: it un-shares every page (see the template)
     exc = sys.exc_info()[1]
     code = exc.code if isinstance(exc, SystemExit) else 1
-    code = 0 if code is None else code if isinstance(code, int) else 1
+    if not isinstance(code, int):  # as sys.exit: None is 0, a message is 1
+        code = 0 if code is None else 1
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):

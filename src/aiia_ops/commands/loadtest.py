@@ -1123,18 +1123,18 @@ def kernel_oom_kills(dmesg: str, since_s: float) -> list[KernelOomKill]:
 
 
 def kernel_oom_problems(
-    kills: list[KernelOomKill], names_by_id: dict[str, str], counted: set[str]
+    kills: list[KernelOomKill], names_by_id: dict[str, str], live_at_end: set[str]
 ) -> tuple[list[str], list[str]]:
     """→ (problems, notes). Problems: kills in the run's own containers (`names_by_id`: the
-    stack's, live when it began, and the bare ceiling) that their counters cannot show
-    (`counted`: the ids still live at the end, whose own oom_kill counters already count).
-    Notes: kills anywhere else on the machine (another project's container, a lab host, a
-    host process): the machine ran short of memory, which the figures may show."""
+    stack's, live when it began, and the bare ceiling) but not in one still live at the end,
+    whose own oom_kill counter already counts it. Notes: kills anywhere else on the machine
+    (another project's container, a lab host, a host process): the machine ran short of
+    memory, which the figures may show."""
     problems, notes = [], []
     for k in kills:
-        if k.container_id in counted:
-            continue
         name = names_by_id.get(k.container_id)
+        if name in live_at_end:
+            continue
         if name:
             problems.append(f"kernel log: {k.task} (pid {k.pid}) OOM-killed in {name}")
         else:
@@ -1148,10 +1148,12 @@ def integrity_report(
     before: dict,
     after: dict,
     app_trouble: dict,
-    kernel_kills: tuple[list[str], list[str]] | None = None,
+    kernel_kills: list[KernelOomKill] | None = None,
+    names_by_id: dict[str, str] | None = None,
 ) -> dict:
-    """`kernel_kills`: kernel_oom_problems of the run, or None when the kernel log could
-    not be read (reported as a note: the live containers' counters still count)."""
+    """`kernel_kills`: the kernel's OOM kills during the run (kernel_oom_kills), or None
+    when its log could not be read (a note: the live containers' counters still count);
+    `names_by_id`: the run's own containers, by id."""
     problems = []
     for name, b in before.items():
         a = after.get(name, {"present": False})
@@ -1172,7 +1174,8 @@ def integrity_report(
         notes = ["kernel log not readable (dmesg): OOM kills in containers gone by the end "
                  "not checked"]  # fmt: skip
     else:
-        problems.extend(kernel_kills[0])
-        notes = list(kernel_kills[1])
+        live_at_end = {name for name, a in after.items() if a.get("present")}
+        kernel, notes = kernel_oom_problems(kernel_kills, names_by_id or {}, live_at_end)
+        problems.extend(kernel)
     return {"ok": not problems, "problems": problems, "notes": notes, "before": before,
             "after": after}  # fmt: skip

@@ -256,21 +256,14 @@ def require_wrk(runner: Runner) -> str:
 
 def uptime(runner: Runner) -> float:
     """Seconds since boot: the kernel log's clock."""
-    text = (runner.read_file("/proc/uptime") or b"0").decode().split()
-    return float(text[0]) if text else 0.0
+    return float((runner.read_file("/proc/uptime") or b"0").decode().split()[0])
 
 
-def kernel_oom_problems(
-    runner: Runner, since_s: float, names_by_id: dict[str, str], after: dict, ids: dict
-) -> tuple[list[str], list[str]] | None:
-    """OOM kills the kernel logged during the run that no live container's counter shows,
-    as (problems, notes); None when the kernel log cannot be read (dmesg restricted)."""
+def kernel_oom_kills(runner: Runner, since_s: float) -> list[lt.KernelOomKill] | None:
+    """The kernel's OOM kills since `since_s` (seconds since boot); None when its log cannot
+    be read (not root with dmesg restricted)."""
     result = runner.query(lt.KERNEL_LOG)
-    if not result.ok:
-        return None
-    counted = {ids[n] for n, a in after.items() if a.get("present") and n in ids}
-    return lt.kernel_oom_problems(lt.kernel_oom_kills(result.stdout, since_s), names_by_id,
-                                  counted)  # fmt: skip
+    return lt.kernel_oom_kills(result.stdout, since_s) if result.ok else None
 
 
 def loadavg(runner: Runner) -> tuple[float, float, float]:
@@ -441,9 +434,8 @@ def loadtest(stack: Stack, state: StateDir, opts: Options, runner: Runner | None
         for t in [lt.log_trouble(_output(runner.query(lt.app_logs_since(name, started))))]
         if t
     }
-    integrity = lt.integrity_report(
-        before, after, trouble, kernel_oom_problems(runner, booted_s, names_by_id, after, ids)
-    )
+    kills = kernel_oom_kills(runner, booted_s)
+    integrity = lt.integrity_report(before, after, trouble, kills, names_by_id)
     # nginx writes its access log in 32 KB chunks, at least every access_log_flush.
     time.sleep(nginx.settings.access_log_flush.seconds + 1)
     lines = read_log(log_path, log_offset)
