@@ -7,6 +7,7 @@ tests/e2e/conftest.py brought up, while a load generator on 127.0.0.1 watches pr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -229,6 +230,53 @@ def test_rollback_brings_the_previous_good_release_back(stack_up, stack, commits
     assert "database was not rolled back" in proc.stdout
     assert load.failures() == {}, (load.codes, load.errors)
     assert commits["unhealthy"] not in proc.stdout  # a bad release is never a target
+
+
+def gunicorn_conf(container: str) -> str:
+    """The gunicorn config the running container mounts (what its gunicorn read at start)."""
+    proc = subprocess.run(
+        ["docker", "exec", container, "cat", "/etc/aiia/gunicorn.conf.py"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return proc.stdout
+
+
+def stack_variant(out_dir: Path, max_requests: int) -> Path:
+    """The test stack with prod's gunicorn max_requests changed (nothing else)."""
+    import yaml
+
+    data = yaml.safe_load(Path(os.environ["AIIA_STACK"]).read_text())
+    prod = data["environments"]["prod"]
+    prod["gunicorn"] = {**(prod.get("gunicorn") or {}), "max_requests": max_requests}
+    variant = out_dir / "stack-max-requests.yml"
+    variant.write_text(yaml.safe_dump(data, sort_keys=False))
+    return variant
+
+
+def test_a_rollback_starts_its_release_with_the_config_it_was_deployed_with(
+    stack_up, stack, commits, e2e_state, tmp_path
+):
+    """A stack.yml change deployed with a new release does not follow a rollback to the
+    release before it: that one mounts its own copy again (commands/release_config.py)."""
+    container = stack.environment("prod").container
+    previous = served_version(stack, "prod")
+    kept = gunicorn_conf(container)
+    assert "max_requests = 19999" not in kept
+    changed = {"AIIA_STACK": str(stack_variant(tmp_path, 19999))}
+    proc = run_invoke("deploy", "--env=prod", f"--ref={commits['change']}", env=changed)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert served_version(stack, "prod") == commits["change"]
+    assert "max_requests = 19999" in gunicorn_conf(container)
+    with load_on_prod(stack, clients=20) as load:
+        back = run_invoke("rollback", "--env=prod", env=changed, timeout=600)
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert served_version(stack, "prod") == previous
+    assert "its own config, kept since its deploy" in back.stdout
+    assert gunicorn_conf(container) == kept
+    assert load.failures() == {}, (load.codes, load.errors)
+    # the stack's own rendering is the changed one: the next deploy gets it
+    current = e2e_state / "config" / "app-prod" / "gunicorn.conf.py"
+    assert "max_requests = 19999" in current.read_text()
 
 
 def test_dry_run_prints_the_commands_and_changes_nothing(stack_up, stack, commits, e2e_state):

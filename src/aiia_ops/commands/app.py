@@ -22,6 +22,7 @@ from aiia_ops.commands.compose import (
 )
 from aiia_ops.commands.docker import build_image, prepare_wheelhouse
 from aiia_ops.commands.hardening import run_flags
+from aiia_ops.commands.release_config import CONFIG_LABEL, ReleaseConfig
 from aiia_ops.errors import OpsError
 from aiia_ops.model import Environment, Stack
 
@@ -33,10 +34,18 @@ def next_name(env: Environment) -> str:
 
 
 def run_release(
-    stack: Stack, env: Environment, state_dir: str, tag: str, address: str, name: str
+    stack: Stack,
+    env: Environment,
+    state_dir: str,
+    tag: str,
+    address: str,
+    name: str,
+    config: ReleaseConfig | None = None,
 ) -> list[str]:
-    """`docker run` of one release of the app, with the environment's limits and settings."""
+    """`docker run` of one release of the app, with the environment's limits and settings;
+    its config dir: the release's own copy (`config`), else the environment's current one."""
     state = PurePosixPath(state_dir)
+    config_dir = config.path if config else str(state / "config" / config_dir_name(env))
     hc = env.healthcheck
     argv = [
         "docker", "run", "--detach", "--name", name,
@@ -56,6 +65,7 @@ def run_release(
         "--label", f"org.eduaiia.stack={stack.project}",
         "--label", f"org.eduaiia.service={service_key(env)}",
         "--label", f"{RELEASE_LABEL}={tag}",
+        *(["--label", f"{CONFIG_LABEL}={config.digest}"] if config else []),
         "--env-file", str(state / "env" / f"{service_key(env)}.env"),
         *run_flags("app"),  # cap_drop ALL, no-new-privileges, read-only root (hardening.py)
     ]  # fmt: skip
@@ -64,8 +74,7 @@ def run_release(
     argv += [
         "--mount", f"type=volume,source={stack.project}_{env.storage_volume},"
         f"target={env.volumes['storage']}",
-        "--mount", f"type=bind,source={state / 'config' / config_dir_name(env)},"
-        f"target={CONFIG_MOUNT},readonly",
+        "--mount", f"type=bind,source={config_dir},target={CONFIG_MOUNT},readonly",
         f"{env.image}:{tag}",
     ]  # fmt: skip
     return argv
@@ -80,6 +89,7 @@ class Running:
     release: str  # image tag = commit
     address: str
     health: str
+    config: str = ""  # the digest of the config copy it mounts ("": the shared dir)
 
 
 def inspect_container(name: str) -> list[str]:
@@ -93,12 +103,14 @@ def parse_inspect(text: str, network: str) -> Running:
     nets = data.get("NetworkSettings", {}).get("Networks", {}) or {}
     net = nets.get(network) or {}
     address = (net.get("IPAMConfig") or {}).get("IPv4Address") or net.get("IPAddress", "")
+    labels = data.get("Config", {}).get("Labels") or {}
     return Running(
         name=data.get("Name", "").lstrip("/"),
         running=bool(state.get("Running")),
-        release=(data.get("Config", {}).get("Labels") or {}).get(RELEASE_LABEL, ""),
+        release=labels.get(RELEASE_LABEL, ""),
         address=address,
         health=(state.get("Health") or {}).get("Status", "none"),
+        config=labels.get(CONFIG_LABEL, ""),
     )
 
 

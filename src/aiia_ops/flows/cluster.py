@@ -177,7 +177,9 @@ class ClusterDeploy(Deploy):
         super().one_off(tag, args)
 
     def start_new(self, tag: str, address: str, name: str) -> None:
-        argv = apps.run_release(self.stack, self.env, self.state_dir, tag, address, name)
+        argv = apps.run_release(
+            self.stack, self.env, self.state_dir, tag, address, name, config=self.config
+        )
         port = plan.host_port(self.instance, address)
         argv[-1:-1] = plan.publish_flag(self.part.address, port, self.env.port)
         self.runner.run(argv)

@@ -30,6 +30,7 @@ from pathlib import Path
 from aiia_ops.commands import app as apps
 from aiia_ops.commands import docker as cmd
 from aiia_ops.commands import journal as jn
+from aiia_ops.commands import release_config as rcfg
 from aiia_ops.commands.argv import quote
 from aiia_ops.errors import CommandFailed, OpsError
 from aiia_ops.flows import switch as sw
@@ -40,12 +41,12 @@ from aiia_ops.flows.steps import Steps
 from aiia_ops.flows.switch import (
     inspect_release,
     live_upstreams,
-    write_app_files,
     write_host_files,
 )
 from aiia_ops.flows.targets import target, target_secrets
 from aiia_ops.host import git
 from aiia_ops.host import lock as locks
+from aiia_ops.host.files import sync_files
 from aiia_ops.host.git import resolve_ref
 from aiia_ops.host.notify import notify
 from aiia_ops.host.releases import audit_line, now_iso, parse_releases, release_line
@@ -113,6 +114,8 @@ class Deploy:
     # Does the target run another engine than this machine's (images are then shipped)?
     # None: yes unless its runner is local.
     remote_engine: bool | None = None
+    # The config copy the new release mounts (set by write_config, recorded by finish).
+    config: rcfg.ReleaseConfig | None = field(default=None, init=False)
 
     @property
     def dry_run(self) -> bool:
@@ -199,6 +202,9 @@ class Deploy:
             ):
                 # A killed run of this same release had switched: finish it, no redeploy.
                 self.steps.out(f"   {tag} already serves (left by pid {left.pid}): finishing")
+                if live.config:
+                    path = rcfg.config_dir(self.state_dir, env, live.config)
+                    self.config = rcfg.ReleaseConfig(live.config, path, [])
                 run("health through nginx", lambda: self.check_through_nginx(tag))
                 address = live.address
             else:
@@ -259,10 +265,8 @@ class Deploy:
         address = apps.free_slot(env, live)
         self._mark("collectstatic", new_address=address)
         run(
-            f"config of {env.name} (gunicorn, env file) from the stack",
-            lambda: write_app_files(
-                self.runner, self.stack, self.secrets, self.state_dir, env.name
-            ),
+            f"config of {tag} (gunicorn; env file from the stack)",
+            lambda: self.write_config(tag, action),
         )
         run(
             f"start {tag} beside the live release on {address}",
@@ -415,8 +419,45 @@ class Deploy:
             cmd.one_off_app(self.stack, self.env, self.state_dir, tag, args), stream=True
         )
 
+    def write_config(self, tag: str, action: str) -> None:
+        """The environment's files from the stack (its env file holds the current secrets),
+        and the config dir the new release mounts: on a rollback the copy its release was
+        recorded good with, if still whole here; else the stack's, copied by content."""
+        files = sw.app_files(self.stack, self.secrets, self.state_dir, self.env.name)
+        sync_files(self.runner, files)
+        if action == "rollback":
+            kept, why = self.kept_config(tag)
+            if kept is not None:
+                self.config = kept
+                self.steps.out(f"   its own config, kept since its deploy: {kept.path}")
+                return
+            self.steps.out(f"   {why}: its config is rendered from the current stack")
+        self.config = rcfg.release_config(files, self.state_dir, self.env)
+        sync_files(self.runner, self.config.files)
+        self.steps.out(f"   config {self.config.digest}: {self.config.path}")
+
+    def kept_config(self, tag: str) -> tuple[rcfg.ReleaseConfig | None, str]:
+        """`tag`'s recorded config copy if every file its manifest lists is intact, else
+        (None, why not)."""
+        digest = rcfg.recorded_config(self._history(self.env.name), tag)
+        if digest is None:
+            return None, f"no config recorded for {tag} (deployed before releases kept one)"
+        path = rcfg.config_dir(self.state_dir, self.env, digest)
+        listed = rcfg.manifest_files(self.runner.read_file(f"{path}/{rcfg.MANIFEST}"), digest)
+        if listed is None:
+            return None, f"{tag}'s config copy {path} is gone or was never finished"
+        contents = {name: self.runner.read_file(f"{path}/{name}") for name in listed}
+        problem = rcfg.copy_problem(listed, contents)
+        if problem:
+            return None, f"{tag}'s config copy {path}: {problem}"
+        return rcfg.ReleaseConfig(digest, path, []), ""
+
     def start_new(self, tag: str, address: str, name: str) -> None:
-        self.runner.run(apps.run_release(self.stack, self.env, self.state_dir, tag, address, name))
+        self.runner.run(
+            apps.run_release(
+                self.stack, self.env, self.state_dir, tag, address, name, config=self.config
+            )
+        )
 
     def wait_healthy(self, name: str) -> None:
         timeout = self.stack.deploy.health_timeout
@@ -550,6 +591,7 @@ class Deploy:
                 "result": result,
                 "duration_s": round(time.monotonic() - started, 1),
                 "detail": detail,
+                **({"config": self.config.digest} if self.config else {}),
             }
             self._append(f"releases/{env}.jsonl", release_line(env, entry))
             self._append("audit.log", audit_line(f"{action} {env} {tag}: {result}"))
@@ -557,6 +599,7 @@ class Deploy:
             self._mark("record")
             if result == "good":
                 self.prune_images(tag)
+                self.prune_configs()
             msg = f"{action} of {env} to {tag}: {result}" + (f" ({detail})" if detail else "")
             if self.dry_run:  # a notification is no command a runner could print
                 self.steps.out(f"-> (dry run: would notify: {msg})")
@@ -590,6 +633,21 @@ class Deploy:
         keep = self.stack.deploy.keep_releases
         for tag in apps.images_to_prune(current, histories, lives, keep):
             self.runner.run(apps.remove_image(f"{self.env.image}:{tag}"), check=False)
+
+    def prune_configs(self) -> None:
+        """Remove the environment's config copies that none of its last N good releases
+        recorded and no container of it mounts."""
+        root = rcfg.releases_root(self.state_dir, self.env)
+        listing = self.runner.query(["ls", "-1", root])
+        if not listing.ok:
+            return  # no copies yet
+        in_use = {self.config.digest} if self.config else set()
+        for name in (self.env.container, apps.next_name(self.env)):
+            running = inspect_release(self.runner, self.stack, name)
+            in_use |= {running.config} if running and running.config else set()
+        history, keep = self._history(self.env.name), self.stack.deploy.keep_releases
+        for digest in rcfg.configs_to_prune(listing.stdout.split(), history, keep, in_use):
+            self.runner.run(["rm", "-rf", f"{root}/{digest}"], check=False)
 
 
 # -- what the tasks call -------------------------------------------------------------------

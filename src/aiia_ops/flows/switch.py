@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from aiia_ops.commands import app as apps
 from aiia_ops.commands import docker as cmd
 from aiia_ops.commands import journal as jn
-from aiia_ops.commands.render import host_files
+from aiia_ops.commands.render import HostFile, host_files
 from aiia_ops.host import lock as locks
 from aiia_ops.host.files import sync_files
 from aiia_ops.host.releases import now_iso
@@ -68,13 +68,8 @@ def write_host_files(
     return sync_files(runner, files)
 
 
-def write_app_files(
-    runner: Runner, stack: Stack, secrets: Secrets, state_dir: str, env_name: str
-) -> list[str]:
-    """One environment's own files (its config dir: gunicorn.conf.py; its env file) before a
-    release of it starts: gunicorn and `docker run --env-file` read them once, at the start,
-    so written only at the nginx switch (as before) a change reached the next release, not
-    this one. The switch writes every other file, as before."""
+def app_files(stack: Stack, secrets: Secrets, state_dir: str, env_name: str) -> list[HostFile]:
+    """One environment's own files: its config dir (gunicorn.conf.py) and its env file."""
     from aiia_ops.commands.compose import config_dir_name, service_key
     from aiia_ops.host.git import shared_image_tags
 
@@ -82,7 +77,7 @@ def write_app_files(
     root = state_dir.rstrip("/")
     mine = (f"{root}/config/{config_dir_name(env)}/", f"{root}/env/{service_key(env)}.env")
     files = host_files(stack, secrets, state_dir, shared_image_tags(stack))
-    return sync_files(runner, [f for f in files if f.path.startswith(mine)])
+    return [f for f in files if f.path.startswith(mine)]
 
 
 @contextmanager

@@ -15,6 +15,7 @@ import pytest
 from aiia_ops.commands import app as apps
 from aiia_ops.commands import docker as cmd
 from aiia_ops.commands import journal as jn
+from aiia_ops.commands import release_config as rcfg
 from aiia_ops.commands.argv import Result, quote
 from aiia_ops.errors import OpsError
 from aiia_ops.flows import deploy as flow
@@ -72,12 +73,15 @@ SECRETS = Secrets(
 )
 
 
-def inspect_json(stack, env, name: str, tag: str, address: str, running: bool = True) -> str:
+def inspect_json(
+    stack, env, name: str, tag: str, address: str, running: bool = True, config: str = ""
+) -> str:
+    labels = {apps.RELEASE_LABEL: tag, **({rcfg.CONFIG_LABEL: config} if config else {})}
     return json.dumps(
         {
             "Name": f"/{name}",
             "State": {"Running": running, "Health": {"Status": "healthy"}},
-            "Config": {"Labels": {apps.RELEASE_LABEL: tag}},
+            "Config": {"Labels": labels},
             "NetworkSettings": {
                 "Networks": {stack.network.name: {"IPAMConfig": {"IPv4Address": address}}}
             },
@@ -153,7 +157,7 @@ def test_a_deploy_starts_on_the_free_slot_switches_nginx_then_retires_the_old_on
         apps.migration_safety(stack, env, STATE, TAG),
         cmd.one_off_app(stack, env, STATE, TAG, ["migrate", "--noinput"]),
         cmd.one_off_app(stack, env, STATE, TAG, ["collectstatic", "--noinput"]),
-        apps.run_release(stack, env, STATE, TAG, str(env.standby_address), new),
+        apps.run_release(stack, env, STATE, TAG, str(env.standby_address), new, d.config),
         *cmd.nginx_reload(stack),
         apps.stop_container(env.container, drain),
         apps.remove_stopped(env.container),
@@ -393,7 +397,7 @@ def test_a_release_that_never_gets_healthy_is_removed_and_recorded_bad(stack):
     assert "did not become healthy within 1m: the live release keeps serving" in message
     assert "--- health check output ---\nunhealthy: database down" in message
     assert f"--- last log lines of {new} ---\nTraceback: boom" in message
-    started = apps.run_release(stack, env, STATE, TAG, str(env.standby_address), new)
+    started = apps.run_release(stack, env, STATE, TAG, str(env.standby_address), new, d.config)
     lock = lock_dir(STATE, deploy_lock("prod"))
     changes = host.commands
     assert changes[changes.index(started) + 1 :] == [
@@ -548,6 +552,7 @@ class Engine(Host):
         self.stack = stack
         self.fail: dict[str, Result] = {}  # argv prefix -> failure, for the first match
         self.containers = dict(containers)  # name -> (tag, address, running)
+        self.configs: dict[str, str] = {}  # name -> the config digest label it runs with
         self._sync()
 
     def _sync(self) -> None:
@@ -555,8 +560,9 @@ class Engine(Host):
             for name in (env.container, apps.next_name(env)):
                 c = self.containers.get(name)
                 key = quote(apps.inspect_container(name))
+                config = self.configs.get(name, "")
                 self.answers[key] = (
-                    inspect_json(self.stack, env, name, c[0], c[1], running=c[2]) if c else MISSING
+                    inspect_json(self.stack, env, name, *c, config=config) if c else MISSING
                 )
         self.answers = dict(sorted(self.answers.items(), key=lambda kv: -len(kv[0])))
 
@@ -567,11 +573,21 @@ class Engine(Host):
                 del self.fail[prefix]
                 self.commands.append(argv)
                 return failure
+        if argv[:2] == ["ls", "-1"]:  # the directories under one, from the files written
+            root = argv[2].rstrip("/") + "/"
+            names = {p[len(root) :].split("/")[0] for p in self.files if p.startswith(root)}
+            return Result(argv, 0 if names else 2, "".join(f"{n}\n" for n in sorted(names)))
         result = super()._execute(argv, input=input, env=env, timeout=timeout, stream=stream)
         c = self.containers
+        if argv[:2] == ["rm", "-rf"]:
+            gone = argv[2].rstrip("/") + "/"
+            self.files = {p: v for p, v in self.files.items() if not p.startswith(gone)}
         if argv[:3] == ["docker", "run", "--detach"]:
             name, ip = argv[argv.index("--name") + 1], argv[argv.index("--ip") + 1]
             c[name] = (argv[-1].rsplit(":", 1)[1], ip, True)
+            labels = [argv[i + 1] for i, a in enumerate(argv) if a == "--label"]
+            mine = [v.split("=", 1)[1] for v in labels if v.startswith(f"{rcfg.CONFIG_LABEL}=")]
+            self.configs[name] = mine[0] if mine else ""
         elif argv[:2] == ["docker", "stop"] and argv[-1] in c:
             c[argv[-1]] = (*c[argv[-1]][:2], False)
         elif argv[:2] == ["docker", "start"] and argv[-1] in c:
@@ -580,6 +596,7 @@ class Engine(Host):
             c.pop(argv[-1], None)
         elif argv[:2] == ["docker", "rename"]:
             c[argv[3]] = c.pop(argv[2])
+            self.configs[argv[3]] = self.configs.pop(argv[2], "")
         self._sync()
         return result
 
@@ -795,3 +812,162 @@ def test_sigterm_while_the_release_is_recorded_is_held_then_said_without_a_trace
     assert last["result"] == "good"
     assert jn.parse_journal(host.files[jn.journal_path(STATE, "prod")]).finished
     assert ["rm", "-rf", lock_dir(STATE, deploy_lock("prod"))] == host.commands[-1]
+
+
+# -- a release's own config (commands/release_config.py) ----------------------------------
+
+OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
+OTHER = OTHER_COMMIT[:12]
+
+
+def started_with(host, name: str) -> list[str]:
+    """The last `docker run` of container `name`."""
+    return [c for c in host.commands if c[:3] == ["docker", "run", "--detach"] and name in c][-1]
+
+
+def config_mount(argv: list[str]) -> str:
+    mounts = [argv[i + 1] for i, a in enumerate(argv) if a == "--mount"]
+    return next(m for m in mounts if m.endswith("target=/etc/aiia,readonly"))
+
+
+def stack_with(max_requests: int):
+    from aiia_ops.model.load import stack_from_data
+    from tests.stackfiles import patched_stack
+
+    patch = {"environments": {"prod": {"gunicorn": {"max_requests": max_requests}}}}
+    return stack_from_data(patched_stack(patch))
+
+
+def deploy_with(stack, host, lines, *, action="deploy"):
+    """One more deploy (or rollback) on the same fake host, with `stack`."""
+    env = stack.environment("prod")
+    d = Deploy(stack, env, STATE, host, SECRETS, local=Host({}), steps=Steps(out=lines.append))
+    d.check_through_nginx = lambda tag: None
+    return d, (d.rollback(None) if action == "rollback" else d.deploy(None))
+
+
+def test_a_release_mounts_its_own_copy_of_the_config_and_the_log_records_which(stack):
+    env = stack.environment("prod")
+    d, host, _ = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
+    d.deploy(None)
+    path = rcfg.config_dir(STATE, env, d.config.digest)
+    assert path.startswith(f"{STATE}/config/releases/app-prod/")
+    run = started_with(host, apps.next_name(env))
+    assert config_mount(run) == f"type=bind,source={path},target=/etc/aiia,readonly"
+    assert f"{rcfg.CONFIG_LABEL}={d.config.digest}" in run
+    current = host.files[f"{STATE}/config/app-prod/gunicorn.conf.py"]
+    assert host.files[f"{path}/gunicorn.conf.py"] == current
+    written = [p for p in host.files if p.startswith(path)]
+    assert written[-1] == f"{path}/{rcfg.MANIFEST}"  # the manifest last: a cut copy has none
+    last = json.loads(host.files[f"{STATE}/releases/prod.jsonl"].splitlines()[-1])
+    assert (last["commit"], last["result"], last["config"]) == (TAG, "good", d.config.digest)
+
+
+def test_a_rollback_starts_the_release_with_the_config_it_was_deployed_with(stack, monkeypatch):
+    env = stack.environment("prod")
+    d, host, lines = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
+    host.answers[quote(apps.image_inspect(f"{env.image}:{OTHER}"))] = "sha256:y\n"
+    d.deploy(None)
+    first = rcfg.config_dir(STATE, env, d.config.digest)
+    # the stack changes; the next release is deployed with it
+    monkeypatch.setattr(flow, "resolve_ref", lambda ref: (OTHER_COMMIT, OTHER))
+    changed = stack_with(19999)
+    second, _ = deploy_with(changed, host, lines)
+    assert second.config.digest != d.config.digest
+    assert b"max_requests = 19999" in host.files[f"{STATE}/config/app-prod/gunicorn.conf.py"]
+    # the rollback, still with the changed stack: TAG gets TAG's config back
+    _, result = deploy_with(changed, host, lines, action="rollback")
+    assert result["release"] == TAG
+    assert f"source={first}," in config_mount(started_with(host, apps.next_name(env)))
+    assert b"max_requests = 19999" not in host.files[f"{first}/gunicorn.conf.py"]
+    assert f"   its own config, kept since its deploy: {first}" in lines
+    last = json.loads(host.files[f"{STATE}/releases/prod.jsonl"].splitlines()[-1])
+    assert (last["action"], last["config"]) == ("rollback", d.config.digest)
+    # the current stack's rendering is still where the stack puts it
+    assert b"max_requests = 19999" in host.files[f"{STATE}/config/app-prod/gunicorn.conf.py"]
+
+
+@pytest.mark.parametrize("damage", ["changed", "manifest gone", "never recorded"])
+def test_a_rollback_without_an_intact_copy_renders_the_current_stack_and_says_why(
+    stack, monkeypatch, damage
+):
+    env = stack.environment("prod")
+    d, host, lines = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
+    host.answers[quote(apps.image_inspect(f"{env.image}:{OTHER}"))] = "sha256:y\n"
+    d.deploy(None)
+    first = rcfg.config_dir(STATE, env, d.config.digest)
+    monkeypatch.setattr(flow, "resolve_ref", lambda ref: (OTHER_COMMIT, OTHER))
+    changed = stack_with(19999)
+    second, _ = deploy_with(changed, host, lines)
+    log = f"{STATE}/releases/prod.jsonl"
+    if damage == "changed":
+        host.files[f"{first}/gunicorn.conf.py"] += b"# edited by hand\n"
+        why = f"{TAG}'s config copy {first}: gunicorn.conf.py differs from what its manifest"
+    elif damage == "manifest gone":
+        del host.files[f"{first}/{rcfg.MANIFEST}"]
+        why = f"{TAG}'s config copy {first} is gone or was never finished"
+    else:  # a release from before copies were kept: its record has no digest
+        entries = [json.loads(line) for line in host.files[log].splitlines()]
+        for entry in (e for e in entries if e["commit"] == TAG):
+            entry.pop("config", None)
+        host.files[log] = b"".join(json.dumps(e).encode() + b"\n" for e in entries)
+        why = f"no config recorded for {TAG} (deployed before releases kept one)"
+    back, result = deploy_with(changed, host, lines, action="rollback")
+    assert result["release"] == TAG
+    assert [line for line in lines if line.startswith(f"   {why}")], "\n".join(lines)
+    assert back.config.digest == second.config.digest  # the current stack's, by content
+    mount = config_mount(started_with(host, apps.next_name(env)))
+    assert f"source={rcfg.config_dir(STATE, env, second.config.digest)}," in mount
+
+
+def test_copies_no_kept_release_records_and_no_container_mounts_are_removed(stack):
+    env = stack.environment("prod")
+    root = rcfg.releases_root(STATE, env)
+    stale = {f"{root}/0ld0ld0ld0ld/gunicorn.conf.py": b"x", f"{root}/0ld0ld0ld0ld/x": b"y"}
+    kept = {f"{root}/11ve11ve11ve/{rcfg.MANIFEST}": b"{}"}
+    log = json.dumps({"commit": LIVE_TAG, "result": "good", "config": "11ve11ve11ve"})
+    files = {**stale, **kept, f"{STATE}/releases/prod.jsonl": log.encode() + b"\n"}
+    d, host, _ = engine_deploy(
+        stack, {env.container: (LIVE_TAG, str(env.address), True)}, files=files
+    )
+    d.deploy(None)
+    assert ["rm", "-rf", f"{root}/0ld0ld0ld0ld"] in host.commands
+    # the release before (a rollback target) keeps its copy, the new one has its own
+    assert not [c for c in host.commands if c[:2] == ["rm", "-rf"] and "11ve" in c[2]]
+    assert f"{root}/{d.config.digest}/{rcfg.MANIFEST}" in host.files
+
+
+def test_release_config_is_named_by_content_and_checked_file_by_file(stack):
+    from aiia_ops.commands.render import HostFile
+
+    env = stack.environment("prod")
+    conf = f"{STATE}/config/app-prod/gunicorn.conf.py"
+    one = rcfg.release_config([HostFile(conf, b"workers = 2\n")], STATE, env)
+    same = rcfg.release_config([HostFile(conf, b"workers = 2\n")], STATE, env)
+    other = rcfg.release_config([HostFile(conf, b"workers = 3\n")], STATE, env)
+    assert one.digest == same.digest != other.digest
+    manifest = one.files[-1].data
+    listed = rcfg.manifest_files(manifest, one.digest)
+    assert listed is not None and list(listed) == ["gunicorn.conf.py"]
+    assert rcfg.manifest_files(manifest, other.digest) is None  # another copy's manifest
+    assert rcfg.manifest_files(b"{not json", one.digest) is None
+    assert rcfg.copy_problem(listed, {"gunicorn.conf.py": b"workers = 2\n"}) is None
+    assert "differs" in rcfg.copy_problem(listed, {"gunicorn.conf.py": b"workers = 3\n"})
+    assert "missing" in rcfg.copy_problem(listed, {"gunicorn.conf.py": None})
+    with pytest.raises(ValueError, match="no rendered file under"):
+        rcfg.release_config([HostFile(f"{STATE}/config/nginx/nginx.conf", b"")], STATE, env)
+
+
+def test_the_recorded_config_is_the_newest_good_record_of_that_release():
+    history = [
+        {"commit": A, "result": "good", "config": "c1"},
+        {"commit": A, "result": "bad", "config": "c2"},
+        {"commit": B, "result": "good", "config": "c3"},
+        {"commit": A, "result": "good", "config": "c4"},
+        {"commit": A, "result": "good"},  # a record from before copies were kept
+    ]
+    assert rcfg.recorded_config(history, A) == "c4"
+    assert rcfg.recorded_config(history, C) is None
+    keep = rcfg.configs_to_prune(["c1", "c2", "c3", "c4", "c9"], history, 1, {"c9"})
+    assert keep == ["c1", "c2", "c3"]  # only A's newest, and what a container mounts
+    assert rcfg.configs_to_prune(["c1", "c2", "c3", "c4"], history, 2, set()) == ["c1", "c2"]
