@@ -450,20 +450,24 @@ def test_status_page_shows_the_placeholder_until_published(nginx):
 
 def test_access_log_is_one_json_object_per_request(nginx):
     marker = f"/api/log-{uuid.uuid4().hex}"
-    https(nginx, "eduaiia.com", marker, **{"User-Agent": 'quote " and \\ backslash'})
+    static = f"/static/css/app.css?log={uuid.uuid4().hex}"
+    sent = https(nginx, "eduaiia.com", marker, **{"User-Agent": 'quote " and \\ backslash'})
+    https(nginx, "eduaiia.com", static)
     plain(nginx, "staging.eduaiia.com", marker)
     log = nginx.site / "logs/access.log"
     deadline = time.monotonic() + 3 * STACK.services.nginx.settings.access_log_flush.seconds
-    # Each worker has its own buffer: wait for both lines.
-    found: dict[str, dict] = {}
+    # Each worker has its own buffer: wait for every line.
+    found: dict[tuple[str, str], dict] = {}
     records: list[dict] = []
-    while len(found) < 2 and time.monotonic() < deadline:
+    while len(found) < 3 and time.monotonic() < deadline:
         if log.exists():
             records = [json.loads(line) for line in log.read_text().splitlines()]
-            found = {r["status"]: r for r in records if r["uri"] == marker}
+            found = {(r["uri"], r["status"]): r for r in records if r["uri"] in (marker, static)}
         time.sleep(0.5)
-    assert set(found) == {"200", "301"}, "the buffered access log was not flushed in time"
-    redirect, record = found["301"], found["200"]
+    assert set(found) == {(marker, "200"), (marker, "301"), (static, "200")}, (
+        "the buffered access log was not flushed in time"
+    )
+    redirect, record = found[(marker, "301")], found[(marker, "200")]
     assert (redirect["vhost"], redirect["ssl_protocol"]) == ("staging.eduaiia.com", "")
     assert record["vhost"] == "eduaiia.com"
     assert record["host"] == "eduaiia.com"
@@ -473,6 +477,12 @@ def test_access_log_is_one_json_object_per_request(nginx):
     assert float(record["upstream_response_time"]) >= 0
     assert record["user_agent"] == 'quote " and \\ backslash'
     assert record["ssl_protocol"] == "TLSv1.3"
+    # The id the upstream got as X-Request-ID; none where nginx answered alone.
+    assert record["request_id"] == sent.json()["request_id"]
+    assert len(record["request_id"]) == 32
+    assert found[(static, "200")]["request_id"] == ""
+    assert found[(static, "200")]["upstream_addr"] == ""
+    assert redirect["request_id"] == ""
     assert all(r["uri"] != "/health" for r in records), "health checks stay out of the log"
 
 

@@ -107,6 +107,8 @@ def test_access_log_is_buffered_json_with_what_the_monitor_needs(http):
         "upstream_addr",
     } <= set(record)
     assert all(isinstance(v, str) for v in record.values()), "every value is a JSON string"
+    # The request id only of requests an upstream saw (the image test checks the values).
+    assert '"request_id":"$aiia_log_request_id"' in template
 
     assert http.one("access_log").args == [
         "/var/log/nginx/access.log",
