@@ -846,6 +846,19 @@ def deploy_with(stack, host, lines, *, action="deploy"):
     return d, (d.rollback(None) if action == "rollback" else d.deploy(None))
 
 
+def two_releases(stack, monkeypatch):
+    """TAG deployed with `stack`, then OTHER with a changed stack (max_requests 19999)."""
+    env = stack.environment("prod")
+    d, host, lines = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
+    host.answers[quote(apps.image_inspect(f"{env.image}:{OTHER}"))] = "sha256:y\n"
+    d.deploy(None)
+    first = rcfg.config_dir(STATE, env, d.config.digest)
+    monkeypatch.setattr(flow, "resolve_ref", lambda ref: (OTHER_COMMIT, OTHER))
+    changed = stack_with(19999)
+    second, _ = deploy_with(changed, host, lines)
+    return d, host, lines, first, changed, second
+
+
 def test_a_release_mounts_its_own_copy_of_the_config_and_the_log_records_which(stack):
     env = stack.environment("prod")
     d, host, _ = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
@@ -865,14 +878,7 @@ def test_a_release_mounts_its_own_copy_of_the_config_and_the_log_records_which(s
 
 def test_a_rollback_starts_the_release_with_the_config_it_was_deployed_with(stack, monkeypatch):
     env = stack.environment("prod")
-    d, host, lines = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
-    host.answers[quote(apps.image_inspect(f"{env.image}:{OTHER}"))] = "sha256:y\n"
-    d.deploy(None)
-    first = rcfg.config_dir(STATE, env, d.config.digest)
-    # the stack changes; the next release is deployed with it
-    monkeypatch.setattr(flow, "resolve_ref", lambda ref: (OTHER_COMMIT, OTHER))
-    changed = stack_with(19999)
-    second, _ = deploy_with(changed, host, lines)
+    d, host, lines, first, changed, second = two_releases(stack, monkeypatch)
     assert second.config.digest != d.config.digest
     assert b"max_requests = 19999" in host.files[f"{STATE}/config/app-prod/gunicorn.conf.py"]
     # the rollback, still with the changed stack: TAG gets TAG's config back
@@ -892,13 +898,7 @@ def test_a_rollback_without_an_intact_copy_renders_the_current_stack_and_says_wh
     stack, monkeypatch, damage
 ):
     env = stack.environment("prod")
-    d, host, lines = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
-    host.answers[quote(apps.image_inspect(f"{env.image}:{OTHER}"))] = "sha256:y\n"
-    d.deploy(None)
-    first = rcfg.config_dir(STATE, env, d.config.digest)
-    monkeypatch.setattr(flow, "resolve_ref", lambda ref: (OTHER_COMMIT, OTHER))
-    changed = stack_with(19999)
-    second, _ = deploy_with(changed, host, lines)
+    _, host, lines, first, changed, second = two_releases(stack, monkeypatch)
     log = f"{STATE}/releases/prod.jsonl"
     if damage == "changed":
         host.files[f"{first}/gunicorn.conf.py"] += b"# edited by hand\n"
