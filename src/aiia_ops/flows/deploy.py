@@ -66,6 +66,14 @@ class DeployInterrupted(OpsError):
     """SIGINT/SIGTERM/SIGHUP during a release: the recovery ran, then the task stops."""
 
 
+class CannotStart(OpsError):
+    """A stopped release that a recovery started again did not start or become healthy."""
+
+    def __init__(self, name: str, release: str, reason: str) -> None:
+        super().__init__(f"{name} ({release}) does not start: {reason}")
+        self.name, self.release, self.reason = name, release, reason
+
+
 class MigrationRefused(OpsError):
     """The release's new migrations would break the live release: refused before anything
     changed (recorded "failed": the release never ran, so it is not "bad")."""
@@ -116,6 +124,8 @@ class Deploy:
     remote_engine: bool | None = None
     # The config copy the new release mounts (set by write_config, recorded by finish).
     config: rcfg.ReleaseConfig | None = field(default=None, init=False)
+    # What serves after a failure, as the recovery found it (empty: it did not run).
+    after_failure: str = field(default="", init=False)
 
     @property
     def dry_run(self) -> bool:
@@ -328,7 +338,21 @@ class Deploy:
             self.env.container, final, nxt, self._served(),
             drain_seconds=self.stack.deploy.drain_timeout.whole_seconds,
         )  # fmt: skip
-        self.apply_plan(plan)
+        try:
+            self.apply_plan(plan)
+        except CannotStart as exc:
+            # Nothing serves and the stopped release cannot come back (its config copy or
+            # image gone with a lost state dir, a crash at boot): the deploy replaces it.
+            # nginx was not pointed at it; a -next is never needed once nothing runs.
+            self.steps.out(
+                paint(
+                    f"   {exc}; nothing serves {self.env.name}: the deploy goes on and replaces it",
+                    "warning",
+                )
+            )
+            if exc.name != self.env.container:
+                self.runner.run(apps.remove_container(exc.name), check=False)
+            self.runner.run(apps.remove_container(apps.next_name(self.env)), check=False)
         return left
 
     def apply_plan(self, plan: jn.Plan) -> None:
@@ -347,8 +371,16 @@ class Deploy:
         for a in plan.actions:
             self.steps.out(f"   {a}")
             if a.kind == "start":
-                self.runner.run(apps.start_container(a.name))
-                self.wait_healthy(a.name)
+                try:
+                    self.runner.run(apps.start_container(a.name))
+                    self.wait_healthy(a.name)
+                except (CommandFailed, DeployFailed) as exc:
+                    said = exc.stderr if isinstance(exc, CommandFailed) else str(exc)
+                    reason = next(
+                        (ln.strip() for ln in said.splitlines() if ln.strip()), "no reason"
+                    )
+                    release = plan.serves.release if plan.serves else "?"
+                    raise CannotStart(a.name, release, reason) from None
             elif a.kind == "switch":
                 old = self._switch(f"{a.to}:{self.env.port}", a.release, a.name)
             elif a.kind == "stop":
@@ -569,9 +601,16 @@ class Deploy:
                 self.runner.run(apps.remove_container(apps.next_name(self.env)), check=False)
             if plan.serves:
                 self.steps.out(f"   {self.env.name} serves {plan.serves.release}")
+                self.after_failure = f"{self.env.name} serves {plan.serves.release}."
+            else:
+                self.after_failure = f"no release of {self.env.name} exists: nothing serves it."
             return True
         except (Exception, Interrupted, KeyboardInterrupt) as exc:
             msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            self.after_failure = (
+                f"what {self.env.name} serves is unknown: the recovery stopped (above); "
+                f"run the same command again."
+            )
             self.steps.out(
                 paint(f"   recovery stopped: {msg}; the next deploy resolves what is left", "error")
             )
@@ -727,9 +766,10 @@ def explained(d: Deploy, fn: Callable[[], dict]) -> dict:
     except DeployInterrupted:
         raise  # what serves was said by the recovery (or the release was recorded good)
     except OpsError:
+        serves = d.after_failure or f"{d.env.name} still serves the previous release."
         print(
-            f"\n{d.env.name} still serves the previous release. The database is never "
-            "rolled back automatically (see invoke backup.restore).",
+            f"\n{serves} The database is never rolled back automatically "
+            "(see invoke backup.restore).",
             file=sys.stderr,
         )
         raise

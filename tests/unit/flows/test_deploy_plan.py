@@ -971,3 +971,47 @@ def test_the_recorded_config_is_the_newest_good_record_of_that_release():
     keep = rcfg.configs_to_prune(["c1", "c2", "c3", "c4", "c9"], history, 1, {"c9"})
     assert keep == ["c1", "c2", "c3"]  # only A's newest, and what a container mounts
     assert rcfg.configs_to_prune(["c1", "c2", "c3", "c4"], history, 2, set()) == ["c1", "c2"]
+
+
+MOUNT_GONE = (
+    'Error response from daemon: invalid mount config for type "bind": bind source path does '
+    "not exist: /srv/aiia/config/releases/app-prod/c3f13e90d577\n"
+    "Error: failed to start containers: aiia_django_prod\n"
+)
+
+
+@pytest.mark.parametrize("leftover_next", [False, True])
+def test_a_stopped_release_that_cannot_start_is_replaced_not_a_deploy_stuck_on_it(
+    stack, leftover_next
+):
+    """Nothing runs and the stopped release does not start (its config copy went with a lost
+    state dir): found on a machine whose engine kept its containers. Before, every deploy
+    retried that start and failed the same way; now it says why and replaces it."""
+    env = stack.environment("prod")
+    new, a = apps.next_name(env), str(env.address)
+    containers = {env.container: (LIVE_TAG, a, False)}
+    if leftover_next:
+        containers[new] = (LIVE_TAG, str(env.standby_address), False)
+    d, host, lines = engine_deploy(stack, containers)
+    host.fail[quote(apps.start_container(env.container))] = Result([], 1, "", MOUNT_GONE)
+    d.deploy(None)
+    assert host.containers == {env.container: (TAG, host.containers[env.container][1], True)}
+    said = "\n".join(lines)
+    assert f"{env.container} ({LIVE_TAG}) does not start: Error response from daemon" in said
+    assert "bind source path does not exist" in said
+    assert "nothing serves prod: the deploy goes on and replaces it" in said
+    # nginx was never pointed at the container that could not start
+    assert apps.start_container(env.container) in host.commands
+    state = jn.parse_switch(host.files[jn.switch_path(STATE, "prod")])
+    assert state.release == TAG
+
+
+def test_after_a_failure_the_message_says_what_the_recovery_left_serving(stack, capsys):
+    env = stack.environment("prod")
+    new = apps.next_name(env)
+    d, host, _ = engine_deploy(stack, {env.container: (LIVE_TAG, str(env.address), True)})
+    host.fail[quote(apps.health_probe(new))] = Result([], 1, "", "")
+    host.answers[quote(apps.container_status(new))] = "exited\n"
+    with pytest.raises(DeployFailed):
+        flow.explained(d, lambda: d.deploy(None))
+    assert f"prod serves {LIVE_TAG}. The database is never rolled back" in capsys.readouterr().err
